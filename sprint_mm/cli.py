@@ -1,0 +1,191 @@
+"""The command lines behind train.py and sample.py."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import gin
+import torch
+
+from sprint_mm.checkpoints import load_strict, read_state_dict
+from sprint_mm.configs import ConfigError, parse_gin
+from sprint_mm.media import save_image_grid, save_npz, save_video, save_video_preview
+from sprint_mm.runs import find_checkpoint
+
+DEMO_STAGES = ("gin/image/digits_stage1.gin", "gin/image/digits_stage2.gin")
+DEMO_RUN = "runs/digits_demo"
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a diffusion transformer with SPRINT (no arguments: the digits demo).")
+    parser.add_argument("--gin_file", action="append", default=[], help="a .gin file (repeatable, applied in order)")
+    parser.add_argument("--gin_param", action="append", default=[], help="a gin binding, e.g. 'Trainer.max_steps = 10'")
+    parser.add_argument("--run_dir", help="shorthand for --gin_param \"Trainer.run_dir = '...'\"")
+    return parser
+
+
+def run_training(gin_files: Sequence[str], gin_params: Sequence[str]) -> Path:
+    from sprint_mm.training import Trainer
+
+    parse_gin(gin_files, gin_params)
+    return Trainer().run()
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = train_parser().parse_args(argv)
+    params = list(args.gin_param) + ([f"Trainer.run_dir = {args.run_dir!r}"] if args.run_dir else [])
+    try:
+        if not args.gin_file:
+            if params:
+                raise ConfigError("give --gin_file with --gin_param (no files means: run the digits demo)")
+            run_demo()
+        else:
+            run_training(args.gin_file, params)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_demo(run_root: str = DEMO_RUN) -> Path:
+    """Stage 1 (0.75 structured drop), stage 2 (full tokens) from stage 1, then class-conditional PDG samples."""
+    stage1 = f"{run_root}/stage1"
+    stage2 = f"{run_root}/stage2"
+    run_training([DEMO_STAGES[0]], [f"Trainer.run_dir = {stage1!r}"])
+    run_training([DEMO_STAGES[1]], [f"Trainer.run_dir = {stage2!r}", f"Trainer.init_from = {stage1!r}"])
+    out = Path(run_root) / "samples_pdg.png"
+    labels = [str(i % 10) for i in range(50)]
+    sample_main(["--run", stage2, "--out", str(out), "--guidance", "pdg", "--labels", *labels])
+    print(f"[sprint_mm] demo done: samples in {out} (rows of 0-9)")
+    return out
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Sample from a trained run.")
+    parser.add_argument("--run", required=True, help="run folder (reads its config.gin and checkpoints)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema")
+    parser.add_argument("--out", help=".png grid, .npz (ADM: arr_0 uint8 N,H,W,3), .mp4 / .gif for video runs")
+    parser.add_argument("--labels", type=int, nargs="+", help="class ids (cycled to --num)")
+    parser.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
+    parser.add_argument("--prompts", help="a file with one prompt per line")
+    parser.add_argument("--num", type=int, help="number of samples (default: one per label/prompt, or 16)")
+    parser.add_argument("--guidance", choices=("none", "cfg", "pdg"), default="pdg")
+    parser.add_argument("--scale", type=float, default=1.5)
+    parser.add_argument("--interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(0.0, 1.0))
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--solver", choices=("euler", "heun", "sde"), default="euler")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--gin_param", action="append", default=[])
+    return parser
+
+
+def sample_requests(args: argparse.Namespace, kind: str, num_classes: Optional[int]) -> tuple[list, list]:
+    """(labels, prompts) of length --num."""
+    prompts = list(args.prompt)
+    if args.prompts:
+        prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if kind == "class":
+        if prompts:
+            raise ValueError("this run is class-conditional: pass --labels, not --prompt/--prompts")
+        labels = list(args.labels) if args.labels else list(range(num_classes or 1))
+        num = args.num or (len(labels) if args.labels else 16)
+        return [labels[i % len(labels)] for i in range(num)], []
+    if args.labels:
+        raise ValueError("this run is text-conditional: pass --prompt/--prompts, not --labels")
+    if not prompts:
+        raise ValueError("this run is text-conditional: give --prompt TEXT (repeatable) or --prompts FILE")
+    num = args.num or len(prompts)
+    return [], [prompts[i % len(prompts)] for i in range(num)]
+
+
+def sample_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = sample_parser().parse_args(argv)
+    try:
+        write_samples(args)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def write_samples(args: argparse.Namespace) -> Path:
+    from accelerate import Accelerator
+
+    from sprint_mm.conditioning import build_conditioning
+    from sprint_mm.generation import generate
+    from sprint_mm.latents import build_codec
+    from sprint_mm.sampling import Guidance
+    from sprint_mm.sprint import build_model
+
+    run = Path(args.run)
+    checkpoint = find_checkpoint(run, args.step)
+    config = run / "config.gin"
+    if not config.is_file():
+        raise FileNotFoundError(f"run folder {str(run)!r} has no config.gin")
+    parse_gin([str(config)], args.gin_param)
+    guidance = Guidance(args.guidance, args.scale, tuple(args.interval))
+    accelerator = Accelerator()
+    device = accelerator.device
+    model = build_model()
+    load_strict(model, read_state_dict(checkpoint / f"{args.weights}.safetensors"), f"{checkpoint}/{args.weights}.safetensors")
+    model.to(device).eval()
+    conditioning = build_conditioning()
+    codec = build_codec().to(device)
+    backbone = getattr(model, "backbone", model)
+    labels, prompts = sample_requests(args, conditioning.kind, getattr(backbone, "num_classes", None))
+    total = len(labels or prompts)
+    out = Path(args.out or run / "samples" / f"samples_{args.guidance}.png")
+    check_output_suffix(out, is_video=len(model.sample_shape) == 4)
+    # Noise for every sample comes from one seeded stream, so results do not depend on the number of processes.
+    noise = torch.randn((total, *model.sample_shape), generator=torch.Generator().manual_seed(args.seed))
+    mine = list(range(accelerator.process_index, total, accelerator.num_processes))
+    cond = conditioning.from_request([labels[i] for i in mine] if labels else None,
+                                     [prompts[i] for i in mine] if prompts else None, device)
+    samples = generate(model, cond, codec, noise[mine].to(device), args.steps, args.solver, guidance,
+                       batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(args.seed + 1 + accelerator.process_index),
+                       progress=accelerator.is_main_process)
+    part = out.with_name(f".{out.name}.part{accelerator.process_index}.pt")
+    torch.save({"index": mine, "samples": samples}, part)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ordered = torch.empty((total, *samples.shape[1:]))
+        for rank in range(accelerator.num_processes):
+            piece_path = out.with_name(f".{out.name}.part{rank}.pt")
+            piece = torch.load(piece_path, weights_only=False)
+            ordered[piece["index"]] = piece["samples"]
+            os.remove(piece_path)
+        write_output(ordered, out)
+        print(f"[sprint_mm] wrote {total} samples ({args.guidance}, scale {args.scale}, {args.solver} {args.steps} steps) to {out}")
+    accelerator.wait_for_everyone()
+    return out
+
+
+IMAGE_OUTPUTS = (".png", ".npz")
+VIDEO_OUTPUTS = (".mp4", ".gif", ".png", ".npz")
+
+
+def check_output_suffix(out: Path, is_video: bool) -> None:
+    allowed = VIDEO_OUTPUTS if is_video else IMAGE_OUTPUTS
+    if out.suffix.lower() not in allowed:
+        kind = "video" if is_video else "image"
+        raise ValueError(f"unknown output suffix {out.suffix!r} for {kind} samples; allowed: {', '.join(allowed)}")
+
+
+def write_output(samples: torch.Tensor, out: Path) -> None:
+    """Pick the writer by suffix and sample rank; grayscale becomes RGB for .npz (the ADM format is RGB)."""
+    suffix = out.suffix.lower()
+    is_video = samples.dim() == 5
+    if suffix == ".npz":
+        save_npz(samples.expand(-1, 3, *samples.shape[2:]) if samples.shape[1] == 1 else samples, out)
+    elif is_video and suffix == ".mp4":
+        save_video(samples, out)
+        save_video_preview(samples, out.with_suffix(".png"))
+    elif is_video and suffix in (".png", ".gif"):
+        save_video_preview(samples, out)
+    else:
+        save_image_grid(samples, out, nrow=10 if samples.shape[0] % 10 == 0 else None)

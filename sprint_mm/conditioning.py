@@ -1,0 +1,73 @@
+"""What a model is conditioned on: class labels or captions, from a training batch or from a sampling request."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import gin
+import torch
+
+CONDITIONINGS = ("class", "text")
+
+
+class ClassConditioning:
+    """Class ids: the batch's `label`; sampling takes labels."""
+
+    kind = "class"
+
+    def from_batch(self, batch: dict, device: torch.device) -> torch.Tensor:
+        if "label" not in batch:
+            raise KeyError(f"class conditioning needs a 'label' in each item; the batch has {sorted(batch)}")
+        return torch.as_tensor(batch["label"], device=device).long()
+
+    def from_request(self, labels: Optional[Sequence[int]], prompts: Optional[Sequence[str]], device: torch.device) -> torch.Tensor:
+        if prompts:
+            raise ValueError("this run is class-conditional: pass --labels, not --prompt/--prompts")
+        if not labels:
+            raise ValueError("a class-conditional run needs labels to sample")
+        return torch.tensor(list(labels), device=device, dtype=torch.long)
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Nothing to set up for class conditioning."""
+
+
+class TextConditioning:
+    """Captions through a text encoder (or the batch's cached embeddings); the null is the empty caption."""
+
+    kind = "text"
+
+    def __init__(self) -> None:
+        from sprint_mm.text import TextConditioner  # imported lazily: transformers is the optional 'text' extra
+
+        self.conditioner = TextConditioner()
+
+    def from_batch(self, batch: dict, device: torch.device) -> dict:
+        if "text_tokens" in batch:
+            return {"text_tokens": batch["text_tokens"].to(device), "text_mask": batch["text_mask"].to(device).bool()}
+        if "caption" not in batch:
+            raise KeyError(f"text conditioning needs a 'caption' in each item; the batch has {sorted(batch)}")
+        return self.conditioner(list(batch["caption"]), device=device)
+
+    def from_request(self, labels: Optional[Sequence[int]], prompts: Optional[Sequence[str]], device: torch.device) -> dict:
+        if labels:
+            raise ValueError("this run is text-conditional: pass --prompt/--prompts, not --labels")
+        if not prompts:
+            raise ValueError("a text-conditional run needs prompts to sample")
+        return self.conditioner(list(prompts), device=device)
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Give the backbone the empty-caption embedding as its null condition (unless it learns its own)."""
+        backbone = getattr(model, "backbone", model)
+        if not hasattr(backbone, "set_null_text"):
+            raise ValueError(f"text conditioning needs a text backbone (e.g. 'text_dit'), got {type(backbone).__name__}")
+        if not getattr(backbone, "learned_null", False):
+            empty = self.conditioner.null(1, device=next(backbone.parameters()).device)
+            backbone.set_null_text(empty["text_tokens"][0], empty["text_mask"][0])
+
+
+@gin.configurable
+def build_conditioning(kind: str = "class") -> Any:
+    if kind == "class":
+        return ClassConditioning()
+    if kind == "text":
+        return TextConditioning()
+    raise ValueError(f"unknown conditioning {kind!r}; allowed: {', '.join(CONDITIONINGS)}")

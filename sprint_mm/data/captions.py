@@ -1,0 +1,186 @@
+"""Captioned images and videos listed in a JSONL or CSV index, with text embeddings from the cache when present."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+import gin
+import numpy as np
+import torch
+from PIL import Image
+
+from sprint_mm.text import TEXT_KEYS, EmbeddingCache
+
+MEDIA = ("image", "video")
+INDEX_FIELDS = ("path", "caption")
+INDEX_FORMATS = (".jsonl", ".csv")
+
+
+class CaptionRecord(NamedTuple):
+    path: Path
+    caption: str
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The index
+# ----------------------------------------------------------------------------------------------------------------
+
+def read_caption_index(index: str | Path) -> list[CaptionRecord]:
+    """The (path, caption) records of a JSONL (`{"path": ..., "caption": ...}` per line) or CSV (`path,caption`) index.
+
+    Relative paths resolve against the index's folder.
+    """
+    index = Path(index)
+    if not index.is_file():
+        raise FileNotFoundError(f"caption index {str(index)!r} does not exist")
+    if index.suffix not in INDEX_FORMATS:
+        raise ValueError(f"caption index {str(index)!r} must end with one of {INDEX_FORMATS}")
+    with open(index, newline="", encoding="utf-8") as file:
+        rows = read_jsonl_rows(file, index) if index.suffix == ".jsonl" else read_csv_rows(file, index)
+        records = [record_from_row(row, where, index.parent) for row, where in rows]
+    if not records:
+        raise ValueError(f"caption index {str(index)!r} lists no items")
+    return records
+
+
+def read_jsonl_rows(lines: Iterable[str], index: Path) -> Iterator[tuple[dict, str]]:
+    """(row, location) for every non-blank line of a JSONL index."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{index}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where} is not valid JSON: {error}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} must hold a JSON object with keys {INDEX_FIELDS}, got {line.strip()!r}")
+        yield row, where
+
+
+def read_csv_rows(lines: Iterable[str], index: Path) -> Iterator[tuple[dict, str]]:
+    """(row, location) for every data row of a CSV index with a `path,caption` header."""
+    reader = csv.DictReader(lines)
+    missing = [field for field in INDEX_FIELDS if field not in (reader.fieldnames or [])]
+    if missing:
+        raise KeyError(
+            f"caption index {str(index)!r} has header {reader.fieldnames}, which lacks column {missing[0]!r}"
+        )
+    for row in reader:
+        yield row, f"{index}:{reader.line_num}"
+
+
+def record_from_row(row: dict, where: str, root: Path) -> CaptionRecord:
+    for field in INDEX_FIELDS:
+        if field not in row:
+            raise KeyError(f"{where} lacks key {field!r} (every item needs {INDEX_FIELDS})")
+        if not isinstance(row[field], str):
+            raise ValueError(f"{where}: {field} must be a string, got {row[field]!r}")
+    if not row["path"]:
+        raise ValueError(f"{where} has an empty path")
+    return CaptionRecord(root / row["path"], row["caption"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pixels
+# ----------------------------------------------------------------------------------------------------------------
+
+def resize_center_crop(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Resize (..., H, W) values in [-1, 1] so the shorter side is `resolution`, then crop the centre square."""
+    height, width = x.shape[-2:]
+    if (height, width) != (resolution, resolution):
+        scale = resolution / min(height, width)
+        size = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
+        flat = x.reshape(1, -1, height, width).float()
+        flat = torch.nn.functional.interpolate(flat, size=size, mode="bicubic", antialias=True, align_corners=False)
+        x = flat.clamp(-1.0, 1.0).reshape(*x.shape[:-2], *size)
+        height, width = size
+    top, left = (height - resolution) // 2, (width - resolution) // 2
+    return x[..., top : top + resolution, left : left + resolution]
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """An RGB image file as a (3, H, W) float tensor in [-1, 1]."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {str(path)!r} listed in the caption index does not exist")
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dataset
+# ----------------------------------------------------------------------------------------------------------------
+
+@gin.configurable
+class CaptionDataset(torch.utils.data.Dataset):
+    """Captioned images or videos: items {"x": (3, H, W) or (C, T, H, W) in [-1, 1], "caption": str}.
+
+    With `cache_dir` and `encoder_identity` (TextEncoder.identity), items whose caption is cached also carry
+    "text_tokens" (L, Dt) and "text_mask" (L,), so the trainer can skip the encoder. Videos are read by the
+    injected `video_reader(path) -> (C, T, H, W)` float tensor in [-1, 1]; frames are then resized and
+    centre-cropped to `resolution` like images.
+    """
+
+    def __init__(
+        self,
+        index: str,
+        resolution: int,
+        media: str = "image",
+        cache_dir: str | None = None,
+        encoder_identity: str | None = None,
+        video_reader: Callable[[str], torch.Tensor] | None = None,
+    ) -> None:
+        if media not in MEDIA:
+            raise ValueError(f"media {media!r} is not one of {MEDIA}")
+        if media == "video" and video_reader is None:
+            raise ValueError("media 'video' needs a video_reader(path) -> (C, T, H, W) tensor")
+        if resolution < 1:
+            raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
+        if (cache_dir is None) != (encoder_identity is None):
+            raise ValueError(
+                "cache_dir and encoder_identity go together (the cache key depends on the encoder); "
+                f"got cache_dir={cache_dir!r}, encoder_identity={encoder_identity!r}"
+            )
+        self.records = read_caption_index(index)
+        self.resolution = resolution
+        self.media = media
+        self.video_reader = video_reader
+        self.cache = None if cache_dir is None else EmbeddingCache(cache_dir, encoder_identity)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        path, caption = self.records[i]
+        x = read_image(path) if self.media == "image" else self.read_video(path)
+        item = {"x": resize_center_crop(x, self.resolution), "caption": caption}
+        cached = None if self.cache is None else self.cache.get(caption)
+        if cached is not None:
+            item.update(cached)
+        return item
+
+    def read_video(self, path: Path) -> torch.Tensor:
+        if not path.is_file():
+            raise FileNotFoundError(f"video file {str(path)!r} listed in the caption index does not exist")
+        video = self.video_reader(str(path))
+        if not isinstance(video, torch.Tensor) or video.dim() != 4 or not video.is_floating_point():
+            got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+            raise ValueError(f"video_reader must return a float (C, T, H, W) tensor for {str(path)!r}, got {got}")
+        return video
+
+
+def collate_captions(items: list[dict]) -> dict:
+    """Stack a list of CaptionDataset items; captions stay a list.
+
+    The text condition is stacked only when every item carries one; otherwise the batch has none and the
+    trainer encodes its captions.
+    """
+    if not items:
+        raise ValueError("collate_captions needs at least one item")
+    batch = {"x": torch.stack([item["x"] for item in items]), "caption": [item["caption"] for item in items]}
+    if all(TEXT_KEYS[0] in item for item in items):
+        batch.update({key: torch.stack([item[key] for item in items]) for key in TEXT_KEYS})
+    return batch

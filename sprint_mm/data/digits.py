@@ -1,0 +1,52 @@
+"""scikit-learn's bundled 8x8 handwritten digits as a tiny class-conditional image set (no network)."""
+
+from __future__ import annotations
+
+import gin
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch.utils.data import Dataset
+
+SPLITS = ("all", "train", "test")
+TEST_FRACTION = 0.2  # the last 20% of the (fixed) sklearn order is the test split
+MAX_PIXEL = 16.0  # sklearn digits store ink counts 0..16
+
+
+@gin.configurable
+class DigitsDataset(Dataset):
+    """Items are `{"x": (channels, resolution, resolution) float in [-1, 1], "label": 0..9}`.
+
+    The 8x8 images are scaled from 0..16 to [-1, 1] and resized bilinearly to `resolution`.
+    The train/test split is deterministic: the first 80% train, the last 20% test.
+    """
+
+    num_classes = 10
+
+    def __init__(self, resolution: int = 16, split: str = "all", channels: int = 1) -> None:
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+            raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        self.resolution = resolution
+        self.split = split
+        self.channels = channels
+        digits = load_digits()
+        images = torch.as_tensor(digits.images, dtype=torch.float32) / (MAX_PIXEL / 2) - 1.0
+        labels = torch.as_tensor(digits.target, dtype=torch.long)
+        first_test = len(labels) - round(TEST_FRACTION * len(labels))
+        rows = {"all": slice(None), "train": slice(None, first_test), "test": slice(first_test, None)}
+        self.images = images[rows[split]].unsqueeze(1)  # (count, 1, 8, 8)
+        self.labels = labels[rows[split]]  # (count,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        image = self.images[index].unsqueeze(0)  # (1, 1, 8, 8)
+        x = F.interpolate(
+            image, size=(self.resolution, self.resolution), mode="bilinear", antialias=True
+        )[0]  # (1, resolution, resolution)
+        return {"x": x.expand(self.channels, -1, -1).clone(), "label": int(self.labels[index])}

@@ -1,0 +1,219 @@
+"""Pre-encoded latent datasets: the REPA/EDM2 image layout and per-video latent files.
+
+Image layout under `path` (each tree a folder, or a `.zip` archive beside it with the same member names):
+
+    images/00000/img00000000.png              RGB uint8 (read only when `with_images`)
+    images/dataset.json                       {"labels": [["00000/img00000000.png", class], ...]}
+    vae-sd/00000/img-mean-std-00000000.npy    float32 (2C, h, w) = [posterior mean (C); posterior std (C)]
+    vae-sd/dataset.json                       {"labels": [["00000/img-mean-std-00000000.npy", class], ...]}
+
+Video layout under `path` (a folder or a `.zip`): `index.jsonl` with one `{"path": ..., "label": ...}` per
+line, each path a safetensors file holding `mean` and `std` of shape (C, T, h, w).
+
+Every item draws a fresh posterior sample `z = mean + std * eps` from torch's RNG and returns
+`(z - shift) * scale`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import zipfile
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+import gin
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+from torch.utils.data import Dataset
+
+IMAGES_TREE = "images"
+LATENTS_TREE = "vae-sd"
+LABELS_FILE = "dataset.json"
+VIDEO_INDEX = "index.jsonl"
+FILES_PER_FOLDER = 1000
+IMAGE_NAME = re.compile(r"img(\d{8})\.png")
+LATENT_NAME = re.compile(r"img-mean-std-(\d{8})\.npy")
+SHOWN = 5  # how many offending names an error lists
+
+
+def image_member(index: int) -> str:
+    """Member name of image `index` inside the images tree."""
+    return f"{index // FILES_PER_FOLDER:05d}/img{index:08d}.png"
+
+
+def latent_member(index: int) -> str:
+    """Member name of the posterior moments of item `index` inside the latents tree."""
+    return f"{index // FILES_PER_FOLDER:05d}/img-mean-std-{index:08d}.npy"
+
+
+class Tree:
+    """Read-only files of a folder or a zip archive, by posix member name.
+
+    A zip handle is opened on first read in each process, so DataLoader workers never share one
+    across fork.
+    """
+
+    def __init__(self, location: str | os.PathLike) -> None:
+        self.location = Path(location)
+        self.is_zip = self.location.is_file() and self.location.suffix == ".zip"
+        if not (self.is_zip or self.location.is_dir()):
+            raise FileNotFoundError(f"{str(self.location)!r} is neither a folder nor a .zip archive")
+        self._zip: zipfile.ZipFile | None = None
+        self._zip_pid: int | None = None
+
+    @classmethod
+    def find(cls, root: str | os.PathLike, name: str) -> Tree:
+        """The tree `root/name` as a folder, else `root/name.zip`."""
+        folder = Path(root) / name
+        archive = folder.with_name(name + ".zip")
+        if not (folder.is_dir() or archive.is_file()):
+            raise FileNotFoundError(f"neither a folder {str(folder)!r} nor an archive {str(archive)!r} exists")
+        return cls(folder if folder.is_dir() else archive)
+
+    def names(self) -> list[str]:
+        if self.is_zip:
+            with zipfile.ZipFile(self.location) as archive:
+                return [name for name in archive.namelist() if not name.endswith("/")]
+        return [path.relative_to(self.location).as_posix() for path in self.location.rglob("*") if path.is_file()]
+
+    def read(self, name: str) -> bytes:
+        if not self.is_zip:
+            return (self.location / name).read_bytes()
+        if self._zip is None or self._zip_pid != os.getpid():
+            self._zip, self._zip_pid = zipfile.ZipFile(self.location), os.getpid()
+        return self._zip.read(name)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_zip": None, "_zip_pid": None}
+
+    def __str__(self) -> str:
+        return str(self.location)
+
+
+def _by_index(tree: Tree, pattern: re.Pattern) -> dict[int, str]:
+    """Member names whose file name matches `pattern`, keyed by the 8-digit index in it."""
+    members: dict[int, str] = {}
+    for name in tree.names():
+        match = pattern.fullmatch(PurePosixPath(name).name)
+        if match is None:
+            continue
+        index = int(match.group(1))
+        if index in members:
+            raise ValueError(f"{tree}: index {index} appears twice, as {members[index]!r} and {name!r}")
+        members[index] = name
+    return members
+
+
+def _require_partners(
+    have: dict[int, str], partners: dict[int, str], partner_tree: Tree, partner_name: Callable[[int], str]
+) -> None:
+    """Every index in `have` must also be in `partners`; otherwise name the missing partner files."""
+    missing = sorted(set(have) - set(partners))
+    if missing:
+        listed = ", ".join(f"{partner_name(i)} (for {have[i]})" for i in missing[:SHOWN])
+        more = f" and {len(missing) - SHOWN} more" if len(missing) > SHOWN else ""
+        raise FileNotFoundError(f"{partner_tree} lacks {len(missing)} partner file(s): {listed}{more}")
+
+
+def _read_labels(tree: Tree) -> dict[str, int] | None:
+    """Member name -> class from the tree's dataset.json; None when it says `"labels": null` (unlabeled)."""
+    try:
+        content = json.loads(tree.read(LABELS_FILE))
+    except (FileNotFoundError, KeyError):  # a folder raises the first, a zip archive the second
+        raise FileNotFoundError(
+            f"{tree} has no {LABELS_FILE} (expected {{\"labels\": [[name, class], ...]}})"
+        ) from None
+    if "labels" not in content:
+        raise KeyError(f"{tree}/{LABELS_FILE} has no 'labels' entry; keys: {sorted(content)}")
+    return None if content["labels"] is None else {name: int(label) for name, label in content["labels"]}
+
+
+def _posterior_sample(mean: torch.Tensor, std: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
+    z = mean + std * torch.randn_like(std)
+    return (z - shift) * scale
+
+
+@gin.configurable
+class LatentDataset(Dataset):
+    """REPA/EDM2 latents: items `{"x": (C, h, w) float32, "label": int}`, plus `"image"` (3, H, W) uint8.
+
+    Images and latents are paired by the index in their names, never by position; a missing partner
+    raises naming it. An unlabeled dataset (`"labels": null`) gives every item label 0.
+    """
+
+    def __init__(self, path: str, with_images: bool = False, scale: float = 0.18215, shift: float = 0.0) -> None:
+        self.scale, self.shift = scale, shift
+        self.latents = Tree.find(path, LATENTS_TREE)
+        latents = _by_index(self.latents, LATENT_NAME)
+        if not latents:
+            raise FileNotFoundError(f"{self.latents} holds no img-mean-std-<8 digits>.npy files")
+        labels = _read_labels(self.latents)
+        no_label = sorted(name for name in latents.values() if labels is not None and name not in labels)
+        if no_label:
+            raise KeyError(f"{self.latents}/{LABELS_FILE} has no label for {', '.join(no_label[:SHOWN])}")
+        self.indices = sorted(latents)
+        self.latent_names = [latents[i] for i in self.indices]
+        self.labels = [0 if labels is None else labels[name] for name in self.latent_names]
+        self.images: Tree | None = None
+        if with_images:
+            self.images = Tree.find(path, IMAGES_TREE)
+            images = _by_index(self.images, IMAGE_NAME)
+            _require_partners(latents, images, self.images, image_member)
+            _require_partners(images, latents, self.latents, latent_member)
+            self.image_names = [images[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> dict:
+        name = self.latent_names[item]
+        moments = torch.from_numpy(np.load(io.BytesIO(self.latents.read(name))))
+        if moments.dim() != 3 or moments.shape[0] % 2:
+            raise ValueError(
+                f"{self.latents}/{name}: expected (2C, h, w) moments, got shape {tuple(moments.shape)}"
+            )
+        mean, std = moments.float().chunk(2)
+        out = {"x": _posterior_sample(mean, std, self.scale, self.shift), "label": self.labels[item]}
+        if self.images is not None:
+            with Image.open(io.BytesIO(self.images.read(self.image_names[item]))) as image:
+                out["image"] = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+        return out
+
+
+@gin.configurable
+class VideoLatentDataset(Dataset):
+    """Per-video latent files listed in `index.jsonl`: items `{"x": (C, T, h, w) float32, "label": int}`."""
+
+    def __init__(self, path: str, scale: float = 0.18215, shift: float = 0.0) -> None:
+        self.scale, self.shift = scale, shift
+        self.tree = Tree(path)
+        names = set(self.tree.names())
+        if VIDEO_INDEX not in names:
+            raise FileNotFoundError(f"{self.tree} has no {VIDEO_INDEX} (one {{path, label}} object per line)")
+        self.entries: list[tuple[str, int]] = []
+        for number, line in enumerate(self.tree.read(VIDEO_INDEX).decode().splitlines(), start=1):
+            if not line.strip():
+                continue
+            entry, where = json.loads(line), f"{self.tree}/{VIDEO_INDEX} line {number}"
+            if "path" not in entry or "label" not in entry:
+                raise KeyError(f"{where} needs 'path' and 'label', got {sorted(entry)}")
+            if entry["path"] not in names:
+                raise FileNotFoundError(f"{where} names a missing file {entry['path']!r}")
+            self.entries.append((entry["path"], int(entry["label"])))
+        if not self.entries:
+            raise ValueError(f"{self.tree}/{VIDEO_INDEX} lists no videos")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, item: int) -> dict:
+        name, label = self.entries[item]
+        tensors = load_safetensors(self.tree.read(name))
+        if "mean" not in tensors or "std" not in tensors:
+            raise KeyError(f"{self.tree}/{name} must hold 'mean' and 'std', holds {sorted(tensors)}")
+        x = _posterior_sample(tensors["mean"].float(), tensors["std"].float(), self.scale, self.shift)
+        return {"x": x, "label": label}

@@ -1,0 +1,315 @@
+"""Class-labelled video clips from a folder per class or from a CSV / JSONL index.
+
+Decoding is robust by design: a reader (decord or PyAV) is created inside `__getitem__` and released
+before it returns, because a decord reader that crosses a DataLoader fork can deadlock; a file the
+reader fails on is retried with a fallback reader; a file that no reader decodes is skipped, counted
+and reported, and never stops a run.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import importlib.util
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import gin
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+INSTALL_HINT = "pip install 'sprint-mm[video]'"
+# reader name -> the module it imports
+READER_MODULES = {"decord": "decord", "pyav": "av"}
+_INT_LABEL = re.compile(r"-?\d+")
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers: each returns the frames at the indices `pick(frame_count)` chose, as uint8 (L, H, W, 3)
+# ----------------------------------------------------------------------------------------------
+
+
+def _missing_package(reader: str) -> ImportError:
+    return ImportError(
+        f"video reader {reader!r} needs the package {READER_MODULES[reader]!r}, which is not installed: "
+        f"{INSTALL_HINT} (decord has wheels for x86_64 only; elsewhere use reader='pyav')"
+    )
+
+
+def _import_reader_module(reader: str):
+    """Import the package behind `reader` (lazily: only the process that decodes imports it)."""
+    try:
+        return importlib.import_module(READER_MODULES[reader])
+    except ImportError as error:
+        raise _missing_package(reader) from error
+
+
+def _check_reader(reader: str) -> None:
+    if reader not in READER_MODULES:
+        raise ValueError(f"unknown video reader {reader!r}; allowed: {', '.join(READER_MODULES)}")
+    if importlib.util.find_spec(READER_MODULES[reader]) is None:  # fail now, not later in a worker
+        raise _missing_package(reader)
+
+
+def _read_with_decord(path: Path, pick: Callable[[int], list[int]]) -> np.ndarray:
+    decord = _import_reader_module("decord")
+    # One decoding thread: DataLoader workers already decode in parallel.
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    try:
+        return reader.get_batch(pick(len(reader))).asnumpy()
+    finally:
+        del reader
+
+
+def _read_with_pyav(path: Path, pick: Callable[[int], list[int]]) -> np.ndarray:
+    av = _import_reader_module("pyav")
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("the file has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        frame_count = stream.frames
+        if frame_count == 0:  # the container does not record it: count the packets, then rewind
+            frame_count = sum(1 for packet in container.demux(stream) if packet.size)
+            container.seek(0)
+        indices = pick(frame_count)
+        wanted = set(indices)
+        decoded: dict[int, np.ndarray] = {}
+        for position, frame in enumerate(container.decode(stream)):
+            if position in wanted:
+                decoded[position] = frame.to_ndarray(format="rgb24")
+            if len(decoded) == len(wanted):
+                break
+    if len(decoded) < len(wanted):
+        raise ValueError(f"the stream ended before frame {max(wanted)} of the {frame_count} its header promised")
+    return np.stack([decoded[index] for index in indices])
+
+
+_READERS = {"decord": _read_with_decord, "pyav": _read_with_pyav}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources: a folder per class, or an index file
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_video(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES and not path.name.startswith(".")
+
+
+def _scan_class_folders(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """root/<class>/**/<video>: classes are the sorted sub-folder names."""
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root} holds no class sub-folders; expected root/<class>/<video>{VIDEO_SUFFIXES[0]}")
+    samples = []
+    for class_id, name in enumerate(classes):
+        videos = sorted(path for path in (root / name).rglob("*") if _is_video(path))
+        if not videos:
+            raise ValueError(f"class folder {root / name} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
+        samples.extend((path, class_id) for path in videos)
+    return samples, classes
+
+
+def _read_index_rows(index: Path) -> list[tuple[str, object, int]]:
+    """(path, raw label, line number) for every row of a CSV (header path,label) or JSONL index."""
+    suffix = index.suffix.lower()
+    rows = []
+    if suffix == ".csv":
+        with index.open(newline="") as file:
+            reader = csv.DictReader(file)
+            if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+                raise ValueError(f"{index}: the CSV header must name the columns path,label; got {reader.fieldnames}")
+            for row in reader:
+                rows.append((row["path"] or "", row["label"], reader.line_num))
+    elif suffix == ".jsonl":
+        with index.open() as file:
+            for line_number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{index}: line {line_number} is not JSON ({error})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{index}: line {line_number} must be an object with path and label")
+                rows.append((record.get("path") or "", record.get("label"), line_number))
+    else:
+        raise ValueError(f"unknown index format {index.name!r}: use a .csv (header path,label) or a .jsonl file")
+    for path, label, line_number in rows:
+        if not isinstance(path, str) or not path.strip():
+            raise ValueError(f"{index}: line {line_number} has no path")
+        if label is None or label == "":
+            raise ValueError(f"{index}: line {line_number} ({path}) has no label")
+    if not rows:
+        raise ValueError(f"index {index} lists no videos")
+    return rows
+
+
+def _resolve_labels(raw_labels: list[object], index: Path) -> tuple[list[int], list[str] | None]:
+    """Integer labels are kept as ids; otherwise labels are class names numbered in sorted order."""
+    for label in raw_labels:
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise ValueError(f"{index}: label {label!r} must be an integer id or a class name")
+    if all(isinstance(label, int) or _INT_LABEL.fullmatch(label.strip()) for label in raw_labels):
+        ids = [int(label) for label in raw_labels]
+        if min(ids) < 0:
+            raise ValueError(f"{index}: class ids must be >= 0, got {min(ids)}")
+        return ids, None
+    classes = sorted({str(label).strip() for label in raw_labels})
+    class_ids = {name: class_id for class_id, name in enumerate(classes)}
+    return [class_ids[str(label).strip()] for label in raw_labels], classes
+
+
+def _read_index(index: Path) -> tuple[list[tuple[Path, int]], list[str] | None]:
+    rows = _read_index_rows(index)
+    labels, classes = _resolve_labels([label for _, label, _ in rows], index)
+    paths = [index.parent / path.strip() for path, _, _ in rows]  # absolute paths stay absolute
+    return list(zip(paths, labels)), classes
+
+
+# ----------------------------------------------------------------------------------------------
+# Clip geometry
+# ----------------------------------------------------------------------------------------------
+
+
+def clip_frame_indices(frame_count: int, clip_length: int, frame_stride: int, random_start: bool) -> list[int]:
+    """Frame indices of one clip of `clip_length` frames, `frame_stride` apart.
+
+    A video too short for the stride gets the largest stride that fits; a video with fewer frames
+    than `clip_length` is looped from its first frame (0, 1, .., n-1, 0, 1, ..). The start is random
+    (torch's generator, so DataLoader workers differ) or centred.
+    """
+    if frame_count < 1:
+        raise ValueError(f"the video has {frame_count} frames")
+    if frame_count < clip_length:
+        return [index % frame_count for index in range(clip_length)]
+    stride = frame_stride if clip_length == 1 else min(frame_stride, (frame_count - 1) // (clip_length - 1))
+    span = (clip_length - 1) * stride + 1
+    slack = frame_count - span
+    start = int(torch.randint(slack + 1, ())) if random_start else slack // 2
+    return list(range(start, start + span, stride))
+
+
+def _resize_and_center_crop(clip: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(T, C, H, W): resize the shorter side to `resolution`, then crop the centre square."""
+    height, width = clip.shape[-2:]
+    if min(height, width) != resolution:
+        scale = resolution / min(height, width)
+        size = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
+        clip = F.interpolate(clip, size=size, mode="bilinear", antialias=True, align_corners=False)
+        height, width = size
+    top, left = (height - resolution) // 2, (width - resolution) // 2
+    return clip[..., top : top + resolution, left : left + resolution]
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset
+# ----------------------------------------------------------------------------------------------
+
+
+class _UndecodableVideo(Exception):
+    """Every reader failed on one file."""
+
+
+@gin.configurable
+class VideoFolderDataset(Dataset):
+    """Video clips with class labels: items `{"x": (C, T, H, W) float in [-1, 1], "label": int}`.
+
+    `root` is either a folder `root/<class>/<video>` (classes numbered in sorted name order) or an
+    index file: CSV with header `path,label` or JSONL lines `{"path": ..., "label": ...}`; relative
+    paths are relative to the index file's folder; labels are integer ids, or class names numbered
+    in sorted order (`classes` then lists them; it is None for integer ids).
+
+    A file that `reader` cannot decode is tried with `fallback_reader` (decord 0.6 fails on some
+    frame widths, e.g. 16, 24, 48 or 72 px, that PyAV reads fine). A file that no reader decodes
+    is skipped: `__getitem__` warns, adds the path to `skipped` and returns the next decodable item
+    (wrapping around), so `len()` still counts every listed file. Inside a DataLoader each worker
+    process holds its own copy of the dataset, so `skipped` and the count in the warnings are per
+    worker; the main process's `skipped` stays empty.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        clip_length: int = 16,
+        frame_stride: int = 1,
+        random_crop_time: bool = True,
+        resolution: int | None = None,
+        reader: str = "decord",
+        fallback_reader: str | None = "pyav",
+    ) -> None:
+        if clip_length < 1:
+            raise ValueError(f"clip_length must be >= 1, got {clip_length}")
+        if frame_stride < 1:
+            raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
+        if resolution is not None and resolution < 1:
+            raise ValueError(f"resolution must be None or >= 1, got {resolution}")
+        self.readers = [reader] if fallback_reader in (None, reader) else [reader, fallback_reader]
+        for name in self.readers:
+            _check_reader(name)
+        self.root = Path(root)
+        if not self.root.exists():
+            raise FileNotFoundError(f"video root or index file not found: {self.root}")
+        if self.root.is_dir():
+            self.samples, self.classes = _scan_class_folders(self.root)
+        else:
+            self.samples, self.classes = _read_index(self.root)
+        self.clip_length = clip_length
+        self.frame_stride = frame_stride
+        self.random_crop_time = random_crop_time
+        self.resolution = resolution
+        self.skipped: set[Path] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _pick(self, frame_count: int) -> list[int]:
+        return clip_frame_indices(frame_count, self.clip_length, self.frame_stride, self.random_crop_time)
+
+    def _decode(self, path: Path) -> np.ndarray:
+        """(T, H, W, 3) uint8 from the first reader that succeeds."""
+        failures = []
+        for name in self.readers:
+            try:
+                frames = _READERS[name](path, self._pick)
+                if frames.ndim != 4 or frames.shape[0] != self.clip_length or frames.shape[-1] != 3:
+                    raise ValueError(f"got frames of shape {frames.shape}")
+                return frames
+            except ImportError:
+                raise
+            except Exception as error:  # decoders raise many types; none may stop a run
+                reason = (str(error).strip().splitlines() or [""])[0][:200]
+                failures.append(f"{name}: {type(error).__name__}: {reason}")
+        raise _UndecodableVideo("; ".join(failures))
+
+    def _load_clip(self, path: Path) -> torch.Tensor:
+        clip = torch.from_numpy(self._decode(path)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+        if self.resolution is not None:
+            clip = _resize_and_center_crop(clip, self.resolution)
+        return (clip / 127.5 - 1.0).clamp(-1.0, 1.0).transpose(0, 1).contiguous()  # (3, T, H, W)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        count = len(self.samples)
+        for offset in range(count):
+            path, label = self.samples[(index + offset) % count]
+            if path in self.skipped:
+                continue
+            try:
+                return {"x": self._load_clip(path), "label": label}
+            except _UndecodableVideo as error:
+                self.skipped.add(path)
+                warnings.warn(
+                    f"skipping undecodable video {path} ({error}); "
+                    f"{len(self.skipped)} file(s) skipped so far in this process",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        raise RuntimeError(f"no video under {self.root} could be decoded ({len(self.skipped)} files failed)")

@@ -1,0 +1,160 @@
+"""SPRINT: dense shallow blocks on every token, sparse deep blocks on the kept tokens, a residual fusion of the two.
+
+One forward serves training (token drop, path drop), dense fine-tuning and inference, CFG and PDG: samples flagged in
+`skip_middle` never run the middle blocks and get the mask token as their whole sparse-path output.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import gin
+import torch
+from torch import nn
+
+from sprint_mm.backbone import Backbone, Embedded, Grid, select_rows
+from sprint_mm.flops import TransformerShape
+from sprint_mm.masking import TokenMask
+
+FUSIONS = ("concat_linear", "none")
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B or 1, N, ...) gathered along the token axis with ids (B, M) -> (B, M, ...)."""
+    x = x.expand(ids.shape[0], *x.shape[1:])
+    index = ids.reshape(*ids.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, index)
+
+
+@gin.configurable
+class Sprint(nn.Module):
+    """Wraps any `Backbone`: blocks[:E] encoder, blocks[E:-L] middle, blocks[-L:] decoder."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        encoder_depth: int = 2,
+        decoder_depth: int = 2,
+        fusion: str = "concat_linear",
+        learnable_mask_token: bool = False,
+    ) -> None:
+        super().__init__()
+        depth = len(backbone.blocks)
+        if encoder_depth < 0 or decoder_depth < 0 or encoder_depth + decoder_depth >= depth:
+            raise ValueError(
+                f"encoder_depth {encoder_depth} + decoder_depth {decoder_depth} must leave at least one middle block "
+                f"of the backbone's {depth} blocks"
+            )
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; allowed: {', '.join(FUSIONS)}")
+        self.backbone = backbone
+        self.encoder_depth = encoder_depth
+        self.decoder_depth = decoder_depth
+        self.fusion_kind = fusion
+        dim = backbone.hidden_size
+        # The reference keeps the mask token frozen at its random initialisation; learnable is opt-in.
+        self.mask_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02, requires_grad=learnable_mask_token)
+        self.fusion = nn.Linear(2 * dim, dim) if fusion == "concat_linear" else None
+        if self.fusion is not None:
+            nn.init.xavier_uniform_(self.fusion.weight)
+            nn.init.zeros_(self.fusion.bias)
+
+    @property
+    def encoder_blocks(self) -> list[nn.Module]:
+        return list(self.backbone.blocks[: self.encoder_depth])
+
+    @property
+    def middle_blocks(self) -> list[nn.Module]:
+        return list(self.backbone.blocks[self.encoder_depth : len(self.backbone.blocks) - self.decoder_depth])
+
+    @property
+    def decoder_blocks(self) -> list[nn.Module]:
+        return list(self.backbone.blocks[len(self.backbone.blocks) - self.decoder_depth :])
+
+    # --------------------------------------------------------------- delegated to the backbone
+    def token_grid(self, input_shape: tuple[int, ...]) -> Grid:
+        return self.backbone.token_grid(input_shape)
+
+    def drop_condition(self, cond: Any, drop: torch.Tensor) -> Any:
+        return self.backbone.drop_condition(cond, drop)
+
+    def null_condition(self, cond: Any) -> Any:
+        return self.backbone.null_condition(cond)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.backbone.sample_shape
+
+    def flop_shape(self) -> TransformerShape:
+        middle = len(self.backbone.blocks) - self.encoder_depth - self.decoder_depth
+        return self.backbone.flop_shape(
+            fusion=self.fusion is not None, depths=(self.encoder_depth, middle, self.decoder_depth)
+        )
+
+    # --------------------------------------------------------------- forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: Any,
+        mask: Optional[TokenMask] = None,
+        skip_middle: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """mask: tokens the middle sees (None = all); skip_middle (B,) bool: rows whose middle output is the mask token."""
+        emb = self.backbone.embed(x, t, cond)
+        b, n, _ = emb.tokens.shape
+        if mask is not None and (mask.ids_keep.shape[0] != b or mask.num_tokens != n):
+            raise ValueError(
+                f"token mask is for batch {mask.ids_keep.shape[0]} x {mask.num_tokens} tokens, "
+                f"but the input has batch {b} x {n} tokens (grid {emb.grid})"
+            )
+        h = emb.tokens
+        for block in self.encoder_blocks:
+            h = block(h, emb.c, emb.pos, emb.context)
+        dense = h  # (B, N, D)
+        sparse = self._middle(dense, emb, mask, skip_middle)  # (B, N, D)
+        h = sparse if self.fusion is None else self.fusion(torch.cat([sparse, dense], dim=-1))
+        for block in self.decoder_blocks:
+            h = block(h, emb.c, emb.pos, emb.context)
+        return self.backbone.unembed(h, emb.c, emb.grid)
+
+    def _middle(
+        self, dense: torch.Tensor, emb: Embedded, mask: Optional[TokenMask], skip_middle: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """Run the middle blocks on the kept tokens of the rows that do not skip; mask token everywhere else."""
+        b, n, d = dense.shape
+        canvas = self.mask_token.to(dense.dtype).expand(b, n, d)
+        rows = torch.arange(b, device=dense.device)
+        if skip_middle is not None:
+            if skip_middle.shape != (b,):
+                raise ValueError(f"skip_middle must have shape ({b},), got {tuple(skip_middle.shape)}")
+            rows = rows[~skip_middle.to(dense.device)]
+        if rows.numel() == 0:
+            return canvas
+        h = dense[rows]  # (b_run, N, D)
+        c = emb.c[rows]
+        pos = select_rows(emb.pos, rows)
+        context = select_rows(emb.context, rows)
+        ids_keep = None
+        if mask is not None:
+            ids_keep = mask.ids_keep.to(dense.device)[rows]  # (b_run, M)
+            h = gather_tokens(h, ids_keep)  # (b_run, M, D)
+            if pos is not None:
+                pos = tuple(gather_tokens(p, ids_keep) for p in pos)  # each kept token keeps its true position
+        for block in self.middle_blocks:
+            h = block(h, c, pos, context)
+        if ids_keep is not None:
+            restored = canvas[: rows.numel()].scatter(1, ids_keep[..., None].expand(-1, -1, d), h)  # (b_run, N, D)
+        else:
+            restored = h
+        if rows.numel() == b:
+            return restored
+        return canvas.index_copy(0, rows, restored)
+
+
+@gin.configurable
+def build_model(backbone: str = "sit", sprint: bool = True) -> nn.Module:
+    """The backbone named in the registry, wrapped in `Sprint` (or alone: the dense baseline)."""
+    from registry import BACKBONES  # the registry imports the backbones, which import this package
+
+    model = BACKBONES.build(backbone)
+    return Sprint(model) if sprint else model

