@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import argparse
-import os
+import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import gin
 import torch
+from tqdm.auto import tqdm
 
-from sprint_mm.checkpoints import load_strict, read_state_dict
+from sprint_mm.checkpoints import atomic_write, load_strict, read_state_dict
 from sprint_mm.configs import ConfigError, parse_gin
-from sprint_mm.media import save_image_grid, save_npz, save_video, save_video_preview
+from sprint_mm.media import pack_uint8, save_image_grid, save_npz, save_video, save_video_preview, unpack_uint8
 from sprint_mm.runs import find_checkpoint
 
 DEMO_STAGES = ("gin/image/digits_stage1.gin", "gin/image/digits_stage2.gin")
@@ -65,7 +66,8 @@ def run_demo(run_root: str = DEMO_RUN) -> Path:
 
 def sample_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Sample from a trained run.")
-    parser.add_argument("--run", required=True, help="run folder (reads its config.gin and checkpoints)")
+    parser.add_argument("--run", "--run_dir", dest="run", required=True,
+                        help="run folder (reads its config.gin and checkpoints); under torchrun spell it --run_dir")
     parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema")
     parser.add_argument("--out", help=".png grid, .npz (ADM: arr_0 uint8 N,H,W,3), .mp4 / .gif for video runs")
@@ -114,6 +116,8 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def write_samples(args: argparse.Namespace) -> Path:
+    """Sample in shards of --batch_size: shard s gets noise seeded by (seed, s) and is written atomically, processes
+    take shards round-robin, and a restarted command skips finished shards; the main process then packs the output."""
     from accelerate import Accelerator
 
     from sprint_mm.conditioning import build_conditioning
@@ -141,28 +145,40 @@ def write_samples(args: argparse.Namespace) -> Path:
     total = len(labels or prompts)
     out = Path(args.out or run / "samples" / f"samples_{args.guidance}.png")
     check_output_suffix(out, is_video=len(model.sample_shape) == 4)
-    # Noise for every sample comes from one seeded stream, so results do not depend on the number of processes.
-    noise = torch.randn((total, *model.sample_shape), generator=torch.Generator().manual_seed(args.seed))
-    mine = list(range(accelerator.process_index, total, accelerator.num_processes))
-    cond = conditioning.from_request([labels[i] for i in mine] if labels else None,
-                                     [prompts[i] for i in mine] if prompts else None, device)
-    samples = generate(model, cond, codec, noise[mine].to(device), args.steps, args.solver, guidance,
-                       batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(args.seed + 1 + accelerator.process_index),
-                       progress=accelerator.is_main_process)
-    part = out.with_name(f".{out.name}.part{accelerator.process_index}.pt")
-    torch.save({"index": mine, "samples": samples}, part)
+    shards = out.with_name(f".{out.name}.shards")
+    settings = f"{checkpoint.name}/{args.weights} {args.guidance} {args.scale} {tuple(args.interval)} {args.solver} {args.steps} seed {args.seed} n {total} bs {args.batch_size} {args.gin_param}"
+    if accelerator.is_main_process:
+        prepare_shard_folder(shards, settings)
+    accelerator.wait_for_everyone()
+    count = math.ceil(total / args.batch_size)
+    mine = [s for s in range(accelerator.process_index, count, accelerator.num_processes)
+            if not (shards / f"{s:06d}.pt").is_file()]
+    for s in tqdm(mine, desc="shards", disable=not accelerator.is_main_process or len(mine) < 2):
+        rows = list(range(s * args.batch_size, min((s + 1) * args.batch_size, total)))
+        noise = torch.randn((len(rows), *model.sample_shape), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + s))
+        cond = conditioning.from_request([labels[i] for i in rows] if labels else None,
+                                         [prompts[i] for i in rows] if prompts else None, device)
+        samples = generate(model, cond, codec, noise.to(device), args.steps, args.solver, guidance,
+                           batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(args.seed * 1_000_003 + s))
+        packed = pack_uint8(samples)
+        atomic_write(shards / f"{s:06d}.pt", lambda tmp: torch.save(packed, tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ordered = torch.empty((total, *samples.shape[1:]))
-        for rank in range(accelerator.num_processes):
-            piece_path = out.with_name(f".{out.name}.part{rank}.pt")
-            piece = torch.load(piece_path, weights_only=False)
-            ordered[piece["index"]] = piece["samples"]
-            os.remove(piece_path)
-        write_output(ordered, out)
+        packed = torch.cat([torch.load(shards / f"{s:06d}.pt", weights_only=True) for s in range(count)])
+        write_output(packed, out)
+        shutil.rmtree(shards)
         print(f"[sprint_mm] wrote {total} samples ({args.guidance}, scale {args.scale}, {args.solver} {args.steps} steps) to {out}")
     accelerator.wait_for_everyone()
     return out
+
+
+def prepare_shard_folder(shards: Path, settings: str) -> None:
+    """Keep the finished shards of an interrupted identical command; start over if the settings changed."""
+    recorded = shards / "settings.txt"
+    if shards.is_dir() and (not recorded.is_file() or recorded.read_text() != settings):
+        shutil.rmtree(shards)
+    shards.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(settings)
 
 
 IMAGE_OUTPUTS = (".png", ".npz")
@@ -176,13 +192,15 @@ def check_output_suffix(out: Path, is_video: bool) -> None:
         raise ValueError(f"unknown output suffix {out.suffix!r} for {kind} samples; allowed: {', '.join(allowed)}")
 
 
-def write_output(samples: torch.Tensor, out: Path) -> None:
-    """Pick the writer by suffix and sample rank; grayscale becomes RGB for .npz (the ADM format is RGB)."""
+def write_output(packed: torch.Tensor, out: Path) -> None:
+    """Write packed uint8 samples (N, [T,] H, W, 3) with the writer the suffix names."""
     suffix = out.suffix.lower()
-    is_video = samples.dim() == 5
+    is_video = packed.dim() == 5
     if suffix == ".npz":
-        save_npz(samples.expand(-1, 3, *samples.shape[2:]) if samples.shape[1] == 1 else samples, out)
-    elif is_video and suffix == ".mp4":
+        save_npz(packed, out)
+        return
+    samples = unpack_uint8(packed)
+    if is_video and suffix == ".mp4":
         save_video(samples, out)
         save_video_preview(samples, out.with_suffix(".png"))
     elif is_video and suffix in (".png", ".gif"):

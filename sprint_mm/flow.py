@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import gin
 import torch
 
 from sprint_mm.masking import TokenMasker
+
+if TYPE_CHECKING:
+    from sprint_mm.repa import RepaAlignment
 
 PATHS = ("linear", "cosine")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -101,6 +104,21 @@ class FlowMatching:
         generator: Optional[torch.Generator] = None,
     ) -> torch.Tensor:
         """Mean squared velocity error; `core` is the unwrapped model (grid and condition dropout), default `model`."""
+        return self.losses(model, x0, cond, core, generator)["loss"]
+
+    def losses(
+        self,
+        model: Callable[..., Any],
+        x0: torch.Tensor,
+        cond: Any,
+        core: Any = None,
+        generator: Optional[torch.Generator] = None,
+        alignment: Optional[RepaAlignment] = None,
+        images: Optional[torch.Tensor] = None,
+    ) -> dict[str, torch.Tensor]:
+        """{"loss": ...}; with a REPA `alignment`, `model` is its `AlignedModel` (it returns the prediction and the
+        projected hidden state), `images` are the batch's images, and the result also holds "denoise_loss" and
+        "repa_loss" (mean -cos), with loss = denoise_loss + alignment.coeff * repa_loss."""
         core = model if core is None else core
         b, device = x0.shape[0], x0.device
         t = self.sample_time(b, device, generator)
@@ -113,5 +131,17 @@ class FlowMatching:
             extra["mask"] = self.masker(b, core.token_grid(tuple(x0.shape)), generator=generator, device=device)
         if self.path_drop > 0:
             extra["skip_middle"] = torch.rand(b, device=device, generator=generator) < self.path_drop
-        pred = model(x_t, t, cond, **extra)
-        return ((pred.float() - target.float()) ** 2).flatten(1).mean(1).mean()
+        if alignment is None:
+            pred = model(x_t, t, cond, **extra)
+            return {"loss": mean_squared_error(pred, target)}
+        if images is None:
+            raise ValueError("REPA alignment needs the batch's images (pass images=...)")
+        pred, state = model(x_t, t, cond, **extra)
+        denoise = mean_squared_error(pred, target)
+        repa = alignment.loss(state, images, core.token_grid(tuple(x0.shape)))
+        return {"loss": denoise + alignment.coeff * repa, "denoise_loss": denoise, "repa_loss": repa}
+
+
+def mean_squared_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over all positions of each sample, then over the batch (fp32)."""
+    return ((pred.float() - target.float()) ** 2).flatten(1).mean(1).mean()

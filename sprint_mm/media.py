@@ -85,17 +85,32 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     return path
 
 
-def save_npz(images: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Pack (N, C, H, W) samples for the ADM evaluator: key `arr_0`, uint8 (N, H, W, 3).
+def pack_uint8(samples: torch.Tensor) -> torch.Tensor:
+    """(N, C, [T,] H, W) in [-1, 1] -> uint8 RGB channels-last (N, [T,] H, W, 3), the ADM/FVD array layout."""
+    _check_rank(samples, (4, 5), "(N, C, H, W) or (N, C, T, H, W)")
+    _check_channels(samples.shape[1])
+    packed = to_uint8(samples).expand(-1, 3, *samples.shape[2:])
+    return packed.movedim(1, -1).contiguous()
 
-    Written to a temporary file beside `path` and renamed into place, so an interrupted run never
-    leaves a truncated pack that an evaluator would read.
+
+def unpack_uint8(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_uint8` (as RGB): uint8 (N, [T,] H, W, 3) -> float (N, 3, [T,] H, W) in [-1, 1]."""
+    return packed.movedim(-1, 1).float() / 127.5 - 1.0
+
+
+def save_npz(samples: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Pack samples for the ADM evaluator: key `arr_0`, uint8 (N, H, W, 3) (videos: (N, T, H, W, 3)).
+
+    Takes float samples (N, C, [T,] H, W) in [-1, 1] or an already packed uint8 array. Written to a temporary file
+    beside `path` and renamed into place, so an interrupted run never leaves a truncated pack.
     """
     path = Path(path)
     _check_suffix(path, (".npz",))
-    _check_rank(images, (4,), "(N, C, H, W)")
-    _check_channels(images.shape[1])
-    array = to_uint8(images).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+    if samples.dtype == torch.uint8:
+        _check_rank(samples, (4, 5), "(N, H, W, 3) or (N, T, H, W, 3)")
+        array = samples.cpu().numpy()
+    else:
+        array = pack_uint8(samples).cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

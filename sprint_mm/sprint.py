@@ -25,6 +25,16 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index)
 
 
+def middle_rows(batch: int, skip_middle: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Indices of the batch rows that run the middle blocks: those not flagged in skip_middle (B,) bool."""
+    rows = torch.arange(batch, device=device)
+    if skip_middle is None:
+        return rows
+    if skip_middle.shape != (batch,):
+        raise ValueError(f"skip_middle must have shape ({batch},), got {tuple(skip_middle.shape)}")
+    return rows[~skip_middle.to(device)]
+
+
 @gin.configurable
 class Sprint(nn.Module):
     """Wraps any `Backbone`: blocks[:E] encoder, blocks[E:-L] middle, blocks[-L:] decoder."""
@@ -123,11 +133,7 @@ class Sprint(nn.Module):
         """Run the middle blocks on the kept tokens of the rows that do not skip; mask token everywhere else."""
         b, n, d = dense.shape
         canvas = self.mask_token.to(dense.dtype).expand(b, n, d)
-        rows = torch.arange(b, device=dense.device)
-        if skip_middle is not None:
-            if skip_middle.shape != (b,):
-                raise ValueError(f"skip_middle must have shape ({b},), got {tuple(skip_middle.shape)}")
-            rows = rows[~skip_middle.to(dense.device)]
+        rows = middle_rows(b, skip_middle, dense.device)
         if rows.numel() == 0:
             return canvas
         h = dense[rows]  # (b_run, N, D)

@@ -17,18 +17,20 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from sprint_mm.checkpoints import load_strict, read_state_dict, save_state_dict
+from sprint_mm.checkpoints import PROJECTOR_PREFIX, load_strict, read_state_dict, save_state_dict, split_projector
 from sprint_mm.conditioning import build_conditioning
 from sprint_mm.data.stream import IndexStream
 from sprint_mm.flops import forward_flops
 from sprint_mm.flow import FlowMatching
-from sprint_mm.latents import build_codec
+from sprint_mm.latents import IdentityCodec, build_codec
 from sprint_mm.masking import TokenMask
 from sprint_mm.generation import Previewer
+from sprint_mm.repa import RepaAlignment
 from sprint_mm.runs import list_checkpoints, publish_checkpoint, resolve_weights, staging_folder
 from sprint_mm.sprint import Sprint, build_model
 
 PRECISIONS = ("no", "fp16", "bf16")
+PROJECTOR_FILE = "projector.safetensors"  # the REPA projector, beside model.safetensors, which stays loadable alone
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -65,6 +67,10 @@ class Trainer:
 
     `batch_size` is global (split over processes and accumulation steps). Training stops at `max_steps` or when the
     time budget (summed over resumes) is spent, whichever comes first, and always ends with a checkpoint.
+
+    `alignment` (e.g. `@RepaAlignment()`) adds the REPA term: its projector trains with the model and is checkpointed
+    in `projector.safetensors` (not in the EMA), so stage 2 and sampling load the model without it. A stage 2 with
+    alignment starts its projector from the stage-1 checkpoint's projector file when there is one.
     """
 
     def __init__(
@@ -93,6 +99,7 @@ class Trainer:
         preview_every: int = 0,
         init_from: Optional[str] = None,
         progress: bool = True,
+        alignment: Optional[RepaAlignment] = None,
     ) -> None:
         if dataset is None:
             raise ValueError("Trainer.dataset is not bound: bind it in a .gin file, e.g. `Trainer.dataset = @DigitsDataset()`")
@@ -113,6 +120,7 @@ class Trainer:
         self.precision, self.seed, self.num_workers = precision, seed, num_workers
         self.checkpoint_every, self.keep_checkpoints, self.log_every = checkpoint_every, keep_checkpoints, log_every
         self.preview_every, self.init_from, self.progress = preview_every, init_from, progress
+        self.alignment = alignment
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -137,17 +145,21 @@ class Trainer:
                 "the objective drops tokens or paths but the model is a dense backbone: "
                 "set `build_model.sprint = True`, or `FlowMatching.path_drop = 0.0` and `FlowMatching.masker = None`"
             )
+        # What the optimizer trains and DDP wraps: the model, or the model paired with the REPA projector.
+        self.trained = self.model if self.alignment is None else self.alignment.attach(self.model)
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
+            [p for p in self.trained.parameters() if p.requires_grad],
             lr=self.lr, betas=self.betas, eps=self.adam_eps, weight_decay=self.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._warmup_factor)
         self.step, self.elapsed = 0, 0.0
         self._restore()
         self.ema = copy.deepcopy(self.model).float().eval().requires_grad_(False) if self.ema is None else self.ema
-        self.model.to(acc.device)
+        self.trained.to(acc.device)
         self.ema.to(acc.device)
-        self.ddp_model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        if self.alignment is not None:
+            self.alignment.encoder.to(acc.device)
+        self.ddp_model, self.optimizer = acc.prepare(self.trained, self.optimizer)
         if self.step > 0:
             set_rng_state(self._resumed_rng)
         else:  # each process draws its own noise, masks and drops
@@ -188,6 +200,7 @@ class Trainer:
             load_strict(self.model, read_state_dict(folder / "model.safetensors"), f"checkpoint {folder}/model.safetensors")
             self.ema = copy.deepcopy(self.model).float().eval().requires_grad_(False)
             load_strict(self.ema, read_state_dict(folder / "ema.safetensors"), f"checkpoint {folder}/ema.safetensors")
+            self._restore_projector(folder, resuming=True)
             state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=False)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -199,6 +212,25 @@ class Trainer:
             weights = resolve_weights(self.init_from, "ema.safetensors")
             load_strict(self.model, read_state_dict(weights), f"stage-1 weights {weights}")
             self._log(f"initialised model and EMA from {weights} (fresh optimizer)")
+            self._restore_projector(weights.parent, resuming=False)
+
+    def _restore_projector(self, folder: Path, resuming: bool) -> None:
+        """Load the REPA projector saved in `folder`. Resuming, the file must exist exactly when alignment is on;
+        starting stage 2, it is used when present and alignment is on, else the projector stays fresh."""
+        path = folder / PROJECTOR_FILE
+        if self.alignment is None:
+            if resuming and path.is_file():
+                raise ValueError(f"checkpoint {folder} was trained with REPA alignment ({PROJECTOR_FILE}); "
+                                 "bind Trainer.alignment = @RepaAlignment() to resume it")
+            return
+        if not path.is_file():
+            if resuming:
+                raise FileNotFoundError(f"checkpoint {folder} has no {PROJECTOR_FILE}: it was trained without REPA "
+                                        "alignment, so it cannot be resumed with Trainer.alignment set")
+            self._log(f"no {PROJECTOR_FILE} beside {folder}: the REPA projector starts fresh")
+            return
+        _, projector = split_projector(read_state_dict(path))
+        load_strict(self.alignment.projector, projector, f"REPA projector {path}")
 
     def _write_configs(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -235,6 +267,9 @@ class Trainer:
         if acc.is_main_process:
             save_state_dict(self.model.state_dict(), staging / "model.safetensors")
             save_state_dict(self.ema.state_dict(), staging / "ema.safetensors")
+            if self.alignment is not None:
+                projector = {PROJECTOR_PREFIX + k: v for k, v in self.alignment.projector.state_dict().items()}
+                save_state_dict(projector, staging / PROJECTOR_FILE)
             torch.save(
                 {
                     "optimizer": self.optimizer.state_dict(),
@@ -249,26 +284,41 @@ class Trainer:
         acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ the loop
-    def _train_step(self) -> tuple[float, float, int]:
-        """One optimizer step over grad_accum micro-batches: (loss, grad norm, tokens seen by this process)."""
+    def _alignment_images(self, batch: dict[str, Any]) -> Optional[torch.Tensor]:
+        """The images REPA's encoder reads: the batch's `image`, or in pixel space the batch's `x` itself."""
+        if self.alignment is None:
+            return None
+        if "image" in batch:
+            return batch["image"]
+        if isinstance(self.codec, IdentityCodec):
+            return batch["x"]
+        raise ValueError("REPA alignment needs the images of a latent dataset: set `LatentDataset.with_images = True`")
+
+    def _train_step(self) -> tuple[dict[str, float], float, int]:
+        """One optimizer step over grad_accum micro-batches: (losses, grad norm, tokens seen by this process)."""
         acc, core = self.accelerator, self.model
-        total, tokens = 0.0, 0
+        totals: dict[str, float] = {}
+        tokens = 0
         for micro in range(self.grad_accum):
             batch = next(self.loader)
             x0 = batch["x"].to(acc.device, non_blocking=True)
+            images = self._alignment_images(batch)
             cond = self.conditioning.from_batch(batch, acc.device)
             sync = nullcontext() if micro == self.grad_accum - 1 else acc.no_sync(self.ddp_model)
             with sync, acc.autocast():
-                loss = self.objective.loss(self.ddp_model, x0, cond, core=core) / self.grad_accum
-                acc.backward(loss)
-            total += loss.item()
+                losses = self.objective.losses(self.ddp_model, x0, cond, core=core, alignment=self.alignment,
+                                               images=None if images is None else images.to(acc.device))
+                acc.backward(losses["loss"] / self.grad_accum)
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0.0) + value.item() / self.grad_accum
             tokens += x0.shape[0] * math.prod(core.token_grid(tuple(x0.shape)))
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.grad_clip) if self.grad_clip > 0 else torch.tensor(0.0)
+        grad_norm = (acc.clip_grad_norm_(self.trained.parameters(), self.grad_clip) if self.grad_clip > 0
+                     else torch.tensor(0.0))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         update_ema(self.ema, self.model, self.ema_decay)
-        return total, float(grad_norm), tokens
+        return totals, float(grad_norm), tokens
 
     def _flop_saving(self, input_shape: tuple[int, ...]) -> Optional[float]:
         """Fraction of forward FLOPs SPRINT saves per training step against the same backbone dense."""
@@ -293,21 +343,24 @@ class Trainer:
             return self.run_dir
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not (self.progress and acc.is_main_process),
                    desc=self.run_dir.name, dynamic_ncols=True)
-        window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        window_losses: dict[str, float] = {}
+        window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
         last_saved = -1
         self.model.train()
         while self.step < self.max_steps:
             started = time.perf_counter()
-            loss, grad_norm, tokens = self._train_step()
+            losses, grad_norm, tokens = self._train_step()
             self.step += 1
             self.elapsed += time.perf_counter() - started
-            window_loss, window_steps, window_tokens = window_loss + loss, window_steps + 1, window_tokens + tokens
+            for name, value in losses.items():
+                window_losses[name] = window_losses.get(name, 0.0) + value
+            window_steps, window_tokens = window_steps + 1, window_tokens + tokens
             bar.update(1)
             if self.step % self.log_every == 0 or self.step == self.max_steps:
                 seconds = time.perf_counter() - window_start
                 metrics = {
                     "step": self.step,
-                    "loss": window_loss / window_steps,
+                    **{name: total / window_steps for name, total in window_losses.items()},
                     "grad_norm": grad_norm,
                     "lr": self.scheduler.get_last_lr()[0],
                     "steps_per_s": window_steps / seconds,
@@ -320,7 +373,7 @@ class Trainer:
                     postfix["flops saved"] = f"{100 * saving:.0f}%"
                 bar.set_postfix(postfix)
                 self._record(metrics)
-                window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                window_losses, window_steps, window_tokens, window_start = {}, 0, 0, time.perf_counter()
             if self.preview_every and self.step % self.preview_every == 0 and acc.is_main_process:
                 self.previewer.save(self.ema, self.step)
             if self.step % self.checkpoint_every == 0:

@@ -139,3 +139,40 @@ def test_dense_model_with_token_drop_is_refused():
         Trainer()._setup()
     with pytest.raises(ConfigError):
         parse_gin([STAGE1], ["Trainer.max_steps = = 3"])
+
+
+def test_sampling_resumes_after_a_stop_and_is_class_balanced(tmp_path, monkeypatch):
+    import argparse
+
+    import sprint_mm.generation as generation
+    from sprint_mm.cli import sample_requests
+
+    run = tmp_path / "run"
+    assert train(run, 1) == 0
+    args = ["--run", str(run), "--num", "5", "--batch_size", "2", "--steps", "2", "--guidance", "cfg"]
+    whole = tmp_path / "whole.npz"
+    assert sample_main(args + ["--out", str(whole)]) == 0
+
+    real, calls = generation.generate, []
+
+    def stopping(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a stop in the middle of the second shard
+        return real(*a, **k)
+
+    monkeypatch.setattr(generation, "generate", stopping)
+    resumed = tmp_path / "resumed.npz"
+    with pytest.raises(KeyboardInterrupt):
+        sample_main(args + ["--out", str(resumed)])
+    assert len(list((tmp_path / ".resumed.npz.shards").glob("*.pt"))) == 1
+    calls.clear()
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert sample_main(args + ["--out", str(resumed)]) == 0
+    assert len(calls) == 2  # only the two missing shards were sampled
+    assert np.array_equal(np.load(resumed)["arr_0"], np.load(whole)["arr_0"])
+    assert not (tmp_path / ".resumed.npz.shards").exists()
+
+    request = argparse.Namespace(prompt=[], prompts=None, labels=None, num=50)
+    labels, _ = sample_requests(request, "class", 10)
+    assert np.bincount(labels).tolist() == [5] * 10

@@ -1,0 +1,178 @@
+"""REPA: align a hidden state of the diffusion model with the patch features of a frozen DINOv2 (SPEC section 3).
+
+Where: after `depth` blocks, counted over the backbone's blocks in order (REPA's convention: depth 8 is the output of
+the 8th block). In a SPRINT model a point in the encoder or decoder covers all N tokens; a point in the middle covers
+only the kept tokens of the rows that ran the middle, and the targets are gathered with the same rows and `ids_keep`.
+Rows whose middle was path-dropped never compute that state, so they contribute no alignment term (a batch in which
+every row was path-dropped has a zero alignment loss).
+
+Targets: the encoder sees each image resized to exactly (patch * h, patch * w) pixels, where (h, w) is the diffusion
+model's token grid, so it gives one feature per model token at any resolution and aspect ratio.
+
+Loss: mean over (rows, tokens) of -cos(target, projector(h)); the objective adds `coeff` times it to the flow loss.
+The projector trains with the model; sampling never needs it nor the encoder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import gin
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sprint_mm.backbone import Grid
+from sprint_mm.masking import TokenMask
+from sprint_mm.sprint import Sprint, gather_tokens, middle_rows
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ENCODER_TYPES = ("dinov2", "dinov2_with_registers")
+
+
+def load_dinov2(path: str) -> nn.Module:
+    """A frozen transformers DINOv2 (with or without registers) from a local folder; nothing is downloaded."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no DINOv2 model at {str(folder)!r}: the folder must hold a transformers config.json and its weights "
+            "(e.g. a local copy of facebook/dinov2-base)"
+        )
+    from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    classes = {"dinov2": Dinov2Model, "dinov2_with_registers": Dinov2WithRegistersModel}
+    if config.model_type not in classes:
+        raise ValueError(
+            f"{str(folder)!r} holds a {config.model_type!r} model; REPA alignment takes {', '.join(ENCODER_TYPES)}"
+        )
+    try:
+        encoder = classes[config.model_type].from_pretrained(folder, local_files_only=True)
+    except OSError as err:
+        raise FileNotFoundError(f"cannot load the DINOv2 weights in {str(folder)!r}: {err}") from err
+    return encoder.eval().requires_grad_(False)
+
+
+def build_projector(hidden_size: int, projector_dim: int, feature_dim: int) -> nn.Sequential:
+    """Linear(D, P) - SiLU - Linear(P, P) - SiLU - Linear(P, z): keys 0/2/4 as SPRINT and REPA store them."""
+    projector = nn.Sequential(
+        nn.Linear(hidden_size, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, feature_dim),
+    )
+    for layer in projector:
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    return projector
+
+
+@dataclass
+class AlignedState:
+    """The projected hidden state and the part of the batch it covers."""
+
+    features: torch.Tensor  # (R, M, z)
+    rows: Optional[torch.Tensor] = None  # (R,) batch rows; None = every row
+    ids: Optional[torch.Tensor] = None  # (R, M) token indices of the full grid; None = every token
+
+
+class AlignedModel(nn.Module):
+    """The diffusion model and the projector as one module (what DDP wraps in training, so one graph holds every
+    trained parameter). forward returns the prediction and the projected state after `depth` blocks, or None for the
+    state when no row computed it (every row path-dropped with the point in the middle)."""
+
+    def __init__(self, model: nn.Module, projector: nn.Sequential, depth: int) -> None:
+        super().__init__()
+        self.model = model
+        self.projector = projector
+        self.depth = depth
+        blocks = len(getattr(model, "backbone", model).blocks)
+        self.sparse = isinstance(model, Sprint) and model.encoder_depth < depth <= blocks - model.decoder_depth
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: Any,
+        mask: Optional[TokenMask] = None,
+        skip_middle: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, Optional[AlignedState]]:
+        captured: list[torch.Tensor] = []
+        block = getattr(self.model, "backbone", self.model).blocks[self.depth - 1]
+        handle = block.register_forward_hook(lambda _module, _args, output: captured.append(output))
+        try:
+            pred = self.model(x, t, cond, mask=mask, skip_middle=skip_middle)
+        finally:
+            handle.remove()
+        if not captured:
+            return pred, None
+        state = AlignedState(self.projector(captured[0]))  # (R, M, z)
+        if self.sparse:
+            state.rows = middle_rows(x.shape[0], skip_middle, x.device)
+            state.ids = None if mask is None else mask.ids_keep.to(x.device)[state.rows]
+        return pred, state
+
+
+@gin.configurable
+class RepaAlignment:
+    """A frozen DINOv2 loaded from `encoder_path` and, once `attach`ed to a model, the projector of its hidden state
+    after `depth` blocks to the DINOv2 feature size. `coeff` weighs the alignment loss against the flow loss."""
+
+    def __init__(self, encoder_path: str, depth: int = 8, coeff: float = 0.5, projector_dim: int = 2048) -> None:
+        if depth < 1:
+            raise ValueError(f"RepaAlignment.depth must be >= 1 (the state after that many blocks), got {depth}")
+        if projector_dim < 1:
+            raise ValueError(f"RepaAlignment.projector_dim must be >= 1, got {projector_dim}")
+        self.depth, self.coeff, self.projector_dim = depth, coeff, projector_dim
+        self.encoder = load_dinov2(encoder_path)
+        self.projector: Optional[nn.Sequential] = None
+
+    @property
+    def feature_dim(self) -> int:
+        return self.encoder.config.hidden_size
+
+    def attach(self, model: nn.Module) -> AlignedModel:
+        """Build a fresh projector for `model` (a Sprint or a dense backbone) and pair the two."""
+        backbone = getattr(model, "backbone", model)
+        blocks = len(backbone.blocks)
+        if not 1 <= self.depth <= blocks:
+            raise ValueError(
+                f"RepaAlignment.depth {self.depth} is out of range: the state is taken after `depth` blocks and the "
+                f"model has {blocks}; allowed 1..{blocks}"
+            )
+        self.projector = build_projector(backbone.hidden_size, self.projector_dim, self.feature_dim)
+        return AlignedModel(model, self.projector, self.depth)
+
+    @torch.no_grad()
+    def targets(self, images: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Encoder patch features (B, h * w, z), one per token of the (1, h, w) grid; images (B, 1 or 3, H, W) are
+        uint8 or floats in [-1, 1]."""
+        if grid[0] != 1:
+            raise ValueError(f"REPA alignment is for images; the model's token grid {grid} has {grid[0]} frames")
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"REPA alignment takes images (B, 1 or 3, H, W), got shape {tuple(images.shape)}")
+        pixels = images.float() / 255 if images.dtype == torch.uint8 else (images.float() + 1) / 2  # [0, 1]
+        pixels = pixels.expand(-1, 3, -1, -1)  # grey -> RGB
+        mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
+        patch = self.encoder.config.patch_size
+        size = (patch * grid[1], patch * grid[2])
+        pixels = F.interpolate((pixels - mean) / std, size=size, mode="bicubic", align_corners=False)
+        dtype = next(self.encoder.parameters()).dtype
+        tokens = self.encoder(pixel_values=pixels.to(dtype)).last_hidden_state  # layer-normed: CLS, registers, patches
+        return tokens[:, 1 + getattr(self.encoder.config, "num_register_tokens", 0) :]
+
+    def loss(self, state: Optional[AlignedState], images: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Mean over the covered (rows, tokens) of -cos(target, projected state); zero when no row computed it."""
+        if state is None:
+            return torch.zeros((), device=images.device)
+        targets = self.targets(images.to(state.features.device), grid)  # (B, N, z)
+        if state.rows is not None:
+            targets = targets[state.rows]
+        if state.ids is not None:
+            targets = gather_tokens(targets, state.ids)
+        return -F.cosine_similarity(state.features.float(), targets.float(), dim=-1).mean()
