@@ -74,7 +74,9 @@ def sample_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", type=int, nargs="+", help="class ids (cycled to --num)")
     parser.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     parser.add_argument("--prompts", help="a file with one prompt per line")
-    parser.add_argument("--num", type=int, help="number of samples (default: one per label/prompt, or 16)")
+    parser.add_argument("--num", "--num_samples", dest="num", type=int,
+                        help="number of samples (default: one per label/prompt, or 16); under torchrun or accelerate "
+                             "launch spell it --num_samples")
     parser.add_argument("--guidance", choices=("none", "cfg", "pdg"), default="pdg")
     parser.add_argument("--scale", type=float, default=1.5)
     parser.add_argument("--interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(0.0, 1.0))

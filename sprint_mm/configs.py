@@ -62,7 +62,7 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     gin.add_config_file_search_path(str(GIN_FOLDER.parent))
     gin.add_config_file_search_path(str(GIN_FOLDER))
     try:
-        gin.parse_config_files_and_bindings([resolve_gin_file(f) for f in files], list(bindings))
+        gin.parse_config_files_and_bindings([resolve_gin_file(f) for f in files], list(bindings), finalize_config=False)
     except ConfigError:
         raise
     except Exception as err:  # gin raises ValueError/KeyError/SyntaxError with its own context lines

@@ -151,3 +151,11 @@ def build_codec(kind: str = "identity", **kwargs: Any) -> LatentCodec:
     if kind not in CODECS:
         raise KeyError(f"unknown latent codec {kind!r}; known: {', '.join(sorted(CODECS))}")
     return CODECS[kind](**kwargs)
+
+
+def codec_is_identity() -> bool:
+    """Whether the configured codec is pixel space (the default when `build_codec.kind` is not bound)."""
+    try:
+        return gin.query_parameter("build_codec.kind") == "identity"
+    except ValueError:
+        return True

@@ -22,7 +22,7 @@ from sprint_mm.conditioning import build_conditioning
 from sprint_mm.data.stream import IndexStream
 from sprint_mm.flops import forward_flops
 from sprint_mm.flow import FlowMatching
-from sprint_mm.latents import IdentityCodec, build_codec
+from sprint_mm.latents import build_codec, codec_is_identity
 from sprint_mm.masking import TokenMask
 from sprint_mm.generation import Previewer
 from sprint_mm.repa import RepaAlignment
@@ -139,7 +139,8 @@ class Trainer:
         self.model = build_model()
         self.conditioning = build_conditioning()
         self.conditioning.prepare(self.model)
-        self.codec = build_codec()
+        # Only previews decode during training: a run without previews needs no VAE folder.
+        self.codec = build_codec() if self.preview_every else None
         if self.objective.uses_middle_path and not isinstance(self.model, Sprint):
             raise ValueError(
                 "the objective drops tokens or paths but the model is a dense backbone: "
@@ -290,7 +291,7 @@ class Trainer:
             return None
         if "image" in batch:
             return batch["image"]
-        if isinstance(self.codec, IdentityCodec):
+        if codec_is_identity():
             return batch["x"]
         raise ValueError("REPA alignment needs the images of a latent dataset: set `LatentDataset.with_images = True`")
 

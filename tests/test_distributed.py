@@ -46,7 +46,7 @@ def test_two_process_training_resume_and_sampling(tmp_path):
 
     # Each process samples its share; the result equals a single-process run (one noise stream, ODE sampler).
     shared, single = tmp_path / "two.npz", tmp_path / "one.npz"
-    common = ["--run_dir", str(run), "--num", "5", "--steps", "2", "--guidance", "pdg", "--scale", "2.0", "--solver", "euler"]
+    common = ["--run_dir", str(run), "--num_samples", "5", "--steps", "2", "--guidance", "pdg", "--scale", "2.0", "--solver", "euler"]
     done = torchrun("sample.py", *common, "--out", str(shared))
     assert done.returncode == 0, done.stderr[-3000:]
     assert sample_main([*common, "--out", str(single)]) == 0

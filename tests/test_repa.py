@@ -40,7 +40,8 @@ def encoder_dir(tmp_path_factory) -> str:
 
 def inputs(batch: int = 4, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, 8, 8, generator=g), torch.rand(batch, generator=g), torch.randint(0, 4, (batch,), generator=g)
+    x, t = torch.randn(batch, 3, 8, 8, generator=g), torch.rand(batch, generator=g)
+    return x, t, torch.randint(0, 4, (batch,), generator=g)
 
 
 def model_6_blocks() -> nn.Module:
@@ -99,7 +100,8 @@ def test_dense_backbone_state_and_every_row_path_dropped():
         h = dense.blocks[1](dense.blocks[0](emb.tokens, emb.c, emb.pos), emb.c, emb.pos)
         torch.testing.assert_close(state.features, h)
         # A middle point that no row reached: no state, a zero alignment term.
-        _, state = AlignedModel(model_6_blocks(), nn.Identity(), 2)(x, t, y, skip_middle=torch.ones(4, dtype=torch.bool))
+        everyone = torch.ones(4, dtype=torch.bool)
+        _, state = AlignedModel(model_6_blocks(), nn.Identity(), 2)(x, t, y, skip_middle=everyone)
     assert state is None
 
 
@@ -108,10 +110,10 @@ def test_dense_backbone_state_and_every_row_path_dropped():
 def test_one_target_per_token_at_any_grid(tmp_path, registers):
     alignment = RepaAlignment(save_encoder(tmp_path, registers), depth=1)
     images = torch.randint(0, 256, (2, 3, 37, 23), dtype=torch.uint8)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     for grid in [(1, 4, 6), (1, 5, 3), (1, 7, 7)]:  # non-square; 7x7 is no power-of-two (256 px) equivalent
         targets = alignment.targets(images, grid)
-        pixels = (images.float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        pixels = F.interpolate(pixels, size=(2 * grid[1], 2 * grid[2]), mode="bicubic")
+        pixels = F.interpolate((images.float() / 255 - mean) / std, size=(2 * grid[1], 2 * grid[2]), mode="bicubic")
         expected = alignment.encoder(pixel_values=pixels).last_hidden_state[:, 1 + registers :]
         assert targets.shape == (2, grid[1] * grid[2], 16)
         torch.testing.assert_close(targets, expected)

@@ -1,0 +1,253 @@
+"""Training step time, dense vs SPRINT, on the same SiT backbone and batch, measured in one run.
+
+A step is forward + backward + AdamW step through `FlowMatching.loss`: the dense baseline sees every token; SPRINT
+drops 75% of the tokens (structured mask) in its middle blocks. Path drop is off here so that the measured ratio is
+comparable with the FLOP ratio (in real training 10% of the samples also skip the middle: a little more saving).
+The two variants run interleaved (A B, B A, A B, ...) after warm-up steps, and the medians are compared, so changes in
+machine load hit both. Memory: activation bytes saved for the backward pass (counted exactly on any device, the bulk
+of a training step's memory) and, on CUDA, the peak allocated memory.
+
+    python benchmarks/train_speed.py [--sizes 32:8 64:2] [--device cpu|cuda] [--repeats 5] [--warmup 1]
+
+`--sizes` lists latent side:batch pairs (32 = 256 tokens at patch 2). Defaults are SiT-S/2 (hidden 384, 12 blocks,
+6 heads; SPRINT 2/8/2) with 4 latent channels. Writes benchmarks/results/train_speed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import time
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from digits_classifier import RESULTS, markdown_table, write_result
+from registry import BACKBONES
+from sprint_mm.flops import forward_flops
+from sprint_mm.flow import FlowMatching
+from sprint_mm.masking import TokenMasker
+from sprint_mm.sprint import Sprint
+
+DROP_RATIO = 0.75
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement, shared with guidance_speed.py
+# ----------------------------------------------------------------------------------------------
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """Waits for queued device work before a clock is read (a no-op on the CPU)."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def time_interleaved(
+    variants: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    synchronize: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant: `warmup` untimed rounds, then `repeats` timed rounds alternating the order
+    (A B, B A, A B, ...) so that load changes and order effects hit every variant alike."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        for name in names if round_index % 2 == 0 else reversed(names):
+            synchronize()
+            started = time.perf_counter()
+            variants[name]()
+            synchronize()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def median_seconds(times: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def saved_activation_bytes(run_forward: Callable[[], object], parameters: Iterable[torch.Tensor]) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of `run_forward()` (each storage counted once,
+    parameters excluded): the activation memory of a training step."""
+    parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = run_forward()
+    del output  # frees the graph (and the saved tensors) without a backward pass
+    return sum(kept.values())
+
+
+def peak_cuda_bytes(run: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak allocated CUDA memory during `run()`; None on other devices."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The compared training steps
+# ----------------------------------------------------------------------------------------------
+
+
+def build_pair(
+    latent: int, hidden: int, depth: int, heads: int, encoder: int, decoder: int, channels: int = 4,
+    patch: int = 2, num_classes: int = 1000, seed: int = 0,
+) -> tuple[nn.Module, Sprint]:
+    """The dense SiT and the same weights wrapped in SPRINT (E / depth - E - L / L)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        dense = BACKBONES.build("sit", hidden_size=hidden, depth=depth, num_heads=heads, input_size=latent,
+                                patch_size=patch, in_channels=channels, num_classes=num_classes)
+        sprint = Sprint(copy.deepcopy(dense), encoder_depth=encoder, decoder_depth=decoder)
+    return dense, sprint
+
+
+def objective_for(model: nn.Module) -> FlowMatching:
+    """Dense: every token; SPRINT: 0.75 structured drop. Path drop off (see the module docstring)."""
+    masker = TokenMasker("structured", DROP_RATIO) if isinstance(model, Sprint) else None
+    return FlowMatching(path_drop=0.0, masker=masker)
+
+
+class TrainingStep:
+    """One forward + backward + AdamW step of `model` on a fixed batch."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> None:
+        self.model = model.train()
+        self.objective = objective_for(model)
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        self.x, self.labels = x, labels
+
+    def loss(self) -> torch.Tensor:
+        return self.objective.loss(self.model, self.x, self.labels)
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss().backward()
+        self.optimizer.step()
+
+
+def flop_ratio(dense: nn.Module, sprint: Sprint, x: torch.Tensor) -> float:
+    """Dense forward FLOPs over SPRINT forward FLOPs at the kept-token count of the SPRINT mask."""
+    grid = sprint.token_grid(tuple(x.shape))
+    tokens = math.prod(grid)
+    kept = TokenMasker("structured", DROP_RATIO)(1, grid, generator=torch.Generator()).num_kept
+    return forward_flops(dense.flop_shape(), tokens) / forward_flops(sprint.flop_shape(), tokens, kept)
+
+
+def measure_size(
+    latent: int, batch: int, args: argparse.Namespace, device: torch.device
+) -> dict:
+    """One table row: medians of both steps, the measured and FLOP ratios, and memory."""
+    dense, sprint = build_pair(latent, args.hidden, args.depth, args.heads, args.encoder, args.decoder)
+    dense, sprint = dense.to(device), sprint.to(device)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, 4, latent, latent), generator=generator).to(device)
+    labels = torch.randint(0, 1000, (batch,), generator=generator).to(device)
+    steps = {"dense": TrainingStep(dense, x, labels), "sprint": TrainingStep(sprint, x, labels)}
+    times = time_interleaved(steps, args.repeats, args.warmup, synchronizer(device))
+    medians = median_seconds(times)
+    row = {
+        "latent": latent,
+        "tokens": math.prod(sprint.token_grid(tuple(x.shape))),
+        "batch": batch,
+        "dense_s": medians["dense"],
+        "sprint_s": medians["sprint"],
+        "speedup": medians["dense"] / medians["sprint"],
+        "flop_ratio": flop_ratio(dense, sprint, x),
+        "times": times,
+    }
+    for name, step in steps.items():
+        row[f"{name}_activation_bytes"] = saved_activation_bytes(step.loss, step.model.parameters())
+        row[f"{name}_peak_cuda_bytes"] = peak_cuda_bytes(step, device)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'32:8' -> (latent side 32, batch 8)."""
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"size {text!r} must be LATENT:BATCH with positive integers, e.g. 32:8")
+    return int(parts[0]), int(parts[1])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Training step time: dense SiT vs SPRINT on the same backbone.")
+    parser.add_argument("--sizes", type=parse_size, nargs="+", default=[(32, 8), (64, 2)], help="LATENT:BATCH pairs")
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--depth", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--encoder", type=int, default=2, help="SPRINT dense encoder blocks")
+    parser.add_argument("--decoder", type=int, default=2, help="SPRINT dense decoder blocks")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--out", default=str(RESULTS / "train_speed.json"))
+    return parser.parse_args(argv)
+
+
+def mib(value: Optional[int]) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [measure_size(latent, batch, args, device) for latent, batch in args.sizes]
+    result = {
+        "model": {"backbone": "sit", "hidden": args.hidden, "depth": args.depth, "heads": args.heads, "patch": 2,
+                  "split": [args.encoder, args.depth - args.encoder - args.decoder, args.decoder],
+                  "drop_ratio": DROP_RATIO},
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "rows": rows,
+    }
+    split = "/".join(map(str, result["model"]["split"]))
+    print(f"SiT hidden {args.hidden}, {args.depth} blocks (SPRINT {split}, drop {DROP_RATIO}), {device}, "
+          f"{result['threads']} threads; medians of {args.repeats} interleaved steps after {args.warmup} warm-up")
+    header = ["tokens", "batch", "dense s/step", "SPRINT s/step", "measured speed-up", "FLOP ratio",
+              "dense act. MiB", "SPRINT act. MiB", "dense peak MiB", "SPRINT peak MiB"]
+    print(markdown_table(header, [[r["tokens"], r["batch"], r["dense_s"], r["sprint_s"], r["speedup"], r["flop_ratio"],
+                                   mib(r["dense_activation_bytes"]), mib(r["sprint_activation_bytes"]),
+                                   mib(r["dense_peak_cuda_bytes"]), mib(r["sprint_peak_cuda_bytes"])] for r in rows]))
+    if device.type != "cuda":
+        print("peak memory: CUDA only (on the CPU, 'act. MiB' counts the activations kept for the backward pass)")
+    write_result(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
