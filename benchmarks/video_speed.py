@@ -4,7 +4,8 @@
 
 The defaults fit a CPU: 16 frames x 8 x 8 = 1024 tokens (a (16, 16, 16) 4-channel latent with patch 1x2x2), a
 hidden-128 VideoDiT of 12 blocks split 2/8/2 like VideoDiT-B/2, 0.75 structured drop (2x2x2 groups keep 2). A
-realistic clip (16 x 32 x 32 = 16384 tokens) is too slow for a CPU; its FLOP ratios are reported for reference.
+realistic clip (16 x 32 x 32 = 16384 tokens) is too slow for a CPU; its FLOP ratios are reported for reference, for
+this model and for VideoDiT-B/2.
 The compared variants run interleaved (A, B, A, B, ...) after a warm-up and the medians are reported, so a change of
 machine load hits both. Prints a markdown table and writes benchmarks/results/video_speed.json.
 """
@@ -54,6 +55,15 @@ def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, Sprint]:
         in_channels=CHANNELS, num_classes=NUM_CLASSES,
     )
     return backbone, Sprint(backbone, encoder_depth=args.encoder_depth, decoder_depth=args.decoder_depth)
+
+
+def reference_models() -> tuple[torch.nn.Module, Sprint]:
+    """VideoDiT-B/2 (hidden 768, 12 blocks, E/M/L 2/8/2) on the reference grid, built without memory (costing only)."""
+    input_size = tuple(n * p for n, p in zip(REFERENCE_GRID, PATCH))
+    with torch.device("meta"):
+        backbone = BACKBONES.build("video_dit", size="B", input_size=input_size, patch_size=PATCH,
+                                   in_channels=CHANNELS, num_classes=NUM_CLASSES)
+        return backbone, Sprint(backbone, encoder_depth=2, decoder_depth=2)
 
 
 def training_step(model: torch.nn.Module, objective: FlowMatching, x: torch.Tensor, y: torch.Tensor,
@@ -175,13 +185,14 @@ def run(args: argparse.Namespace) -> dict:
         "flops": {
             "measured_grid": flop_ratios(dense, sprint, masker, grid),
             "reference_grid": flop_ratios(dense, sprint, masker, REFERENCE_GRID),
+            "reference_grid_b2": flop_ratios(*reference_models(), masker, REFERENCE_GRID),
         },
     }
 
 
 def markdown_table(result: dict) -> str:
     train, sample, flops = result["training_step"], result["sampling_step"], result["flops"]
-    measured, reference = flops["measured_grid"], flops["reference_grid"]
+    measured, reference, b2 = flops["measured_grid"], flops["reference_grid"], flops["reference_grid_b2"]
     grid = "x".join(map(str, measured["grid"]))
     ref_grid = "x".join(map(str, reference["grid"]))
     lines = [
@@ -189,13 +200,14 @@ def markdown_table(result: dict) -> str:
         f"{result['setup']['torch_threads']} CPU thread(s); medians of {result['setup']['repeats']} interleaved runs",
         "",
         f"| comparison ({grid} = {measured['tokens']} tokens) | A (s) | B (s) | measured A/B | FLOP A/B | "
-        f"FLOP A/B at {ref_grid} = {reference['tokens']} tokens |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"FLOP A/B at {ref_grid} = {reference['tokens']} tokens | same, VideoDiT-B/2 (2/8/2) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         f"| training step: dense (A) vs SPRINT (B) | {train['dense_s']:.3f} | {train['sprint_s']:.3f} | "
         f"{train['measured_dense_over_sprint']:.2f}x | {measured['dense_over_sprint']:.2f}x | "
-        f"{reference['dense_over_sprint']:.2f}x |",
+        f"{reference['dense_over_sprint']:.2f}x | {b2['dense_over_sprint']:.2f}x |",
         f"| sampling step: PDG (A) vs CFG (B) | {sample['pdg_s']:.3f} | {sample['cfg_s']:.3f} | "
-        f"{sample['measured_pdg_over_cfg']:.3f} | {measured['pdg_over_cfg']:.3f} | {reference['pdg_over_cfg']:.3f} |",
+        f"{sample['measured_pdg_over_cfg']:.3f} | {measured['pdg_over_cfg']:.3f} | {reference['pdg_over_cfg']:.3f} | "
+        f"{b2['pdg_over_cfg']:.3f} |",
     ]
     return "\n".join(lines)
 

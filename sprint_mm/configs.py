@@ -23,6 +23,7 @@ CONFIGURABLE_MODULES = (
     "sprint_mm.generation",
     "sprint_mm.training",
     "sprint_mm.data.digits",
+    "sprint_mm.data.captioned_digits",
     "sprint_mm.data.images",
     "sprint_mm.data.video",
     "sprint_mm.data.captions",

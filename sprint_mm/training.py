@@ -370,7 +370,7 @@ class Trainer:
                 }
                 postfix = {"loss": f"{metrics['loss']:.4f}", "it/s": f"{metrics['steps_per_s']:.2f}",
                            "tok/s": f"{metrics['tokens_per_s']:.0f}"}
-                if saving is not None:
+                if saving is not None and saving > 0:  # stage 2 (no drop) saves nothing
                     postfix["flops saved"] = f"{100 * saving:.0f}%"
                 bar.set_postfix(postfix)
                 self._record(metrics)

