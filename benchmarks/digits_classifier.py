@@ -1,7 +1,7 @@
 """The judge of the digits benchmarks: a small CNN trained here on the real scikit-learn digits.
 
-It trains on the train split of `DigitsDataset` at the resolution and channels of the samples it will judge
-(random rotations, scalings and shifts as augmentation), then `score(samples, labels)` is the fraction of generated
+It trains on the train split of `DigitsDataset` at the resolution and channels of the samples it will judge (every
+image resized to 16 px inside; random rotations, scalings and shifts as augmentation), then `score(samples, labels)` is the fraction of generated
 samples it reads as the class they were asked for. Training is seeded and single-threaded, so the same settings give
 the same judge on any machine (and the run is not slowed by other processes fighting over OpenMP threads).
 
@@ -159,9 +159,9 @@ class DigitsClassifier:
     def _check(self, samples: torch.Tensor) -> torch.Tensor:
         expected = (self.channels, self.resolution, self.resolution)
         if samples.dim() != 4 or tuple(samples.shape[1:]) != expected:
+            hint = f"; train one with resolution={samples.shape[-1]}, channels={samples.shape[1]}" if samples.dim() == 4 else ""
             raise ValueError(
-                f"the classifier judges images (N, {', '.join(map(str, expected))}), got shape {tuple(samples.shape)}; "
-                f"train one with resolution={samples.shape[-1]} and channels={samples.shape[1] if samples.dim() == 4 else '?'}"
+                f"the classifier judges images (N, {', '.join(map(str, expected))}), got shape {tuple(samples.shape)}{hint}"
             )
         return to_working_resolution(samples.detach().float().cpu().clamp(-1, 1))
 
