@@ -217,6 +217,14 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
+def checked_head_dim(dim: int, num_heads: int, backend: str) -> int:
+    """The per-head width, after checking the split and the attention backend."""
+    if dim % num_heads:
+        raise ValueError(f"hidden size {dim} is not divisible by the number of heads {num_heads}")
+    check_attention_backend(backend)
+    return dim // num_heads
+
+
 class RMSNorm(nn.Module):
     """RMSNorm with a learned weight, computed in float32."""
 
@@ -244,12 +252,9 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qk_norm: str = "rmsnorm", backend: str = "sdpa") -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by the number of heads {num_heads}")
-        check_attention_backend(backend)
+        head_dim = checked_head_dim(dim, num_heads, backend)
         self.num_heads = num_heads
         self.backend = backend
-        head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = make_qk_norm(qk_norm, head_dim)
         self.k_norm = make_qk_norm(qk_norm, head_dim)
@@ -368,12 +373,9 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qk_norm: str = "rmsnorm", backend: str = "sdpa") -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by the number of heads {num_heads}")
-        check_attention_backend(backend)
+        head_dim = checked_head_dim(dim, num_heads, backend)
         self.num_heads = num_heads
         self.backend = backend
-        head_dim = dim // num_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.q_norm = make_qk_norm(qk_norm, head_dim)
