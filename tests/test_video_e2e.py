@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import av
+import gin
 import pytest
 import torch
 from PIL import Image
@@ -12,11 +14,13 @@ from safetensors.torch import load_file
 
 from registry import BACKBONES
 from sprint_mm.cli import sample_main, train_main
+from sprint_mm.configs import parse_gin
 from sprint_mm.flow import FlowMatching
 from sprint_mm.masking import TokenMasker
 from sprint_mm.media import image_grid
 from sprint_mm.runs import list_checkpoints
 from sprint_mm.sprint import Sprint
+from sprint_mm.video_demo import run_video_demo, stage_budgets
 from tests.helpers import randomize
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +114,29 @@ def test_video_runs_end_to_end_through_the_command_lines(tmp_path, videos):
         assert animation.size == grid.shape[1::-1]
         # GIF merges identical consecutive frames, so at most FRAMES; a 2-step sampler leaves them distinct.
         assert animation.n_frames == FRAMES
+
+
+def test_video_demo_reuses_existing_videos_and_samples_every_digit(tmp_path, videos):
+    root = tmp_path / "demo"
+    shutil.copytree(videos, root / "videos")
+    before = sorted((root / "videos").rglob("*.mp4"))
+    tiny = [p for p in TINY if not p.startswith("VideoFolderDataset.root")] + ["Trainer.max_steps = 1"]
+    out = run_video_demo(str(root), minutes=0.5, gin_params=tiny, steps=2)
+    assert sorted((root / "videos").rglob("*.mp4")) == before  # present videos are not rewritten
+    assert out == root / "samples_pdg.mp4"
+    assert mp4_frames(out)[0].shape == image_grid(torch.zeros(10, 3, SIZE, SIZE)).shape
+    strip = Image.open(out.with_suffix(".png"))
+    assert strip.size == image_grid(torch.zeros(10 * FRAMES, 3, SIZE, SIZE), nrow=FRAMES).shape[1::-1]
+    parse_gin([str(root / "stage2" / "config.gin")], [])
+    assert gin.query_parameter("Trainer.init_from") == str(root / "stage1")
+
+
+def test_demo_time_budget_is_split_three_to_one():
+    stage1, stage2 = stage_budgets(8.0)
+    assert stage1 == ["Trainer.time_budget_minutes = 6.0"] and stage2 == ["Trainer.time_budget_minutes = 2.0"]
+    assert stage_budgets(None) == ([], [])
+    with pytest.raises(ValueError, match="minutes must be > 0"):
+        stage_budgets(0)
 
 
 def test_mixed_image_and_video_batches_share_one_sprint_model():
