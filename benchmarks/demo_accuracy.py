@@ -1,5 +1,9 @@
 """The digits demo's quality number: how often the judge reads a class-conditional sample as the class asked for.
 
+Works for the image demo and the video demo: a video is read frame by frame (the judge reads the digit-sized window
+with the most ink in every frame), counts as its frames' majority class, and its row also reports the fraction of
+frames read correctly and how often frames agree with their video's majority (temporal consistency).
+
 Loads a trained run, draws `--per-class` samples of every class from one fixed noise batch under each guidance
 (none, CFG, PDG: the same noise for all of them), and scores them with the digits classifier trained in
 digits_classifier.py.
@@ -20,7 +24,14 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from digits_classifier import RESULTS, DigitsClassifier, markdown_table, test_split_accuracy, write_result
+from digits_classifier import (
+    RESULTS,
+    DigitsClassifier,
+    markdown_table,
+    read_videos,
+    test_split_accuracy,
+    write_result,
+)
 from sprint_mm.checkpoints import load_strict, read_state_dict
 from sprint_mm.conditioning import build_conditioning
 from sprint_mm.configs import parse_gin
@@ -29,6 +40,7 @@ from sprint_mm.latents import LatentCodec, build_codec
 from sprint_mm.runs import checkpoint_step, find_checkpoint
 from sprint_mm.sampling import GUIDANCES, SOLVERS, Guidance
 from sprint_mm.sprint import Sprint, build_model
+from sprint_mm.video_demo import DIGIT_FRACTION, load_moving_digits_maker
 
 WEIGHTS = ("ema", "model")
 
@@ -108,11 +120,28 @@ def guided_accuracy(
         samples = generate(run.model, labels, run.codec, noise, steps, solver, guidance, batch_size=batch_size,
                            generator=torch.Generator().manual_seed(seed + 1), progress=progress)
         seconds = time.perf_counter() - started
-        hits = classifier.predict(samples) == labels
+        if samples.dim() == 5:
+            frame_reads = read_videos(classifier, samples)  # (N, T)
+            majority = frame_reads.mode(dim=1).values
+            hits = majority == labels
+            row["frame_accuracy"] = float((frame_reads == labels[:, None]).float().mean())
+            row["frame_agreement"] = float((frame_reads == majority[:, None]).float().mean())
+        else:
+            hits = classifier.predict(samples) == labels
         per_class_accuracy = hits.view(run.num_classes, per_class).float().mean(1)
         rows.append({**row, "accuracy": float(hits.float().mean()), "per_class": per_class_accuracy.tolist(),
                      "samples": len(labels), "seconds": seconds})
     return rows
+
+
+def judge_for(run: LoadedRun, digit_fraction: float = DIGIT_FRACTION) -> DigitsClassifier:
+    """A judge at the resolution of the run's images, or of the digit inside its video frames."""
+    shape = run.model.sample_shape
+    if len(shape) == 4:  # (C, T, H, W): the moving digit covers digit_fraction of the frame side
+        resolution = load_moving_digits_maker().digit_side(min(shape[-2:]), digit_fraction)
+    else:
+        resolution = shape[-1]
+    return DigitsClassifier.train(resolution, shape[0], progress=True)
 
 
 def table_rows(rows: Sequence[dict]) -> list[list]:
@@ -124,11 +153,17 @@ def table_rows(rows: Sequence[dict]) -> list[list]:
             out.append([row["guidance"], scale, row["skipped"], "-", "-"])
             continue
         worst = min(range(len(row["per_class"])), key=row["per_class"].__getitem__)
-        out.append([row["guidance"], scale, row["accuracy"], f"{worst}: {row['per_class'][worst]:.2f}", row["seconds"]])
+        cells = [row["guidance"], scale, row["accuracy"], f"{worst}: {row['per_class'][worst]:.2f}"]
+        if "frame_accuracy" in row:
+            cells += [row["frame_accuracy"], row["frame_agreement"]]
+        out.append([*cells, row["seconds"]])
     return out
 
 
-TABLE_HEADER = ["guidance", "scale", "accuracy", "worst class", "sampling s"]
+def table_header(rows: Sequence[dict]) -> list[str]:
+    video = any("frame_accuracy" in row for row in rows)
+    return ["guidance", "scale", "accuracy", "worst class", *(["frame accuracy", "frame agreement"] * video),
+            "sampling s"]
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -142,15 +177,18 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--solver", choices=SOLVERS, default="euler")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(RESULTS / "demo_accuracy.json"))
+    parser.add_argument("--digit-fraction", type=float, default=DIGIT_FRACTION,
+                        help="video runs: the digit's side / the frame side (the crop the judge reads)")
+    parser.add_argument("--out", help="result JSON (default: benchmarks/results/demo_accuracy.json, "
+                                      "video runs video_demo_accuracy.json)")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     run = load_run(args.run, args.step, args.weights)
-    resolution, channels = run.model.sample_shape[-1], run.model.sample_shape[0]
-    classifier = DigitsClassifier.train(resolution, channels, progress=True)
+    classifier = judge_for(run, args.digit_fraction)
+    video = len(run.model.sample_shape) == 4
     rows = guided_accuracy(run, classifier, guidance_settings(args.guidance, args.scale), args.per_class,
                            args.steps, args.solver, args.seed)
     result = {
@@ -162,13 +200,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "steps": args.steps,
         "solver": args.solver,
         "seed": args.seed,
+        **({"digit_fraction": args.digit_fraction} if video else {}),
         "classifier_test_accuracy": test_split_accuracy(classifier),
         "rows": rows,
     }
     print(f"run {args.run} (step {run.step}, {args.weights} weights), {args.per_class} samples per class, "
           f"{args.solver} {args.steps} steps; judge accuracy on real test digits {result['classifier_test_accuracy']:.3f}")
-    print(markdown_table(TABLE_HEADER, table_rows(rows)))
-    write_result(result, args.out)
+    print(markdown_table(table_header(rows), table_rows(rows)))
+    write_result(result, args.out or RESULTS / ("video_demo_accuracy.json" if video else "demo_accuracy.json"))
     return result
 
 

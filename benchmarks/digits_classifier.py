@@ -180,6 +180,32 @@ class DigitsClassifier:
         return float((self.predict(samples) == labels).float().mean())
 
 
+def digit_crops(videos: torch.Tensor, side: int) -> torch.Tensor:
+    """Videos (N, C, T, H, W) in [-1, 1] -> (N * T, C, side, side), frame-major per video: in every frame the
+    side x side window that holds the most ink (the moving digit of the video demo), for the judge to read."""
+    if videos.dim() != 5:
+        raise ValueError(f"digit_crops takes videos (N, C, T, H, W), got shape {tuple(videos.shape)}")
+    n, channels, frames, height, width = videos.shape
+    if not 1 <= side <= min(height, width):
+        raise ValueError(f"the crop side must be in [1, {min(height, width)}] for {height}x{width} frames, got {side}")
+    images = videos.detach().float().cpu().transpose(1, 2).reshape(n * frames, channels, height, width)
+    ink = F.avg_pool2d(images.mean(1, keepdim=True) + 1, side, stride=1).flatten(1)
+    best = ink.argmax(1)
+    positions_x = width - side + 1
+    offsets = torch.arange(side)
+    rows = (best // positions_x)[:, None] + offsets  # (N*T, side)
+    cols = (best % positions_x)[:, None] + offsets
+    frame = torch.arange(n * frames)[:, None, None, None]
+    channel = torch.arange(channels)[None, :, None, None]
+    return images[frame, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def read_videos(classifier: DigitsClassifier, videos: torch.Tensor) -> torch.Tensor:
+    """(N, T) class ids: the judge's reading of every frame's digit crop (crops at the judge's resolution)."""
+    crops = digit_crops(videos, classifier.resolution)
+    return classifier.predict(crops).view(videos.shape[0], videos.shape[2])
+
+
 def test_split_accuracy(classifier: DigitsClassifier) -> float:
     """Accuracy on the real held-out digits (the test split at the classifier's resolution and channels)."""
     images, labels = digits_tensors("test", classifier.resolution, classifier.channels)

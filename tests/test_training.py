@@ -176,3 +176,36 @@ def test_sampling_resumes_after_a_stop_and_is_class_balanced(tmp_path, monkeypat
     request = argparse.Namespace(prompt=[], prompts=None, labels=None, num=50)
     labels, _ = sample_requests(request, "class", 10)
     assert np.bincount(labels).tolist() == [5] * 10
+
+
+def test_ema_warmup_follows_the_model_early(tmp_path):
+    from sprint_mm.sprint import build_model
+    from sprint_mm.training import ema_decay_at
+
+    assert ema_decay_at(0, 0.9999, warmup=True) == pytest.approx(0.1)
+    ramp = [ema_decay_at(step, 0.99, warmup=True) for step in range(2000)]
+    assert all(a <= b for a, b in zip(ramp, ramp[1:])) and ramp[-1] == 0.99
+    assert ema_decay_at(0, 0.99, warmup=False) == 0.99
+
+    run = tmp_path / "run"
+    assert train(run, 1, "Trainer.ema_decay = 0.9999", "Trainer.ema_warmup = True") == 0
+    parse_gin([str(run / "config.gin")], [])
+    torch.manual_seed(0)  # the trainer's seed: its initial weights
+    initial = build_model().state_dict()
+    model, ema = weights(run, "model"), weights(run, "ema")
+    # adaLN-Zero: after one step only the zero-initialised output layers have moved, which is enough to tell
+    moved = [key for key, value in initial.items() if value.is_floating_point() and not torch.equal(model[key], value)]
+    assert moved
+    for key in moved:
+        torch.testing.assert_close(ema[key], initial[key].lerp(model[key], 0.9))  # decay 0.1 on the first update
+        assert not torch.allclose(ema[key], initial[key].lerp(model[key], 1e-4))  # what no warm-up would give
+
+
+def test_num_threads_sets_torch_threads_and_is_checked(tmp_path):
+    previous = torch.get_num_threads()
+    try:
+        assert train(tmp_path / "run", 1, "Trainer.num_threads = 1") == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+    assert train(tmp_path / "bad", 1, "Trainer.num_threads = 0") == 2

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from sprint_mm.data import video as video_module
 from sprint_mm.data.video import VideoFolderDataset, _resize_and_center_crop, clip_frame_indices
 from sprint_mm.media import save_video
 
@@ -95,8 +96,9 @@ def test_script_writes_balanced_class_folders_of_readable_videos(digits_root):
         assert np.abs(gray - video).max() < 0.25
 
 
-def test_moving_digit_stays_whole_on_the_canvas_and_moves():
-    videos = [video for _, video in make_moving_digits.moving_digit_videos(10, 40, SIZE, seed=1)]
+@pytest.mark.parametrize("digit_fraction", [make_moving_digits.DIGIT_FRACTION, 0.75])
+def test_moving_digit_stays_whole_on_the_canvas_and_moves(digit_fraction):
+    videos = [video for _, video in make_moving_digits.moving_digit_videos(10, 40, SIZE, 1, digit_fraction)]
     grid = np.arange(SIZE, dtype=np.float32)
     speed_limit = make_moving_digits.SPEED_RANGE[1] * SIZE
     for video in videos:
@@ -108,6 +110,14 @@ def test_moving_digit_stays_whole_on_the_canvas_and_moves():
         steps = np.hypot(np.diff(centre_y), np.diff(centre_x))
         assert steps.max() <= speed_limit + 1.5  # rounding to whole pixels adds at most ~1.4 px
         assert np.hypot(centre_y - centre_y[0], centre_x - centre_x[0]).max() > 1.0
+        lit_rows = np.flatnonzero(video[0].max(axis=1) > 0)  # the sprite's extent: its side in pixels
+        assert lit_rows[-1] - lit_rows[0] + 1 <= make_moving_digits.digit_side(SIZE, digit_fraction)
+
+
+@pytest.mark.parametrize("digit_fraction", [0.0, 1.0, 0.95, -0.2])
+def test_digit_fraction_that_leaves_no_room_is_rejected(digit_fraction):
+    with pytest.raises(ValueError, match="digit_fraction"):
+        next(make_moving_digits.moving_digit_videos(1, 4, 16, 0, digit_fraction))
 
 
 def test_script_command_line_is_deterministic(tmp_path):
@@ -191,6 +201,42 @@ def test_clip_length_stride_and_resolution(digits_root, reader):
     looped = _as_model_input(everything[[i % FRAMES for i in range(12)]])
     pooled = torch.nn.functional.avg_pool2d(looped, 2)  # square frames: nothing is cropped
     assert (x - pooled).abs().mean() < 0.05
+
+
+def _count_pyav_reads(monkeypatch) -> list[Path]:
+    """Every path the PyAV reader is asked to decode from now on."""
+    reads: list[Path] = []
+    original = video_module._READERS["pyav"]
+    monkeypatch.setitem(video_module._READERS, "pyav", lambda path, pick: reads.append(path) or original(path, pick))
+    return reads
+
+
+def test_cached_frames_give_the_same_clips_and_decode_each_file_once(digits_root, monkeypatch):
+    options = dict(clip_length=3, frame_stride=2, reader="pyav", fallback_reader=None)
+    plain = VideoFolderDataset(digits_root, **options)
+    cached = VideoFolderDataset(digits_root, cache_frames=True, **options)
+    expected = []
+    for epoch in range(2):
+        torch.manual_seed(epoch)  # the same random clip starts for both datasets
+        expected.append([plain[i]["x"] for i in range(len(plain))])
+    reads = _count_pyav_reads(monkeypatch)
+    for epoch in range(2):
+        torch.manual_seed(epoch)
+        assert all(torch.equal(cached[i]["x"], clip) for i, clip in enumerate(expected[epoch]))
+    assert sorted(reads) == sorted(path for path, _ in cached.samples)  # each file decoded once, in epoch 0
+
+
+def test_cached_frames_still_skip_corrupt_files(corrupt_root, monkeypatch):
+    root, bad = corrupt_root
+    dataset = VideoFolderDataset(root, clip_length=4, reader="pyav", fallback_reader=None, cache_frames=True)
+    reads = _count_pyav_reads(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(2):
+            labels = [dataset[i]["label"] for i in range(len(dataset))]
+    assert labels == _expected_labels(dataset, bad)
+    assert dataset.skipped == bad and len(dataset._frame_cache) == len(dataset) - len(bad)
+    assert len(reads) == len(dataset)  # a corrupt file is tried once, a good one decoded once
 
 
 def test_both_readers_give_the_same_frames(digits_root):

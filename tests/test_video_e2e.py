@@ -21,7 +21,7 @@ from sprint_mm.media import image_grid
 from sprint_mm.runs import list_checkpoints
 from sprint_mm.sprint import Sprint
 from sprint_mm.video_demo import run_video_demo, stage_budgets
-from tests.helpers import randomize
+from tests.helpers import load_script, randomize
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGE1 = "gin/video/moving_digits_stage1.gin"
@@ -129,6 +129,17 @@ def test_video_demo_reuses_existing_videos_and_samples_every_digit(tmp_path, vid
     assert strip.size == image_grid(torch.zeros(10 * FRAMES, 3, SIZE, SIZE), nrow=FRAMES).shape[1::-1]
     parse_gin([str(root / "stage2" / "config.gin")], [])
     assert gin.query_parameter("Trainer.init_from") == str(root / "stage1")
+
+    # The demo's quality script judges video runs frame by frame (a one-epoch judge: only the bookkeeping is tested).
+    demo = load_script("demo_accuracy")
+    run = demo.load_run(root / "stage2")
+    judge = demo.DigitsClassifier.train(resolution=12, channels=3, epochs=1)
+    settings = demo.guidance_settings(["none", "pdg"], [1.0])  # scale 1: the very same samples under both
+    rows = demo.guided_accuracy(run, judge, settings, per_class=1, steps=2, progress=False)
+    assert rows[0]["accuracy"] == rows[1]["accuracy"] and rows[0]["frame_accuracy"] == rows[1]["frame_accuracy"]
+    assert rows[0]["accuracy"] == pytest.approx(sum(rows[0]["per_class"]) / 10)
+    assert 1 / FRAMES <= rows[0]["frame_agreement"] <= 1.0
+    assert "frame agreement" in demo.table_header(rows) and len(demo.table_rows(rows)[0]) == 7
 
 
 def test_demo_time_budget_is_split_three_to_one():

@@ -162,6 +162,11 @@ class CaptionDataset(torch.utils.data.Dataset):
             item.update(cached)
         return item
 
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        """The trainer's DataLoader batches this dataset with `collate_captions`."""
+        return collate_captions(items)
+
     def read_video(self, path: Path) -> torch.Tensor:
         if not path.is_file():
             raise FileNotFoundError(f"video file {str(path)!r} listed in the caption index does not exist")

@@ -234,6 +234,10 @@ class VideoFolderDataset(Dataset):
     (wrapping around), so `len()` still counts every listed file. Inside a DataLoader each worker
     process holds its own copy of the dataset, so `skipped` and the count in the warnings are per
     worker; the main process's `skipped` stays empty.
+
+    `cache_frames` keeps every file's decoded frames in memory after its first read and cuts later clips from
+    them: for small sets of short videos (the moving-digits demo), where decoding would cost as much as the
+    training step. Each DataLoader worker holds its own cache, so it costs the decoded size per worker.
     """
 
     def __init__(
@@ -245,6 +249,7 @@ class VideoFolderDataset(Dataset):
         resolution: int | None = None,
         reader: str = "decord",
         fallback_reader: str | None = "pyav",
+        cache_frames: bool = False,
     ) -> None:
         if clip_length < 1:
             raise ValueError(f"clip_length must be >= 1, got {clip_length}")
@@ -267,6 +272,8 @@ class VideoFolderDataset(Dataset):
         self.random_crop_time = random_crop_time
         self.resolution = resolution
         self.skipped: set[Path] = set()
+        self.cache_frames = cache_frames
+        self._frame_cache: dict[Path, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -274,13 +281,14 @@ class VideoFolderDataset(Dataset):
     def _pick(self, frame_count: int) -> list[int]:
         return clip_frame_indices(frame_count, self.clip_length, self.frame_stride, self.random_crop_time)
 
-    def _decode(self, path: Path) -> np.ndarray:
-        """(T, H, W, 3) uint8 from the first reader that succeeds."""
+    def _decode(self, path: Path, pick: Callable[[int], list[int]], length: int | None) -> np.ndarray:
+        """(T, H, W, 3) uint8 frames at `pick(frame_count)` from the first reader that succeeds; T must be `length`
+        unless that is None."""
         failures = []
         for name in self.readers:
             try:
-                frames = _READERS[name](path, self._pick)
-                if frames.ndim != 4 or frames.shape[0] != self.clip_length or frames.shape[-1] != 3:
+                frames = _READERS[name](path, pick)
+                if frames.ndim != 4 or frames.shape[-1] != 3 or length not in (None, frames.shape[0]):
                     raise ValueError(f"got frames of shape {frames.shape}")
                 return frames
             except ImportError:
@@ -290,8 +298,17 @@ class VideoFolderDataset(Dataset):
                 failures.append(f"{name}: {type(error).__name__}: {reason}")
         raise _UndecodableVideo("; ".join(failures))
 
+    def _clip_frames(self, path: Path) -> np.ndarray:
+        """(clip_length, H, W, 3) uint8: decoded now, or cut from the file's cached frames."""
+        if not self.cache_frames:
+            return self._decode(path, self._pick, self.clip_length)
+        if path not in self._frame_cache:
+            self._frame_cache[path] = self._decode(path, lambda count: list(range(count)), None)
+        frames = self._frame_cache[path]
+        return frames[self._pick(len(frames))]
+
     def _load_clip(self, path: Path) -> torch.Tensor:
-        clip = torch.from_numpy(self._decode(path)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+        clip = torch.from_numpy(self._clip_frames(path)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
         if self.resolution is not None:
             clip = _resize_and_center_crop(clip, self.resolution)
         return (clip / 127.5 - 1.0).clamp(-1.0, 1.0).transpose(0, 1).contiguous()  # (3, T, H, W)
