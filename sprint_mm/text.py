@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 
 import gin
@@ -239,15 +240,26 @@ def unbatch(cond: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     return [{key: cond[key][row] for key in TEXT_KEYS} for row in range(cond["text_mask"].shape[0])]
 
 
+def entry_bytes(entry: dict[str, torch.Tensor]) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in entry.values())
+
+
 class EmbeddingCache:
     """A folder of safetensors files, one per caption (unbatched (L, Dt) tokens and (L,) mask), keyed by caption_key.
 
-    Files are written to a temporary name and renamed, so a stopped run never leaves a half-written entry.
+    Files are written to a temporary name and renamed, so a stopped run never leaves a half-written entry. The most
+    recently used entries, up to `memory_mb` megabytes, are also kept in memory, so a training loop that meets the
+    same captions every epoch does not read their files again.
     """
 
-    def __init__(self, folder: str | os.PathLike, encoder_identity: str) -> None:
+    def __init__(self, folder: str | os.PathLike, encoder_identity: str, memory_mb: float = 256.0) -> None:
+        if memory_mb < 0:
+            raise ValueError(f"memory_mb must be >= 0 (0 keeps nothing in memory), got {memory_mb}")
         self.folder = Path(folder)
         self.encoder_identity = encoder_identity
+        self.memory_bytes = int(memory_mb * 2**20)
+        self._memory: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._held_bytes = 0
         self.hits = 0
         self.misses = 0
 
@@ -260,12 +272,31 @@ class EmbeddingCache:
 
     def get(self, caption: str) -> dict[str, torch.Tensor] | None:
         """The cached condition of `caption`, or None when it is not cached."""
+        if caption in self._memory:
+            self._memory.move_to_end(caption)
+            self.hits += 1
+            return self._memory[caption]
         path = self.path(caption)
         if not path.is_file():
             self.misses += 1
             return None
         self.hits += 1
-        return load_file(path)
+        entry = load_file(path)
+        self._remember(caption, entry)
+        return entry
+
+    def _remember(self, caption: str, entry: dict[str, torch.Tensor]) -> None:
+        """Hold `entry` in memory, dropping the least recently used entries beyond the memory budget."""
+        if caption in self._memory:
+            self._held_bytes -= entry_bytes(self._memory.pop(caption))
+        size = entry_bytes(entry)
+        if size > self.memory_bytes:
+            return
+        self._memory[caption] = entry
+        self._held_bytes += size
+        while self._held_bytes > self.memory_bytes:
+            _, dropped = self._memory.popitem(last=False)
+            self._held_bytes -= entry_bytes(dropped)
 
     def put(self, caption: str, emb: dict[str, torch.Tensor]) -> None:
         """Store the unbatched condition `emb` of `caption`."""
@@ -282,6 +313,7 @@ class EmbeddingCache:
         except BaseException:
             os.unlink(temporary)
             raise
+        self._remember(caption, tensors)
 
     def put_batch(self, captions: list[str], cond: dict[str, torch.Tensor]) -> None:
         """Store each row of the batched condition `cond` under its caption."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sprint_mm import text as text_module
 from sprint_mm.text import (
     EmbeddingCache,
     TextConditioner,
@@ -281,3 +282,29 @@ def test_cache_script_encodes_each_distinct_caption_once_and_resumes(
     script.main(["--index", str(index), "--encoder", str(encoder_folders["t5"]), "--cache", str(cache_dir),
                  "--max-length", str(MAX_LENGTH), "--device", "cpu"])
     assert "encoded 0 captions" in capsys.readouterr().out
+
+
+def test_embedding_cache_keeps_recent_entries_in_memory_within_its_budget(tmp_path, monkeypatch):
+    def entry(seed: int) -> dict[str, torch.Tensor]:  # 16 x 8 float32 tokens + 16 bool mask: 528 bytes
+        g = torch.Generator().manual_seed(seed)
+        return {"text_tokens": torch.randn(16, 8, generator=g), "text_mask": torch.rand(16, generator=g) > 0.5}
+
+    size = text_module.entry_bytes(entry(0))
+    writer = EmbeddingCache(tmp_path, "enc", memory_mb=0)
+    for seed in range(3):
+        writer.put(f"caption {seed}", entry(seed))
+    assert writer.get("caption 0") is not None and not writer._memory  # a budget of 0 keeps nothing
+
+    reads = []
+    original = text_module.load_file
+    monkeypatch.setattr(text_module, "load_file", lambda path: reads.append(path) or original(path))
+    cache = EmbeddingCache(tmp_path, "enc", memory_mb=2.5 * size / 2**20)  # room for two entries
+    for caption in ["caption 0", "caption 1", "caption 0", "caption 1"]:
+        torch.testing.assert_close(cache.get(caption), entry(int(caption[-1])))
+    assert len(reads) == 2  # each file read once
+    cache.get("caption 2")  # evicts the least recently used: caption 0
+    assert list(cache._memory) == ["caption 1", "caption 2"] and cache._held_bytes == 2 * size
+    cache.get("caption 0")
+    assert len(reads) == 4 and cache.hits == 6
+    with pytest.raises(ValueError, match="memory_mb"):
+        EmbeddingCache(tmp_path, "enc", memory_mb=-1)
