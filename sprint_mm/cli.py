@@ -84,6 +84,11 @@ def sample_parser() -> argparse.ArgumentParser:
     parser.add_argument("--solver", choices=("euler", "heun", "sde"), default="euler")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--frames", type=int, help="video runs: frames per sample in the model's input units (latent "
+                                                   "frames for a latent run; default: as trained)")
+    parser.add_argument("--size", type=int, nargs="+", metavar=("H", "W"),
+                        help="spatial size in the model's input units (latent pixels for a latent run; default: as "
+                             "trained); positions extend (RoPE / sin-cos), quality beyond the trained size is untested")
     parser.add_argument("--gin_param", action="append", default=[])
     return parser
 
@@ -105,6 +110,23 @@ def sample_requests(args: argparse.Namespace, kind: str, num_classes: Optional[i
         raise ValueError("this run is text-conditional: give --prompt TEXT (repeatable) or --prompts FILE")
     num = args.num or len(prompts)
     return [], [prompts[i % len(prompts)] for i in range(num)]
+
+
+def requested_sample_shape(model: torch.nn.Module, frames: Optional[int], size: Optional[Sequence[int]]) -> tuple[int, ...]:
+    """The model's trained sample shape (C, [T,] H, W) with --frames / --size applied, checked against its patch."""
+    shape = list(model.sample_shape)
+    if frames is not None:
+        if len(shape) != 4:
+            raise ValueError(f"--frames {frames} needs a video run; this run samples images of shape {tuple(shape)}")
+        if frames < 1:
+            raise ValueError(f"--frames must be >= 1, got {frames}")
+        shape[1] = frames
+    if size is not None:
+        if len(size) not in (1, 2) or min(size) < 1:
+            raise ValueError(f"--size takes H or H W, positive, got {' '.join(map(str, size))}")
+        shape[-2:] = [size[0], size[-1]]
+    model.token_grid((1, *shape))  # a size the patch does not divide is refused here, naming the patch
+    return tuple(shape)
 
 
 def sample_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -147,8 +169,11 @@ def write_samples(args: argparse.Namespace) -> Path:
     total = len(labels or prompts)
     out = Path(args.out or run / "samples" / f"samples_{args.guidance}.png")
     check_output_suffix(out, is_video=len(model.sample_shape) == 4)
+    shape = requested_sample_shape(model, args.frames, args.size)
+    if shape != tuple(model.sample_shape):
+        print(f"[sprint_mm] sampling at {shape}; the model was trained at {tuple(model.sample_shape)}")
     shards = out.with_name(f".{out.name}.shards")
-    settings = f"{checkpoint.name}/{args.weights} {args.guidance} {args.scale} {tuple(args.interval)} {args.solver} {args.steps} seed {args.seed} n {total} bs {args.batch_size} {args.gin_param}"
+    settings = f"{checkpoint.name}/{args.weights} {args.guidance} {args.scale} {tuple(args.interval)} {args.solver} {args.steps} seed {args.seed} n {total} bs {args.batch_size} {args.gin_param} shape {shape}"
     if accelerator.is_main_process:
         prepare_shard_folder(shards, settings)
     accelerator.wait_for_everyone()
@@ -157,7 +182,7 @@ def write_samples(args: argparse.Namespace) -> Path:
             if not (shards / f"{s:06d}.pt").is_file()]
     for s in tqdm(mine, desc="shards", disable=not accelerator.is_main_process or len(mine) < 2):
         rows = list(range(s * args.batch_size, min((s + 1) * args.batch_size, total)))
-        noise = torch.randn((len(rows), *model.sample_shape), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + s))
+        noise = torch.randn((len(rows), *shape), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + s))
         cond = conditioning.from_request([labels[i] for i in rows] if labels else None,
                                          [prompts[i] for i in rows] if prompts else None, device)
         samples = generate(model, cond, codec, noise.to(device), args.steps, args.solver, guidance,

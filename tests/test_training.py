@@ -109,6 +109,10 @@ def test_sample_command_writes_png_and_npz(tmp_path):
     assert sample_main(["--run", str(run), "--step", "2", "--out", str(again), "--num", "5", "--steps", "2",
                         "--guidance", "cfg", "--solver", "heun", "--interval", "0.1", "0.9"]) == 0
     assert np.array_equal(np.load(again)["arr_0"], arr)
+    # Another size than trained: positions extend; the sample shape follows --size (H W).
+    wide = tmp_path / "wide.npz"
+    assert sample_main(["--run", str(run), "--out", str(wide), "--num", "2", "--steps", "2", "--size", "12", "16"]) == 0
+    assert np.load(wide)["arr_0"].shape == (2, 12, 16, 3)
 
 
 def test_clear_errors(tmp_path, capsys):
@@ -126,6 +130,10 @@ def test_clear_errors(tmp_path, capsys):
     assert "allowed: .png, .npz" in capsys.readouterr().err
     assert sample_main(["--run", str(run), "--prompt", "a seven"]) == 2
     assert "class-conditional" in capsys.readouterr().err
+    assert sample_main(["--run", str(run), "--size", "10"]) == 2
+    assert "(10, 10) is not divisible by the patch size (4, 4)" in capsys.readouterr().err
+    assert sample_main(["--run", str(run), "--frames", "4"]) == 2
+    assert "needs a video run" in capsys.readouterr().err
     # A checkpoint of another shape is refused by the sampler too.
     assert sample_main(["--run", str(run), "--gin_param", "sit.hidden_size = 64"]) == 2
     assert "shape mismatches" in capsys.readouterr().err

@@ -109,6 +109,10 @@ def test_video_runs_end_to_end_through_the_command_lines(tmp_path, videos):
     assert frames[0].shape == grid.shape
     strip = Image.open(mp4.with_suffix(".png"))
     assert strip.size == image_grid(torch.zeros(2 * FRAMES, 3, SIZE, SIZE), nrow=FRAMES).shape[1::-1]
+    longer = tmp_path / "longer.mp4"  # twice the trained frame count: 3D RoPE extends in time
+    assert sample_main([*common, "--frames", str(2 * FRAMES), "--out", str(longer)]) == 0
+    assert len(mp4_frames(longer)) == 2 * FRAMES
+    assert sample_main([*common, "--frames", "3", "--out", str(longer)]) == 2  # the temporal patch is 2
     assert sample_main([*common, "--out", str(gif)]) == 0
     with Image.open(gif) as animation:
         assert animation.size == grid.shape[1::-1]
