@@ -177,6 +177,9 @@ def measure_size(
     for name, step in steps.items():
         row[f"{name}_activation_bytes"] = saved_activation_bytes(step.loss, step.model.parameters())
         row[f"{name}_peak_cuda_bytes"] = peak_cuda_bytes(step, device)
+    for name, step in steps.items():  # with activation checkpointing (build_model.gradient_checkpointing = True)
+        getattr(step.model, "backbone", step.model).gradient_checkpointing = True
+        row[f"{name}_checkpointed_activation_bytes"] = saved_activation_bytes(step.loss, step.model.parameters())
     return row
 
 
@@ -239,9 +242,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"SiT hidden {args.hidden}, {args.depth} blocks (SPRINT {split}, drop {DROP_RATIO}), {device}, "
           f"{result['threads']} threads; medians of {args.repeats} interleaved steps after {args.warmup} warm-up")
     header = ["tokens", "batch", "dense s/step", "SPRINT s/step", "measured speed-up", "FLOP ratio",
-              "dense act. MiB", "SPRINT act. MiB", "dense peak MiB", "SPRINT peak MiB"]
+              "dense act. MiB", "SPRINT act. MiB", "checkpointed: dense / SPRINT act. MiB", "dense peak MiB",
+              "SPRINT peak MiB"]
     print(markdown_table(header, [[r["tokens"], r["batch"], r["dense_s"], r["sprint_s"], r["speedup"], r["flop_ratio"],
                                    mib(r["dense_activation_bytes"]), mib(r["sprint_activation_bytes"]),
+                                   f"{mib(r['dense_checkpointed_activation_bytes'])} / "
+                                   f"{mib(r['sprint_checkpointed_activation_bytes'])}",
                                    mib(r["dense_peak_cuda_bytes"]), mib(r["sprint_peak_cuda_bytes"])] for r in rows]))
     if device.type != "cuda":
         print("peak memory: CUDA only (on the CPU, 'act. MiB' counts the activations kept for the backward pass)")

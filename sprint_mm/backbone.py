@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from sprint_mm.flops import TransformerShape
 
@@ -32,6 +33,7 @@ class Backbone(nn.Module):
 
     hidden_size: int
     blocks: nn.ModuleList
+    gradient_checkpointing: bool = False  # set by build_model; read by the dense forward and by Sprint
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> Embedded:
         raise NotImplementedError
@@ -75,10 +77,27 @@ class Backbone(nn.Module):
                 "(no middle path); wrap it in sprint_mm.sprint.Sprint for token drop, path drop or PDG"
             )
         emb = self.embed(x, t, cond)
-        h = emb.tokens
-        for block in self.blocks:
-            h = block(h, emb.c, emb.pos, emb.context)
+        h = run_blocks(self.blocks, emb.tokens, emb.c, emb.pos, emb.context, self.gradient_checkpointing)
         return self.unembed(h, emb.c, emb.grid)
+
+
+def run_blocks(
+    blocks: Sequence[nn.Module],
+    h: torch.Tensor,
+    c: torch.Tensor,
+    pos: Optional[tuple[torch.Tensor, ...]],
+    context: Any,
+    checkpointing: bool = False,
+) -> torch.Tensor:
+    """Apply `blocks` in order. With `checkpointing`, while gradients are recorded, each block keeps only its inputs
+    and recomputes its activations in the backward pass: activation memory of one block instead of all, for about
+    one more forward pass of compute."""
+    for block in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            h = checkpoint(block, h, c, pos, context, use_reentrant=False)
+        else:
+            h = block(h, c, pos, context)
+    return h
 
 
 def batch_size_of(cond: Any) -> int:

@@ -11,7 +11,7 @@ import gin
 import torch
 from torch import nn
 
-from sprint_mm.backbone import Backbone, Embedded, Grid, select_rows
+from sprint_mm.backbone import Backbone, Embedded, Grid, run_blocks, select_rows
 from sprint_mm.flops import TransformerShape
 from sprint_mm.masking import TokenMask
 
@@ -117,14 +117,11 @@ class Sprint(nn.Module):
                 f"token mask is for batch {mask.ids_keep.shape[0]} x {mask.num_tokens} tokens, "
                 f"but the input has batch {b} x {n} tokens (grid {emb.grid})"
             )
-        h = emb.tokens
-        for block in self.encoder_blocks:
-            h = block(h, emb.c, emb.pos, emb.context)
-        dense = h  # (B, N, D)
+        recompute = self.backbone.gradient_checkpointing
+        dense = run_blocks(self.encoder_blocks, emb.tokens, emb.c, emb.pos, emb.context, recompute)  # (B, N, D)
         sparse = self._middle(dense, emb, mask, skip_middle)  # (B, N, D)
         h = sparse if self.fusion is None else self.fusion(torch.cat([sparse, dense], dim=-1))
-        for block in self.decoder_blocks:
-            h = block(h, emb.c, emb.pos, emb.context)
+        h = run_blocks(self.decoder_blocks, h, emb.c, emb.pos, emb.context, recompute)
         return self.backbone.unembed(h, emb.c, emb.grid)
 
     def _middle(
@@ -146,8 +143,7 @@ class Sprint(nn.Module):
             h = gather_tokens(h, ids_keep)  # (b_run, M, D)
             if pos is not None:
                 pos = tuple(gather_tokens(p, ids_keep) for p in pos)  # each kept token keeps its true position
-        for block in self.middle_blocks:
-            h = block(h, c, pos, context)
+        h = run_blocks(self.middle_blocks, h, c, pos, context, self.backbone.gradient_checkpointing)
         if ids_keep is not None:
             restored = canvas[: rows.numel()].scatter(1, ids_keep[..., None].expand(-1, -1, d), h)  # (b_run, N, D)
         else:
@@ -158,9 +154,13 @@ class Sprint(nn.Module):
 
 
 @gin.configurable
-def build_model(backbone: str = "sit", sprint: bool = True) -> nn.Module:
-    """The backbone named in the registry, wrapped in `Sprint` (or alone: the dense baseline)."""
+def build_model(backbone: str = "sit", sprint: bool = True, gradient_checkpointing: bool = False) -> nn.Module:
+    """The backbone named in the registry, wrapped in `Sprint` (or alone: the dense baseline).
+
+    `gradient_checkpointing` recomputes each block's activations in the backward pass instead of keeping them.
+    """
     from registry import BACKBONES  # the registry imports the backbones, which import this package
 
     model = BACKBONES.build(backbone)
+    model.gradient_checkpointing = gradient_checkpointing
     return Sprint(model) if sprint else model

@@ -138,6 +138,15 @@ def test_sprint_training_step_keeps_fewer_activations_and_costs_fewer_flops():
     assert speed.flop_ratio(dense, sprint, x) > 1.5  # 4 of 6 blocks on a quarter of the tokens
 
 
+def test_train_speed_row_reports_timings_and_checkpointed_memory():
+    speed = load_script("train_speed")
+    args = speed.parse_args(["--hidden", "32", "--depth", "6", "--heads", "2", "--repeats", "1", "--warmup", "0"])
+    row = speed.measure_size(8, 2, args, torch.device("cpu"))
+    assert row["tokens"] == 16 and row["dense_s"] > 0 and row["sprint_s"] > 0
+    for name in ("dense", "sprint"):
+        assert 0 < row[f"{name}_checkpointed_activation_bytes"] < row[f"{name}_activation_bytes"]
+
+
 # ----------------------------------------------------------------------------------------------
 # guidance_speed.py
 # ----------------------------------------------------------------------------------------------
