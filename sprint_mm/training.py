@@ -37,13 +37,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-@torch.no_grad()
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     """The EMA decay of update number `step` (0-based). With warm-up it is min(decay, (1 + step) / (10 + step)), so a
     short run's EMA follows the model early instead of holding its random initial weights."""
     return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
 
 
+@torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
     for e, p in zip(ema.parameters(), model.parameters()):
