@@ -313,7 +313,8 @@ class EmbeddingCache:
         except BaseException:
             os.unlink(temporary)
             raise
-        self._remember(caption, tensors)
+        # A copy: `tensors` may be a view of the caller's batch, which would stay alive and miscount the budget.
+        self._remember(caption, {key: tensor.clone() for key, tensor in tensors.items()})
 
     def put_batch(self, captions: list[str], cond: dict[str, torch.Tensor]) -> None:
         """Store each row of the batched condition `cond` under its caption."""
