@@ -6,18 +6,16 @@ The defaults fit a CPU: 16 frames x 8 x 8 = 1024 tokens (a (16, 16, 16) 4-channe
 hidden-128 VideoDiT of 12 blocks split 2/8/2 like VideoDiT-B/2, 0.75 structured drop (2x2x2 groups keep 2). A
 realistic clip (16 x 32 x 32 = 16384 tokens) is too slow for a CPU; its FLOP ratios are reported for reference, for
 this model and for VideoDiT-B/2.
-The compared variants run interleaved (A, B, A, B, ...) after a warm-up and the medians are reported, so a change of
-machine load hits both. Prints a markdown table and writes benchmarks/results/video_speed.json.
+The compared variants run interleaved (A B, B A, A B, ...: train_speed.time_interleaved) after a warm-up and the
+medians are reported, so a change of machine load hits both. Prints a markdown table and writes
+benchmarks/results/video_speed.json.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -33,6 +31,8 @@ from sprint_mm.flow import FlowMatching  # noqa: E402
 from sprint_mm.masking import TokenMasker  # noqa: E402
 from sprint_mm.sampling import Guidance, guided_velocity  # noqa: E402
 from sprint_mm.sprint import Sprint  # noqa: E402
+from digits_classifier import write_result  # noqa: E402
+from train_speed import median_seconds, time_interleaved  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "video_speed.json"
 PATCH = (1, 2, 2)
@@ -89,18 +89,6 @@ def sampling_step(model: Sprint, x: torch.Tensor, y: torch.Tensor, kind: str) ->
     return step
 
 
-def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each step, the steps run in turn (A, B, A, B, ...) after `warmup` rounds."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for round_index in range(warmup + repeats):
-        for name, step in steps.items():
-            started = time.perf_counter()
-            step()
-            if round_index >= warmup:
-                times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # FLOP ratios
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,19 +131,19 @@ def run(args: argparse.Namespace) -> dict:
     # Path drop off for both, so every SPRINT step runs its middle blocks (the cost a step is charged on average).
     dense_objective = FlowMatching(label_dropout=0.0, path_drop=0.0, masker=None)
     sprint_objective = FlowMatching(label_dropout=0.0, path_drop=0.0, masker=masker)
-    train_times = interleaved_medians(
+    train_times = median_seconds(time_interleaved(
         {
             "dense": training_step(dense, dense_objective, x, y, torch.optim.AdamW(dense.parameters(), lr=1e-4)),
             "sprint": training_step(sprint, sprint_objective, x, y,
                                     torch.optim.AdamW([p for p in sprint.parameters() if p.requires_grad], lr=1e-4)),
         },
         args.repeats, args.warmup,
-    )
+    ))
     sprint.eval()
-    sample_times = interleaved_medians(
+    sample_times = median_seconds(time_interleaved(
         {"cfg": sampling_step(sprint, x, y, "cfg"), "pdg": sampling_step(sprint, x, y, "pdg")},
         args.repeats, args.warmup,
-    )
+    ))
     return {
         "setup": {
             "device": "cpu",
@@ -236,9 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     result = run(args)
     print(markdown_table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_result(result, args.out)}")
     return result
 
 
