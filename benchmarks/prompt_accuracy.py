@@ -10,12 +10,10 @@ benchmarks/results/prompt_accuracy.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from types import ModuleType
 from typing import Optional, Sequence
 
 import numpy as np
@@ -26,24 +24,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing sprint_mm
     sys.path.insert(0, str(REPO_ROOT))
 
+import digits_classifier as judges  # noqa: E402  (a sibling script: benchmarks/ is on sys.path when it runs)
 from sprint_mm.cli import sample_main  # noqa: E402
 from sprint_mm.data.captioned_digits import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, prompts_for  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "prompt_accuracy.json"
-JUDGE = REPO_ROOT / "benchmarks" / "digits_classifier.py"
 GUIDANCES = ("none", "cfg", "pdg")
 HEADERS = {"none": "unguided", "cfg": "CFG", "pdg": "PDG"}
 TARGET = 0.70  # PDG accuracy over all prompts, held-out phrasings included
-
-
-def load_judge_module() -> ModuleType:
-    """benchmarks/digits_classifier.py (the shared digits judge), imported by path: benchmarks/ is no package."""
-    spec = importlib.util.spec_from_file_location("digits_classifier", JUDGE)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"the digits judge {str(JUDGE)!r} is missing")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,8 +67,8 @@ def summarise(correct: dict[tuple[str, str], list[bool]]) -> list[dict]:
     return rows
 
 
-def prompt_accuracy(run: str, per_prompt: int, scale: float, steps: int, seed: int, judges: ModuleType) -> dict:
-    """Sample every phrasing for every digit with each guidance, judge the samples with `judges`' classifier."""
+def prompt_accuracy(run: str, per_prompt: int, scale: float, steps: int, seed: int) -> dict:
+    """Sample every phrasing for every digit with each guidance, judge the samples with the digits classifier."""
     templates = TRAIN_TEMPLATES + HELD_OUT_TEMPLATES
     prompt_digits = prompts_for(templates)  # template by template, digits 0..9
     prompts = list(prompt_digits)
@@ -113,8 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parser.parse_args(argv)
     if args.per_prompt < 1:
         raise ValueError(f"--per_prompt must be >= 1, got {args.per_prompt}")
-    judges = load_judge_module()
-    result = prompt_accuracy(args.run, args.per_prompt, args.scale, args.steps, args.seed, judges)
+    result = prompt_accuracy(args.run, args.per_prompt, args.scale, args.steps, args.seed)
     header = ["prompts", "phrasing", *(HEADERS[g] for g in GUIDANCES)]
     cells = [[row["prompts"], row["phrasing"], *(f"{100 * row[g]:.1f}%" for g in GUIDANCES)] for row in result["rows"]]
     table = judges.markdown_table(header, cells)
