@@ -20,22 +20,11 @@ from torch.utils.data import DataLoader
 from sprint_mm.data import video as video_module
 from sprint_mm.data.video import VideoFolderDataset, _resize_and_center_crop, clip_frame_indices
 from sprint_mm.media import save_video
+from sprint_mm.video_demo import load_moving_digits_maker
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_VIDEOS, FRAMES, SIZE, SEED = 6, 8, 32, 7
 LEVEL = 2.0 / 255.0  # one uint8 step in [-1, 1] units
-
-
-def _load_script():
-    """datasets/ is not a package: load the script from its path."""
-    path = REPO_ROOT / "datasets" / "make_moving_digits.py"
-    spec = importlib.util.spec_from_file_location("make_moving_digits", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_moving_digits = _load_script()
+make_moving_digits = load_moving_digits_maker()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The video path end to end through the command lines: real mp4s (one corrupt), stage 1, stage 2, .mp4/.gif samples."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -20,10 +19,9 @@ from sprint_mm.masking import TokenMasker
 from sprint_mm.media import image_grid
 from sprint_mm.runs import list_checkpoints
 from sprint_mm.sprint import Sprint
-from sprint_mm.video_demo import run_video_demo, stage_budgets
+from sprint_mm.video_demo import load_moving_digits_maker, run_video_demo, stage_budgets
 from tests.helpers import load_script, randomize
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGE1 = "gin/video/moving_digits_stage1.gin"
 STAGE2 = "gin/video/moving_digits_stage2.gin"
 FRAMES, SIZE, NUM_VIDEOS = 4, 16, 6
@@ -45,18 +43,11 @@ TINY = [
 ]
 
 
-def load_maker():
-    spec = importlib.util.spec_from_file_location("make_moving_digits", REPO_ROOT / "datasets" / "make_moving_digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory) -> Path:
     """Six moving-digit mp4s (digits 0..5, one per class folder) plus one corrupt file in class 0."""
     folder = tmp_path_factory.mktemp("moving_digits")
-    load_maker().write_moving_digits(folder, NUM_VIDEOS, frames=FRAMES, size=SIZE, seed=3)
+    load_moving_digits_maker().write_moving_digits(folder, NUM_VIDEOS, frames=FRAMES, size=SIZE, seed=3)
     (folder / "0" / "zz_corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 4)
     return folder
 
