@@ -51,12 +51,26 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def train_two_stages(
+    stage_files: Sequence[str],
+    run_root: str | Path,
+    shared: Sequence[str] = (),
+    per_stage: tuple[Sequence[str], Sequence[str]] = ((), ()),
+) -> str:
+    """Stage 1 into RUN_ROOT/stage1, then stage 2 into RUN_ROOT/stage2 from stage 1's EMA: the demos' two runs.
+
+    `shared` bindings apply to both stages, `per_stage` to each; returns the stage-2 run folder.
+    """
+    stage1, stage2 = str(Path(run_root) / "stage1"), str(Path(run_root) / "stage2")
+    run_training([stage_files[0]], [f"Trainer.run_dir = {stage1!r}", *per_stage[0], *shared])
+    run_training([stage_files[1]], [f"Trainer.run_dir = {stage2!r}", f"Trainer.init_from = {stage1!r}",
+                                    *per_stage[1], *shared])
+    return stage2
+
+
 def run_demo(run_root: str = DEMO_RUN) -> Path:
     """Stage 1 (0.75 structured drop), stage 2 (full tokens) from stage 1, then class-conditional PDG samples."""
-    stage1 = f"{run_root}/stage1"
-    stage2 = f"{run_root}/stage2"
-    run_training([DEMO_STAGES[0]], [f"Trainer.run_dir = {stage1!r}"])
-    run_training([DEMO_STAGES[1]], [f"Trainer.run_dir = {stage2!r}", f"Trainer.init_from = {stage1!r}"])
+    stage2 = train_two_stages(DEMO_STAGES, run_root)
     out = Path(run_root) / "samples_pdg.png"
     labels = [str(i % 10) for i in range(50)]
     sample_main(["--run", stage2, "--out", str(out), "--guidance", "pdg", "--labels", *labels])

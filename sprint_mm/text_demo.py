@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from sprint_mm.cli import run_training, sample_main
+from sprint_mm.cli import sample_main, train_two_stages
 from sprint_mm.configs import ConfigError
 from sprint_mm.data.captioned_digits import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, prompts_for
 
@@ -40,10 +40,7 @@ def run_text_demo(
     run_root: str = TEXT_RUN, gin_params: Sequence[str] = (), scale: float = DEFAULT_SCALE, steps: int = 50
 ) -> dict[str, Path]:
     """Train stage 1 and stage 2, then write one CFG and one PDG grid of demo_prompts(); returns {guidance: png}."""
-    stage1, stage2 = str(Path(run_root) / "stage1"), str(Path(run_root) / "stage2")
-    shared = stage_params(run_root) + list(gin_params)
-    run_training([TEXT_STAGES[0]], [f"Trainer.run_dir = {stage1!r}", *shared])
-    run_training([TEXT_STAGES[1]], [f"Trainer.run_dir = {stage2!r}", f"Trainer.init_from = {stage1!r}", *shared])
+    stage2 = train_two_stages(TEXT_STAGES, run_root, stage_params(run_root) + list(gin_params))
     prompts = Path(run_root) / "prompts.txt"
     prompts.write_text("\n".join(demo_prompts()) + "\n")
     grids = {}

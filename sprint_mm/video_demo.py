@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional, Sequence
 
-from sprint_mm.cli import run_training, sample_main
+from sprint_mm.cli import sample_main, train_two_stages
 from sprint_mm.configs import ConfigError
 
 VIDEO_STAGES = ("gin/video/moving_digits_stage1.gin", "gin/video/moving_digits_stage2.gin")
@@ -67,12 +67,8 @@ def run_video_demo(
     """
     folder = Path(root)
     videos = ensure_videos(folder / "videos")
-    stage1, stage2 = str(folder / "stage1"), str(folder / "stage2")
-    budget1, budget2 = stage_budgets(minutes)
     shared = [f"VideoFolderDataset.root = {str(videos)!r}", *gin_params]
-    run_training([VIDEO_STAGES[0]], [f"Trainer.run_dir = {stage1!r}", *budget1, *shared])
-    run_training([VIDEO_STAGES[1]], [f"Trainer.run_dir = {stage2!r}", f"Trainer.init_from = {stage1!r}",
-                                     *budget2, *shared])
+    stage2 = train_two_stages(VIDEO_STAGES, folder, shared, stage_budgets(minutes))
     out = folder / "samples_pdg.mp4"
     argv = ["--run", stage2, "--out", str(out), "--guidance", "pdg", "--scale", str(scale), "--steps", str(steps),
             "--labels", *map(str, range(10))]
