@@ -23,7 +23,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from sprint_mm.data.captions import read_caption_index  # noqa: E402
-from sprint_mm.text import DTYPES, EmbeddingCache, TextEncoder  # noqa: E402
+from sprint_mm.dtypes import DTYPES  # noqa: E402
+from sprint_mm.text import EmbeddingCache, TextEncoder  # noqa: E402
 
 
 def cache_captions(index: str | Path, encoder: TextEncoder, cache_dir: str | Path, batch_size: int = 64) -> int:

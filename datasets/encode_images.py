@@ -37,6 +37,7 @@ from sprint_mm.data.latents import (  # noqa: E402
     image_member,
     latent_member,
 )
+from sprint_mm.data.transforms import resize_center_crop  # noqa: E402
 from sprint_mm.latents import VAECodec  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -88,11 +89,8 @@ def center_crop_adm(image: Image.Image, resolution: int) -> np.ndarray:
     image = image.convert("RGB")
     while min(image.size) >= 2 * resolution:
         image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
-    factor = resolution / min(image.size)
-    image = image.resize(tuple(round(side * factor) for side in image.size), resample=Image.BICUBIC)
-    pixels = np.asarray(image)
-    top, left = (pixels.shape[0] - resolution) // 2, (pixels.shape[1] - resolution) // 2
-    return pixels[top : top + resolution, left : left + resolution]
+    rgb = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
+    return resize_center_crop(rgb, resolution, Image.Resampling.BICUBIC).permute(1, 2, 0).numpy()
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:

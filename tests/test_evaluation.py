@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from sprint_mm import evaluation
 from sprint_mm.evaluation import (
     DinoV2Extractor,
     FeatureAccumulator,
@@ -23,6 +22,7 @@ from sprint_mm.evaluation import (
     VideoExtractor,
     build_extractor,
     evaluate,
+    frechet,
     frechet_distance,
     load_samples,
     open_samples,
@@ -149,19 +149,19 @@ def test_singular_product_is_retried_with_an_offset(monkeypatch):
         calls.append(matrix)
         return np.full_like(matrix, np.nan) if len(calls) == 1 else real_sqrtm(matrix)
 
-    monkeypatch.setattr(evaluation.scipy.linalg, "sqrtm", failing_once)
+    monkeypatch.setattr(frechet.scipy.linalg, "sqrtm", failing_once)
     rng = np.random.default_rng(4)
     s1, s2 = np.diag(rng.uniform(0.5, 1.0, 5)), np.diag(rng.uniform(0.5, 1.0, 5))
     with pytest.warns(RuntimeWarning, match="retrying"):
         distance = frechet_distance(np.zeros(5), s1, np.zeros(5), s2)
-    offset = np.eye(5) * evaluation.SQRTM_OFFSET
+    offset = np.eye(5) * frechet.SQRTM_OFFSET
     np.testing.assert_allclose(calls[1], (s1 + offset) @ (s2 + offset))
     offset_root = np.sqrt(np.diag(s1 + offset) * np.diag(s2 + offset))
     assert distance == pytest.approx(np.sum(np.diag(s1) + np.diag(s2) - 2 * offset_root))
 
 
 def test_large_imaginary_square_root_is_an_error(monkeypatch):
-    monkeypatch.setattr(evaluation.scipy.linalg, "sqrtm", lambda matrix: matrix + 0.5j * np.eye(len(matrix)))
+    monkeypatch.setattr(frechet.scipy.linalg, "sqrtm", lambda matrix: matrix + 0.5j * np.eye(len(matrix)))
     with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="imaginary"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3))
 

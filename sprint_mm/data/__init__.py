@@ -1,1 +1,2 @@
-"""Datasets: images, latents, video, captions, and the toy sets used by demos and tests."""
+"""Datasets: images, latents, video, captions, and the toy sets used by demos and tests; `index` and `transforms`
+hold what several of them share (JSONL/CSV index files, the resize-and-centre-crop)."""

@@ -1,21 +1,20 @@
 """Captioned images and videos listed in a JSONL or CSV index, with text embeddings from the cache when present."""
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 import gin
 import numpy as np
 import torch
 from PIL import Image
 
+from sprint_mm.data.index import read_index
+from sprint_mm.data.transforms import resize_center_crop
 from sprint_mm.text import TEXT_KEYS, EmbeddingCache
 
 MEDIA = ("image", "video")
 INDEX_FIELDS = ("path", "caption")
-INDEX_FORMATS = (".jsonl", ".csv")
 
 
 class CaptionRecord(NamedTuple):
@@ -33,46 +32,12 @@ def read_caption_index(index: str | Path) -> list[CaptionRecord]:
     Relative paths resolve against the index's folder.
     """
     index = Path(index)
-    if not index.is_file():
-        raise FileNotFoundError(f"caption index {str(index)!r} does not exist")
-    if index.suffix not in INDEX_FORMATS:
-        raise ValueError(f"caption index {str(index)!r} must end with one of {INDEX_FORMATS}")
-    with open(index, newline="", encoding="utf-8") as file:
-        rows = read_jsonl_rows(file, index) if index.suffix == ".jsonl" else read_csv_rows(file, index)
-        records = [record_from_row(row, where, index.parent) for row, where in rows]
-    if not records:
-        raise ValueError(f"caption index {str(index)!r} lists no items")
-    return records
-
-
-def read_jsonl_rows(lines: Iterable[str], index: Path) -> Iterator[tuple[dict, str]]:
-    """(row, location) for every non-blank line of a JSONL index."""
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{index}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where} is not valid JSON: {error}") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where} must hold a JSON object with keys {INDEX_FIELDS}, got {line.strip()!r}")
-        yield row, where
-
-
-def read_csv_rows(lines: Iterable[str], index: Path) -> Iterator[tuple[dict, str]]:
-    """(row, location) for every data row of a CSV index with a `path,caption` header."""
-    reader = csv.DictReader(lines)
-    missing = [field for field in INDEX_FIELDS if field not in (reader.fieldnames or [])]
-    if missing:
-        raise KeyError(
-            f"caption index {str(index)!r} has header {reader.fieldnames}, which lacks column {missing[0]!r}"
-        )
-    for row in reader:
-        yield row, f"{index}:{reader.line_num}"
+    rows = read_index(index, INDEX_FIELDS)
+    return [record_from_row(row.fields, f"{index}:{row.line}", index.parent) for row in rows]
 
 
 def record_from_row(row: dict, where: str, root: Path) -> CaptionRecord:
+    """The record of one index row; `where` (file:line) locates it in errors."""
     for field in INDEX_FIELDS:
         if field not in row:
             raise KeyError(f"{where} lacks key {field!r} (every item needs {INDEX_FIELDS})")
@@ -86,20 +51,6 @@ def record_from_row(row: dict, where: str, root: Path) -> CaptionRecord:
 # ----------------------------------------------------------------------------------------------------------------
 # Pixels
 # ----------------------------------------------------------------------------------------------------------------
-
-def resize_center_crop(x: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Resize (..., H, W) values in [-1, 1] so the shorter side is `resolution`, then crop the centre square."""
-    height, width = x.shape[-2:]
-    if (height, width) != (resolution, resolution):
-        scale = resolution / min(height, width)
-        size = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
-        flat = x.reshape(1, -1, height, width).float()
-        flat = torch.nn.functional.interpolate(flat, size=size, mode="bicubic", antialias=True, align_corners=False)
-        x = flat.clamp(-1.0, 1.0).reshape(*x.shape[:-2], *size)
-        height, width = size
-    top, left = (height - resolution) // 2, (width - resolution) // 2
-    return x[..., top : top + resolution, left : left + resolution]
-
 
 def read_image(path: Path) -> torch.Tensor:
     """An RGB image file as a (3, H, W) float tensor in [-1, 1]."""
@@ -156,7 +107,7 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         path, caption = self.records[i]
         x = read_image(path) if self.media == "image" else self.read_video(path)
-        item = {"x": resize_center_crop(x, self.resolution), "caption": caption}
+        item = {"x": resize_center_crop(x, self.resolution, "bicubic", clamp=(-1.0, 1.0)), "caption": caption}
         cached = None if self.cache is None else self.cache.get(caption)
         if cached is not None:
             item.update(cached)

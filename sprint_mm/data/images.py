@@ -13,6 +13,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from sprint_mm.data.transforms import resize_center_crop
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 LAYOUT = "root/<class>/<image> (one sub-folder per class, images inside, sub-folders allowed)"
 SKIPPED_SHOWN = 5  # how many skipped files a warning names before it summarises
@@ -64,8 +66,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         path, label = self.samples[index]
-        pixels = torch.from_numpy(np.asarray(self._load_square(path)).copy())  # (H, W, 3) uint8
-        x = pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W) in [-1, 1]
+        x = self._load_square(path).float() / 127.5 - 1.0  # (3, H, W) in [-1, 1]
         if self.flip and torch.rand(()) < 0.5:
             x = torch.flip(x, dims=[-1])
         return {"x": x, "label": label}
@@ -96,17 +97,13 @@ class ImageFolderDataset(Dataset):
             )
         return [p.name for p in class_dirs], samples, skipped
 
-    def _load_square(self, path: Path) -> Image.Image:
-        """Read `path` as RGB, resize its shorter side to the resolution, crop the centre square."""
+    def _load_square(self, path: Path) -> torch.Tensor:
+        """Read `path` as RGB, resize its shorter side to the resolution (PIL bicubic), crop the centre square:
+        uint8 (3, resolution, resolution)."""
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                pixels = np.asarray(image.convert("RGB"))  # (H, W, 3)
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             raise ValueError(f"cannot read image {path}: {error}") from error
-        width, height = image.size
-        scale = self.resolution / min(width, height)
-        size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-        left = (size[0] - self.resolution) // 2
-        top = (size[1] - self.resolution) // 2
-        return image.crop((left, top, left + self.resolution, top + self.resolution))
+        rgb = torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        return resize_center_crop(rgb, self.resolution, Image.Resampling.BICUBIC)

@@ -30,6 +30,8 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import Dataset
 
+from sprint_mm.data.index import jsonl_rows
+
 IMAGES_TREE = "images"
 LATENTS_TREE = "vae-sd"
 LABELS_FILE = "dataset.json"
@@ -195,10 +197,9 @@ class VideoLatentDataset(Dataset):
         if VIDEO_INDEX not in names:
             raise FileNotFoundError(f"{self.tree} has no {VIDEO_INDEX} (one {{path, label}} object per line)")
         self.entries: list[tuple[str, int]] = []
-        for number, line in enumerate(self.tree.read(VIDEO_INDEX).decode().splitlines(), start=1):
-            if not line.strip():
-                continue
-            entry, where = json.loads(line), f"{self.tree}/{VIDEO_INDEX} line {number}"
+        source = f"{self.tree}/{VIDEO_INDEX}"
+        for row in jsonl_rows(self.tree.read(VIDEO_INDEX).decode().splitlines(), source, ("path", "label")):
+            entry, where = row.fields, f"{source} line {row.line}"
             if "path" not in entry or "label" not in entry:
                 raise KeyError(f"{where} needs 'path' and 'label', got {sorted(entry)}")
             if entry["path"] not in names:

@@ -8,10 +8,8 @@ and reported, and never stops a run.
 
 from __future__ import annotations
 
-import csv
 import importlib
 import importlib.util
-import json
 import os
 import re
 import warnings
@@ -21,8 +19,10 @@ from typing import Callable
 import gin
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from sprint_mm.data.index import read_index
+from sprint_mm.data.transforms import resize_center_crop
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 INSTALL_HINT = "pip install 'sprint-mm[video]'"
@@ -118,41 +118,6 @@ def _scan_class_folders(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     return samples, classes
 
 
-def _read_index_rows(index: Path) -> list[tuple[str, object, int]]:
-    """(path, raw label, line number) for every row of a CSV (header path,label) or JSONL index."""
-    suffix = index.suffix.lower()
-    rows = []
-    if suffix == ".csv":
-        with index.open(newline="") as file:
-            reader = csv.DictReader(file)
-            if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-                raise ValueError(f"{index}: the CSV header must name the columns path,label; got {reader.fieldnames}")
-            for row in reader:
-                rows.append((row["path"] or "", row["label"], reader.line_num))
-    elif suffix == ".jsonl":
-        with index.open() as file:
-            for line_number, line in enumerate(file, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{index}: line {line_number} is not JSON ({error})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{index}: line {line_number} must be an object with path and label")
-                rows.append((record.get("path") or "", record.get("label"), line_number))
-    else:
-        raise ValueError(f"unknown index format {index.name!r}: use a .csv (header path,label) or a .jsonl file")
-    for path, label, line_number in rows:
-        if not isinstance(path, str) or not path.strip():
-            raise ValueError(f"{index}: line {line_number} has no path")
-        if label is None or label == "":
-            raise ValueError(f"{index}: line {line_number} ({path}) has no label")
-    if not rows:
-        raise ValueError(f"index {index} lists no videos")
-    return rows
-
-
 def _resolve_labels(raw_labels: list[object], index: Path) -> tuple[list[int], list[str] | None]:
     """Integer labels are kept as ids; otherwise labels are class names numbered in sorted order."""
     for label in raw_labels:
@@ -169,9 +134,16 @@ def _resolve_labels(raw_labels: list[object], index: Path) -> tuple[list[int], l
 
 
 def _read_index(index: Path) -> tuple[list[tuple[Path, int]], list[str] | None]:
-    rows = _read_index_rows(index)
-    labels, classes = _resolve_labels([label for _, label, _ in rows], index)
-    paths = [index.parent / path.strip() for path, _, _ in rows]  # absolute paths stay absolute
+    """(path, label) of every video a CSV (header path,label) or JSONL index lists, and the class names if any."""
+    rows = read_index(index, ("path", "label"), items="videos")
+    for row in rows:
+        path, label = row.fields.get("path") or "", row.fields.get("label")
+        if not isinstance(path, str) or not path.strip():
+            raise ValueError(f"{index}: line {row.line} has no path")
+        if label is None or label == "":
+            raise ValueError(f"{index}: line {row.line} ({path}) has no label")
+    labels, classes = _resolve_labels([row.fields["label"] for row in rows], index)
+    paths = [index.parent / row.fields["path"].strip() for row in rows]  # absolute paths stay absolute
     return list(zip(paths, labels)), classes
 
 
@@ -196,18 +168,6 @@ def clip_frame_indices(frame_count: int, clip_length: int, frame_stride: int, ra
     slack = frame_count - span
     start = int(torch.randint(slack + 1, ())) if random_start else slack // 2
     return list(range(start, start + span, stride))
-
-
-def _resize_and_center_crop(clip: torch.Tensor, resolution: int) -> torch.Tensor:
-    """(T, C, H, W): resize the shorter side to `resolution`, then crop the centre square."""
-    height, width = clip.shape[-2:]
-    if min(height, width) != resolution:
-        scale = resolution / min(height, width)
-        size = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
-        clip = F.interpolate(clip, size=size, mode="bilinear", antialias=True, align_corners=False)
-        height, width = size
-    top, left = (height - resolution) // 2, (width - resolution) // 2
-    return clip[..., top : top + resolution, left : left + resolution]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +270,7 @@ class VideoFolderDataset(Dataset):
     def _load_clip(self, path: Path) -> torch.Tensor:
         clip = torch.from_numpy(self._clip_frames(path)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
         if self.resolution is not None:
-            clip = _resize_and_center_crop(clip, self.resolution)
+            clip = resize_center_crop(clip, self.resolution, "bilinear")
         return (clip / 127.5 - 1.0).clamp(-1.0, 1.0).transpose(0, 1).contiguous()  # (3, T, H, W)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
