@@ -10,6 +10,7 @@ load_sprint_checkpoint(model, path, from_dense=True) into a backbone built with 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Optional
 
 import torch
@@ -72,12 +73,13 @@ def dense_to_ours(state: dict[str, torch.Tensor], args: argparse.Namespace) -> t
     qk = "layernorm" if any(".attn.q_norm." in key for key in state) else "none"
     notes.append(f"build the backbone with position='absolute', qk_norm={qk!r}")
     if args.source == "sit":
-        notes.append("original SiT runs time the other way (t = 1 is data): wrap the model in TimeReversed to sample")
+        notes.append("original SiT runs time the other way (t = 1 is data): wrap the model in "
+                     "sprint_mm.time_reversed.TimeReversed to sample")
     return converted, notes
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
-    args = parse_args(argv)
+def convert(args: argparse.Namespace) -> None:
+    """Read, convert and write the checkpoint `args` names, and print what changed."""
     state, projector = split_projector(read_state_dict(args.input, args.entry))
     depths = (args.encoder_depth, args.decoder_depth)
     notes: list[str] = []
@@ -99,8 +101,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
         print(f"  REPA projector: {len(projector)} tensors kept as {PROJECTOR_PREFIX}{{0,2,4}}.*")
     for note in notes:
         print(f"  {note}")
-    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """The command line: 0 on success, 2 with one `error: ...` line on stderr for a missing or unfitting checkpoint."""
+    args = parse_args(argv)
+    try:
+        convert(args)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        # str() of a KeyError quotes its message; print the message itself
+        message = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else err
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -39,7 +39,8 @@ from sprint_mm.generation import generate
 from sprint_mm.latents import LatentCodec, build_codec
 from sprint_mm.runs import checkpoint_step, find_checkpoint
 from sprint_mm.sampling import GUIDANCES, SOLVERS, Guidance
-from sprint_mm.sprint import Sprint, build_model
+from sprint_mm.models import build_model
+from sprint_mm.sprint import Sprint
 from sprint_mm.video_demo import DIGIT_FRACTION, load_moving_digits_maker
 
 WEIGHTS = ("ema", "model")
@@ -56,7 +57,7 @@ class LoadedRun:
 
     @property
     def num_classes(self) -> int:
-        return getattr(self.model, "backbone", self.model).num_classes
+        return self.model.backbone.condition.num_classes
 
 
 def load_run(run_dir: str | Path, step: Optional[int] = None, weights: str = "ema") -> LoadedRun:
@@ -109,7 +110,7 @@ def guided_accuracy(
     PDG needs a SPRINT model: on a dense model its rows say so instead of a number.
     """
     labels = class_major_labels(run.num_classes, per_class)
-    noise = torch.randn((len(labels), *run.model.sample_shape), generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn((len(labels), *run.model.backbone.sample_shape), generator=torch.Generator().manual_seed(seed))
     rows = []
     for guidance in guidances:
         row = {"guidance": guidance.kind, "scale": guidance.scale if guidance.kind != "none" else None}
@@ -136,7 +137,7 @@ def guided_accuracy(
 
 def judge_for(run: LoadedRun, digit_fraction: float = DIGIT_FRACTION) -> DigitsClassifier:
     """A judge at the resolution of the run's images, or of the digit inside its video frames."""
-    shape = run.model.sample_shape
+    shape = run.model.backbone.sample_shape
     if len(shape) == 4:  # (C, T, H, W): the moving digit covers digit_fraction of the frame side
         resolution = load_moving_digits_maker().digit_side(min(shape[-2:]), digit_fraction)
     else:
@@ -188,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     run = load_run(args.run, args.step, args.weights)
     classifier = judge_for(run, args.digit_fraction)
-    video = len(run.model.sample_shape) == 4
+    video = len(run.model.backbone.sample_shape) == 4
     rows = guided_accuracy(run, classifier, guidance_settings(args.guidance, args.scale), args.per_class,
                            args.steps, args.solver, args.seed)
     result = {

@@ -110,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "sprint_stage2": training_record(finals["sprint"]),
     }
     loaded = {arm: load_run(path) for arm, path in finals.items()}
-    shape = loaded["dense"].model.sample_shape
+    shape = loaded["dense"].model.backbone.sample_shape
     classifier = DigitsClassifier.train(shape[-1], shape[0], progress=True)
     guidances = guidance_settings(["none", "cfg", "pdg"], [args.scale])
     scores = {arm: guided_accuracy(run, classifier, guidances, args.per_class, args.steps, seed=args.seed)

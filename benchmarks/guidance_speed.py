@@ -63,7 +63,7 @@ def measure_model(
     steps = {kind: guidance_step(model, x, labels, kind) for kind in KINDS}
     times = time_interleaved(steps, repeats, warmup, synchronizer(device))
     medians = median_seconds(times)
-    tokens = math.prod(model.token_grid(tuple(x.shape)))
+    tokens = math.prod(model.backbone.token_grid(tuple(x.shape)))
     shape = model.flop_shape()
     return {
         "model": name,

@@ -146,7 +146,7 @@ class TrainingStep:
 
 def flop_ratio(dense: nn.Module, sprint: Sprint, x: torch.Tensor) -> float:
     """Dense forward FLOPs over SPRINT forward FLOPs at the kept-token count of the SPRINT mask."""
-    grid = sprint.token_grid(tuple(x.shape))
+    grid = sprint.backbone.token_grid(tuple(x.shape))
     tokens = math.prod(grid)
     kept = TokenMasker("structured", DROP_RATIO)(1, grid, generator=torch.Generator()).num_kept
     return forward_flops(dense.flop_shape(), tokens) / forward_flops(sprint.flop_shape(), tokens, kept)
@@ -166,7 +166,7 @@ def measure_size(
     medians = median_seconds(times)
     row = {
         "latent": latent,
-        "tokens": math.prod(sprint.token_grid(tuple(x.shape))),
+        "tokens": math.prod(sprint.backbone.token_grid(tuple(x.shape))),
         "batch": batch,
         "dense_s": medians["dense"],
         "sprint_s": medians["sprint"],
@@ -178,7 +178,7 @@ def measure_size(
         row[f"{name}_activation_bytes"] = saved_activation_bytes(step.loss, step.model.parameters())
         row[f"{name}_peak_cuda_bytes"] = peak_cuda_bytes(step, device)
     for name, step in steps.items():  # with activation checkpointing (build_model.gradient_checkpointing = True)
-        getattr(step.model, "backbone", step.model).gradient_checkpointing = True
+        step.model.backbone.gradient_checkpointing = True
         row[f"{name}_checkpointed_activation_bytes"] = saved_activation_bytes(step.loss, step.model.parameters())
     return row
 

@@ -1,11 +1,20 @@
-"""The backbone registry: every backbone registers itself here under a name that gin files use."""
+"""The backbone registry: every backbone registers itself here under a name that gin files use, and `build_model`
+builds the one a configuration names (wrapped in SPRINT, or alone: the dense baseline).
+
+`sprint_mm` never imports this package; it finds `build_model` through the `sprint_mm.models` entry point that
+pyproject.toml declares (see sprint_mm/models.py).
+"""
 from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Any, Callable, TypeVar
+import inspect
+from typing import Any, Callable, Iterable, TypeVar
 
 import gin
+from torch import nn
+
+from sprint_mm.sprint import Sprint
 
 T = TypeVar("T")
 
@@ -28,6 +37,25 @@ class Registry:
             return configurable
 
         return add
+
+    def specialise(self, name: str, cls: Callable[..., T], doc: str, fixed: Iterable[str] = (), **defaults: Any) -> Callable[..., T]:
+        """Register `cls` under `name` with other defaults: a factory whose signature is cls's keyword-only one with
+        `defaults` applied and the `fixed` options (held at those defaults) left out, so gin checks every binding."""
+        fixed = set(fixed)
+        unknown = (fixed | set(defaults)) - set(inspect.signature(cls).parameters)
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no options {sorted(unknown)}")
+        signature = inspect.signature(cls)
+        parameters = [parameter.replace(default=defaults.get(parameter.name, parameter.default))
+                      for parameter in signature.parameters.values() if parameter.name not in fixed]
+
+        def factory(**options: Any) -> T:
+            return cls(**{**defaults, **options})
+
+        factory.__name__ = factory.__qualname__ = name
+        factory.__doc__ = doc
+        factory.__signature__ = signature.replace(parameters=parameters, return_annotation=cls)
+        return self.register(name)(factory)
 
     def get(self, name: str) -> Callable[..., Any]:
         """The factory registered under `name`; an unknown name lists the known ones."""
@@ -53,6 +81,17 @@ class Registry:
 
 BACKBONES = Registry("backbone")
 
+
+@gin.configurable
+def build_model(backbone: str = "sit", sprint: bool = True, gradient_checkpointing: bool = False) -> nn.Module:
+    """The backbone named in the registry, wrapped in `Sprint` (or alone: the dense baseline).
+
+    `gradient_checkpointing` recomputes each block's activations in the backward pass instead of keeping them.
+    """
+    model = BACKBONES.build(backbone)
+    model.gradient_checkpointing = gradient_checkpointing
+    return Sprint(model) if sprint else model
+
+
 # Importing the backbone modules registers them.
-from registry import sit  # noqa: E402,F401
-from registry import video_dit, text_dit  # noqa: E402,F401
+from registry import sit, text_dit, video_dit  # noqa: E402,F401

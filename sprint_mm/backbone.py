@@ -1,7 +1,19 @@
-"""The seam between the SPRINT wrapper and a backbone: what a backbone must provide."""
+"""The seam between the SPRINT wrapper and a backbone: what a backbone provides, what it declares, what it returns.
+
+A backbone is a plain diffusion transformer (alone, it is the dense baseline). It owns everything that depends on the
+data: patches, positions, conditioning, the blocks, unpatchify. `Sprint` owns the depth split, the token drop, the
+mask token, the fusion and path drop, and reaches the backbone only through this seam:
+
+- `embed(x, t, cond) -> Embedded` and `unembed(tokens, embedded)`; `blocks`, each `block(x, c, positions, context)`;
+- `token_grid(input_shape)`, `sample_shape`, `drop_condition(cond, drop)` / `null_condition(cond)`;
+- `condition`: how it is conditioned (a `ConditionSpec`), declared instead of probed;
+- `flop_shape()`: its dense cost shape; `Sprint` adds its split.
+
+Every model, wrapped or not, reaches its backbone the same way: `model.backbone`.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -9,8 +21,27 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sprint_mm.flops import TransformerShape
+from sprint_mm.masking import Grid
+from sprint_mm.tokens import TokenPositions, batch_size_of, device_of, gather_tokens, select_rows
 
-Grid = tuple[int, int, int]
+CONDITION_KINDS = ("class", "text")
+
+
+@dataclass(frozen=True)
+class ConditionSpec:
+    """What `cond` is. 'class': int ids in [0, num_classes), id num_classes is the null class. 'text': a dict
+    {"text_tokens": (B, text_length, text_dim), "text_mask": (B, text_length) bool}; the null caption is the text
+    encoder's empty caption, given with `set_null_text`, unless the backbone learns it (`learned_null`)."""
+
+    kind: str
+    num_classes: int = 0
+    text_length: int = 0
+    text_dim: int = 0
+    learned_null: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONDITION_KINDS:
+            raise ValueError(f"unknown conditioning {self.kind!r}; allowed: {', '.join(CONDITION_KINDS)}")
 
 
 @dataclass
@@ -19,26 +50,47 @@ class Embedded:
 
     tokens: torch.Tensor  # (B, N, D)
     c: torch.Tensor  # (B, D) conditioning vector for adaLN
-    pos: Optional[tuple[torch.Tensor, ...]]  # per-token positional data, token axis 1, batch axis 0 of size 1 or B
+    positions: TokenPositions  # per-token grid coordinates (and RoPE), gathered with the tokens
     grid: Grid  # token grid (T, H, W); T = 1 for images
+    image: bool = False  # the input was (B, C, H, W): unembed gives back an image, not a one-frame video
     context: Any = None  # per-sample data every block reads (e.g. text tokens), batch axis 0
+
+    def with_tokens(self, tokens: torch.Tensor) -> Embedded:
+        """The same conditioning and positions around other hidden states of all tokens (B, N, D)."""
+        return replace(self, tokens=tokens)
+
+    def subset(self, tokens: torch.Tensor, rows: torch.Tensor, ids_keep: Optional[torch.Tensor] = None) -> Embedded:
+        """Hidden states tokens (B, N, D) restricted to the batch `rows` and, with ids_keep (len(rows), M), to the kept
+        tokens, with their conditioning, context and true positions."""
+        tokens, positions = tokens[rows], self.positions.rows(rows)
+        if ids_keep is not None:
+            tokens, positions = gather_tokens(tokens, ids_keep), positions.gather(ids_keep)
+        return replace(self, tokens=tokens, c=self.c[rows], positions=positions, context=select_rows(self.context, rows))
 
 
 class Backbone(nn.Module):
     """A plain diffusion transformer. Alone it is the dense baseline; `Sprint` wraps it.
 
-    Subclasses build `self.blocks` (identical-signature blocks `block(x, c, pos, context)`) and implement
-    `embed`, `unembed`, `token_grid`, `drop_condition`, `sample_shape` and `flop_shape`.
+    Subclasses build `self.blocks` (identical-signature blocks `block(x, c, positions, context)`), set
+    `hidden_size` and `condition`, and implement `embed`, `unembed`, `token_grid`, `drop_condition`, `sample_shape`
+    and `flop_shape`.
     """
 
     hidden_size: int
     blocks: nn.ModuleList
+    condition: ConditionSpec
     gradient_checkpointing: bool = False  # set by build_model; read by the dense forward and by Sprint
+
+    @property
+    def backbone(self) -> Backbone:
+        """Itself: every model (a backbone, or a wrapper around one) names its backbone `.backbone`."""
+        return self
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> Embedded:
         raise NotImplementedError
 
-    def unembed(self, tokens: torch.Tensor, c: torch.Tensor, grid: Grid) -> torch.Tensor:
+    def unembed(self, tokens: torch.Tensor, embedded: Embedded) -> torch.Tensor:
+        """Tokens (B, N, D) back to the layout of the input `embedded` came from."""
         raise NotImplementedError
 
     def token_grid(self, input_shape: tuple[int, ...]) -> Grid:
@@ -51,87 +103,35 @@ class Backbone(nn.Module):
 
     def null_condition(self, cond: Any) -> Any:
         """The null condition with the batch size of `cond` (CFG/PDG's weak branch)."""
-        batch = batch_size_of(cond)
-        return self.drop_condition(cond, torch.ones(batch, dtype=torch.bool, device=device_of(cond)))
+        return self.drop_condition(cond, torch.ones(batch_size_of(cond), dtype=torch.bool, device=device_of(cond)))
+
+    def set_null_text(self, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> None:
+        """Text backbones: use the text encoder's empty-caption embedding as the null condition."""
+        raise ValueError(f"{type(self).__name__} is conditioned on {self.condition.kind}, not on text")
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample (C, ...) at the configured input size."""
         raise NotImplementedError
 
-    def flop_shape(self, fusion: bool = False, depths: tuple[int, int, int] | None = None) -> TransformerShape:
+    def flop_shape(self) -> TransformerShape:
+        """The dense cost shape: depth (0, blocks, 0), no fusion."""
         raise NotImplementedError
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        cond: Any,
-        mask: Any = None,
-        skip_middle: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """Dense forward over all blocks."""
-        if mask is not None or skip_middle is not None:
-            raise ValueError(
-                f"{type(self).__name__} is a dense backbone: it takes no token mask and no skip_middle "
-                "(no middle path); wrap it in sprint_mm.sprint.Sprint for token drop, path drop or PDG"
-            )
-        emb = self.embed(x, t, cond)
-        h = run_blocks(self.blocks, emb.tokens, emb.c, emb.pos, emb.context, self.gradient_checkpointing)
-        return self.unembed(h, emb.c, emb.grid)
+        embedded = self.embed(x, t, cond)
+        return self.unembed(run_blocks(self.blocks, embedded, self.gradient_checkpointing), embedded)
 
 
-def run_blocks(
-    blocks: Sequence[nn.Module],
-    h: torch.Tensor,
-    c: torch.Tensor,
-    pos: Optional[tuple[torch.Tensor, ...]],
-    context: Any,
-    checkpointing: bool = False,
-) -> torch.Tensor:
-    """Apply `blocks` in order. With `checkpointing`, while gradients are recorded, each block keeps only its inputs
-    and recomputes its activations in the backward pass: activation memory of one block instead of all, for about
-    one more forward pass of compute."""
+def run_blocks(blocks: Sequence[nn.Module], embedded: Embedded, checkpointing: bool = False) -> torch.Tensor:
+    """Apply `blocks` in order to `embedded.tokens` with its conditioning, positions and context. With
+    `checkpointing`, while gradients are recorded, each block keeps only its inputs and recomputes its activations in
+    the backward pass: activation memory of one block instead of all, for about one more forward pass of compute."""
+    h, c, positions, context = embedded.tokens, embedded.c, embedded.positions, embedded.context
     for block in blocks:
         if checkpointing and torch.is_grad_enabled():
-            h = checkpoint(block, h, c, pos, context, use_reentrant=False)
+            h = checkpoint(block, h, c, positions, context, use_reentrant=False)
         else:
-            h = block(h, c, pos, context)
+            h = block(h, c, positions, context)
     return h
-
-
-def batch_size_of(cond: Any) -> int:
-    """Batch size of a condition: a tensor or a dict of tensors with batch axis 0."""
-    if isinstance(cond, torch.Tensor):
-        return cond.shape[0]
-    if isinstance(cond, dict) and cond:
-        return batch_size_of(next(iter(cond.values())))
-    raise TypeError(f"a condition must be a tensor or a dict of tensors, got {type(cond).__name__}")
-
-
-def device_of(cond: Any) -> torch.device:
-    if isinstance(cond, torch.Tensor):
-        return cond.device
-    return device_of(next(iter(cond.values())))
-
-
-def select_rows(obj: Any, rows: torch.Tensor) -> Any:
-    """Index batch axis 0 of a tensor, a dict/tuple of them, or None; size-1 batch axes broadcast and stay."""
-    if obj is None:
-        return None
-    if isinstance(obj, torch.Tensor):
-        return obj if obj.shape[0] == 1 else obj[rows]
-    if isinstance(obj, dict):
-        return {k: select_rows(v, rows) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(select_rows(v, rows) for v in obj)
-    raise TypeError(f"cannot select batch rows of {type(obj).__name__}")
-
-
-def concat_rows(a: Any, b: Any) -> Any:
-    """Concatenate two conditions (tensors or dicts of tensors) along the batch axis."""
-    if isinstance(a, torch.Tensor):
-        return torch.cat([a, b], dim=0)
-    if isinstance(a, dict):
-        return {k: concat_rows(a[k], b[k]) for k in a}
-    raise TypeError(f"cannot concatenate conditions of type {type(a).__name__}")

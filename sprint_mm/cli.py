@@ -128,7 +128,7 @@ def sample_requests(args: argparse.Namespace, kind: str, num_classes: Optional[i
 
 def requested_sample_shape(model: torch.nn.Module, frames: Optional[int], size: Optional[Sequence[int]]) -> tuple[int, ...]:
     """The model's trained sample shape (C, [T,] H, W) with --frames / --size applied, checked against its patch."""
-    shape = list(model.sample_shape)
+    shape = list(model.backbone.sample_shape)
     if frames is not None:
         if len(shape) != 4:
             raise ValueError(f"--frames {frames} needs a video run; this run samples images of shape {tuple(shape)}")
@@ -139,7 +139,7 @@ def requested_sample_shape(model: torch.nn.Module, frames: Optional[int], size: 
         if len(size) not in (1, 2) or min(size) < 1:
             raise ValueError(f"--size takes H or H W, positive, got {' '.join(map(str, size))}")
         shape[-2:] = [size[0], size[-1]]
-    model.token_grid((1, *shape))  # a size the patch does not divide is refused here, naming the patch
+    model.backbone.token_grid((1, *shape))  # a size the patch does not divide is refused here, naming the patch
     return tuple(shape)
 
 
@@ -158,11 +158,11 @@ def write_samples(args: argparse.Namespace) -> Path:
     take shards round-robin, and a restarted command skips finished shards; the main process then packs the output."""
     from accelerate import Accelerator
 
-    from sprint_mm.conditioning import build_conditioning
+    from sprint_mm.conditioning import build_conditioning, check_kind
     from sprint_mm.generation import generate
     from sprint_mm.latents import build_codec
+    from sprint_mm.models import build_model
     from sprint_mm.sampling import Guidance
-    from sprint_mm.sprint import build_model
 
     run = Path(args.run)
     checkpoint = find_checkpoint(run, args.step)
@@ -178,14 +178,15 @@ def write_samples(args: argparse.Namespace) -> Path:
     model.to(device).eval()
     conditioning = build_conditioning()
     codec = build_codec().to(device)
-    backbone = getattr(model, "backbone", model)
-    labels, prompts = sample_requests(args, conditioning.kind, getattr(backbone, "num_classes", None))
+    check_kind(model, conditioning.kind)
+    labels, prompts = sample_requests(args, conditioning.kind, model.backbone.condition.num_classes)
     total = len(labels or prompts)
     out = Path(args.out or run / "samples" / f"samples_{args.guidance}.png")
-    check_output_suffix(out, is_video=len(model.sample_shape) == 4)
+    trained_shape = tuple(model.backbone.sample_shape)
+    check_output_suffix(out, is_video=len(trained_shape) == 4)
     shape = requested_sample_shape(model, args.frames, args.size)
-    if shape != tuple(model.sample_shape):
-        print(f"[sprint_mm] sampling at {shape}; the model was trained at {tuple(model.sample_shape)}")
+    if shape != trained_shape:
+        print(f"[sprint_mm] sampling at {shape}; the model was trained at {trained_shape}")
     shards = out.with_name(f".{out.name}.shards")
     settings = f"{checkpoint.name}/{args.weights} {args.guidance} {args.scale} {tuple(args.interval)} {args.solver} {args.steps} seed {args.seed} n {total} bs {args.batch_size} {args.gin_param} shape {shape}"
     if accelerator.is_main_process:

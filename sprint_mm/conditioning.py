@@ -27,7 +27,8 @@ class ClassConditioning:
         return torch.tensor(list(labels), device=device, dtype=torch.long)
 
     def prepare(self, model: torch.nn.Module) -> None:
-        """Nothing to set up for class conditioning."""
+        """Check that the backbone is class-conditional."""
+        check_kind(model, self.kind)
 
 
 class TextConditioning:
@@ -56,12 +57,20 @@ class TextConditioning:
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Give the backbone the empty-caption embedding as its null condition (unless it learns its own)."""
-        backbone = getattr(model, "backbone", model)
-        if not hasattr(backbone, "set_null_text"):
-            raise ValueError(f"text conditioning needs a text backbone (e.g. 'text_dit'), got {type(backbone).__name__}")
-        if not getattr(backbone, "learned_null", False):
+        check_kind(model, self.kind)
+        backbone = model.backbone
+        if not backbone.condition.learned_null:
             empty = self.conditioner.null(1, device=next(backbone.parameters()).device)
             backbone.set_null_text(empty["text_tokens"][0], empty["text_mask"][0])
+
+
+def check_kind(model: torch.nn.Module, kind: str) -> None:
+    """The backbone's declared conditioning must be the configured one."""
+    declared = model.backbone.condition.kind
+    if declared != kind:
+        example = {"class": "'sit' or 'video_dit'", "text": "'text_dit'"}[kind]
+        raise ValueError(f"{kind} conditioning (build_conditioning.kind = {kind!r}) needs a {kind}-conditioned backbone "
+                         f"(e.g. {example}), but {type(model.backbone).__name__} is conditioned on {declared}")
 
 
 @gin.configurable

@@ -3,41 +3,31 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
+import pkgutil
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import gin
 
-GIN_FOLDER = Path(__file__).resolve().parents[1] / "gin"
+import sprint_mm
+from sprint_mm.models import model_factory
 
-# Modules whose import registers gin configurables (optional packages inside them are imported lazily).
-CONFIGURABLE_MODULES = (
-    "registry",
-    "sprint_mm.sprint",
-    "sprint_mm.masking",
-    "sprint_mm.flow",
-    "sprint_mm.sampling",
-    "sprint_mm.conditioning",
-    "sprint_mm.text",
-    "sprint_mm.latents",
-    "sprint_mm.generation",
-    "sprint_mm.training",
-    "sprint_mm.data.digits",
-    "sprint_mm.data.captioned_digits",
-    "sprint_mm.data.images",
-    "sprint_mm.data.video",
-    "sprint_mm.data.captions",
-    "sprint_mm.data.latents",
-)
+GIN_FOLDER = Path(__file__).resolve().parents[1] / "gin"
 
 
 class ConfigError(ValueError):
     """A .gin file or binding that cannot be applied."""
 
 
-def register_configurables() -> None:
-    for name in CONFIGURABLE_MODULES:
-        importlib.import_module(name)
+def register_configurables() -> list[str]:
+    """Import every sprint_mm module and the model factory's package, whose imports register their gin
+    configurables; returns the names of the modules searched for configurables."""
+    for module in pkgutil.walk_packages(sprint_mm.__path__, prefix="sprint_mm."):
+        importlib.import_module(module.name)
+    packages = ("sprint_mm", model_factory().__module__.split(".")[0])
+    return [name for name in sys.modules if name.split(".")[0] in packages]
 
 
 def resolve_gin_file(path: str) -> str:
@@ -51,14 +41,35 @@ def resolve_gin_file(path: str) -> str:
     raise ConfigError(f"gin file {path!r} not found.{hint}")
 
 
-def configurable_names() -> list[str]:
-    """Every configurable gin knows, for suggestions."""
-    return sorted({selector.rsplit(".", 1)[-1] for selector in gin.config._REGISTRY._selector_map})  # noqa: SLF001
+def configurable_names(modules: Sequence[str]) -> dict[str, Any]:
+    """Name -> configurable of everything gin can configure in `modules`, for suggestions."""
+    found = {}
+    for module in modules:
+        for value in list(vars(sys.modules[module]).values()):
+            if callable(value) and hasattr(value, "__name__"):
+                try:
+                    found[value.__name__] = gin.get_configurable(value)
+                except ValueError:  # not registered with gin
+                    continue
+    return found
+
+
+def suggestion(message: str, modules: Sequence[str]) -> str:
+    """Close configurable (or parameter) names for the name gin's error message quotes."""
+    quoted = message.split("'")[1] if message.count("'") >= 2 else ""
+    known = configurable_names(modules)
+    if quoted in known and "parameter named" in message:
+        wrong = message.split("'")[3]
+        options = list(inspect.signature(known[quoted]).parameters)
+        close = difflib.get_close_matches(wrong, options, n=3)
+        return f" Close parameter names of {quoted}: {', '.join(close)}." if close else f" Its parameters: {', '.join(options)}."
+    close = difflib.get_close_matches(quoted.split(".")[0], known, n=3) if quoted else []
+    return f" Close configurable names: {', '.join(close)}." if close else ""
 
 
 def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     """Clear gin, then apply files and bindings in order; an unknown or malformed binding is one clear error."""
-    register_configurables()
+    modules = register_configurables()
     gin.clear_config()
     gin.add_config_file_search_path(str(GIN_FOLDER.parent))
     gin.add_config_file_search_path(str(GIN_FOLDER))
@@ -68,7 +79,4 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
         raise
     except Exception as err:  # gin raises ValueError/KeyError/SyntaxError with its own context lines
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        name = first_line.split("'")[1] if first_line.count("'") >= 2 else ""
-        close = difflib.get_close_matches(name.split(".")[0], configurable_names(), n=3) if name else []
-        hint = f" Close configurable names: {', '.join(close)}." if close else ""
-        raise ConfigError(f"bad gin configuration: {first_line}.{hint}") from err
+        raise ConfigError(f"bad gin configuration: {first_line}.{suggestion(first_line, modules)}") from err

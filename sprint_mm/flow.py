@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import gin
 import torch
 
 from sprint_mm.masking import TokenMasker
-
-if TYPE_CHECKING:
-    from sprint_mm.repa import RepaAlignment
 
 PATHS = ("linear", "cosine")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -95,51 +92,23 @@ class FlowMatching:
         k = path_coefficients(self.path, broadcast_time(t, x0))
         return k.alpha * x0 + k.sigma * eps, k.d_alpha * x0 + k.d_sigma * eps
 
-    def loss(
-        self,
-        model: Callable[..., torch.Tensor],
-        x0: torch.Tensor,
-        cond: Any,
-        core: Any = None,
-        generator: Optional[torch.Generator] = None,
-    ) -> torch.Tensor:
-        """Mean squared velocity error; `core` is the unwrapped model (grid and condition dropout), default `model`."""
-        return self.losses(model, x0, cond, core, generator)["loss"]
-
-    def losses(
-        self,
-        model: Callable[..., Any],
-        x0: torch.Tensor,
-        cond: Any,
-        core: Any = None,
-        generator: Optional[torch.Generator] = None,
-        alignment: Optional[RepaAlignment] = None,
-        images: Optional[torch.Tensor] = None,
-    ) -> dict[str, torch.Tensor]:
-        """{"loss": ...}; with a REPA `alignment`, `model` is its `AlignedModel` (it returns the prediction and the
-        projected hidden state), `images` are the batch's images, and the result also holds "denoise_loss" and
-        "repa_loss" (mean -cos), with loss = denoise_loss + alignment.coeff * repa_loss."""
-        core = model if core is None else core
+    def loss(self, model: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Any,
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Mean squared velocity error of `model` (a backbone or a wrapper of one, reached as `model.backbone` for
+        the token grid and the null condition) on data x0 with condition `cond`."""
+        backbone = model.backbone
         b, device = x0.shape[0], x0.device
         t = self.sample_time(b, device, generator)
         eps = torch.randn(x0.shape, device=device, generator=generator, dtype=x0.dtype)
         x_t, target = self.interpolate(x0, eps, t)
         if self.label_dropout > 0:
-            cond = core.drop_condition(cond, torch.rand(b, device=device, generator=generator) < self.label_dropout)
+            cond = backbone.drop_condition(cond, torch.rand(b, device=device, generator=generator) < self.label_dropout)
         extra = {}
         if self.masker is not None:
-            extra["mask"] = self.masker(b, core.token_grid(tuple(x0.shape)), generator=generator, device=device)
+            extra["mask"] = self.masker(b, backbone.token_grid(tuple(x0.shape)), generator=generator, device=device)
         if self.path_drop > 0:
             extra["skip_middle"] = torch.rand(b, device=device, generator=generator) < self.path_drop
-        if alignment is None:
-            pred = model(x_t, t, cond, **extra)
-            return {"loss": mean_squared_error(pred, target)}
-        if images is None:
-            raise ValueError("REPA alignment needs the batch's images (pass images=...)")
-        pred, state = model(x_t, t, cond, **extra)
-        denoise = mean_squared_error(pred, target)
-        repa = alignment.loss(state, images, core.token_grid(tuple(x0.shape)))
-        return {"loss": denoise + alignment.coeff * repa, "denoise_loss": denoise, "repa_loss": repa}
+        return mean_squared_error(model(x_t, t, cond, **extra), target)
 
 
 def mean_squared_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,11 @@ from typing import Any, Optional, Sequence
 import gin
 import torch
 
-from sprint_mm.backbone import select_rows
 from sprint_mm.latents import LatentCodec
 from sprint_mm.media import save_image_grid, save_video_preview
 from sprint_mm.sampling import Guidance, sample
 from sprint_mm.sprint import Sprint
+from sprint_mm.tokens import select_rows
 
 
 @torch.no_grad()
@@ -71,7 +71,7 @@ class Previewer:
 
     def _request(self, model: torch.nn.Module) -> tuple[Optional[list[int]], Optional[list[str]]]:
         if self.conditioning.kind == "class":
-            classes = getattr(getattr(model, "backbone", model), "num_classes")
+            classes = model.backbone.condition.num_classes
             return [i % classes for i in range(self.count)], None
         prompts = list(self.prompts or getattr(self.dataset, "captions", [])[: self.count])
         if not prompts:
@@ -87,7 +87,7 @@ class Previewer:
             cond = self.conditioning.from_request(labels, prompts, device)
             n = len(labels or prompts)
             generator = torch.Generator(device=device).manual_seed(self.seed)
-            noise = torch.randn((n, *model.sample_shape), generator=generator, device=device)
+            noise = torch.randn((n, *model.backbone.sample_shape), generator=generator, device=device)
             paths = []
             for kind in self.guidances:
                 if kind == "pdg" and not isinstance(model, Sprint):

@@ -1,4 +1,5 @@
-"""Shared transformer parts: embedders, N-d patchify and RoPE, attention, MLPs, the adaLN-Zero block, the final layer."""
+"""Shared transformer parts: embedders, N-d patchify and RoPE, attention (full or factorised, self or cross), MLPs,
+the adaLN-Zero block, the final layer."""
 from __future__ import annotations
 
 import math
@@ -6,9 +7,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (1 or B, N, head_dim)
+from sprint_mm.tokens import Rope, TokenPositions, gather_tokens
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -121,13 +123,15 @@ def grid_coordinates(grid: tuple[int, ...], device: torch.device | None = None) 
 
 
 class RotaryEmbedding(nn.Module):
-    """N-d RoPE: each axis owns `axis_dims[i]` channels of a head; pairs (2j, 2j+1) rotate together."""
+    """N-d RoPE: each axis owns `axis_dims[i]` channels of a head (0: the axis is not encoded); pairs (2j, 2j+1)
+    rotate together."""
 
     def __init__(self, head_dim: int, axis_dims: tuple[int, ...], theta: float = 10000.0) -> None:
         super().__init__()
-        if sum(axis_dims) != head_dim or any(a <= 0 or a % 2 for a in axis_dims):
+        if sum(axis_dims) != head_dim or any(a < 0 or a % 2 for a in axis_dims):
             raise ValueError(
-                f"RoPE axis channel split {tuple(axis_dims)} must be positive even numbers summing to the head dim {head_dim}"
+                f"RoPE axis channel split {tuple(axis_dims)} must be non-negative even numbers summing to the head dim "
+                f"{head_dim}"
             )
         self.axis_dims = tuple(axis_dims)
         self.theta = theta
@@ -247,27 +251,108 @@ def make_qk_norm(kind: str, head_dim: int) -> nn.Module:
     return nn.Identity()
 
 
+ATTENTION_SPANS = ("full", "spatial", "temporal")
+
+
+def group_by_frame(coords: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Order tokens frame by frame, each frame by spatial cell: (order (1 or B, n), frames T, tokens per frame S).
+
+    coords (1 or B, n, 3) are the tokens' (t, h, w). Factorised attention needs every frame to hold the same cells
+    (a tube mask); anything else raises.
+    """
+    frame = coords[..., 0]
+    cell = coords[..., 1] * (coords[..., 2].amax() + 1) + coords[..., 2]  # a unique id per spatial position
+    order = cell.argsort(dim=1, stable=True)
+    order = order.gather(1, frame.gather(1, order).argsort(dim=1, stable=True))  # (b, n): by frame, then by cell
+    frame, cell = frame.gather(1, order), cell.gather(1, order)
+    n = order.shape[1]
+    frames = int((frame[0, 1:] != frame[0, :-1]).sum()) + 1
+    per_frame = n // frames
+    if n % frames == 0:
+        frame, cell = frame.view(-1, frames, per_frame), cell.view(-1, frames, per_frame)
+        one_frame_each = bool((frame == frame[..., :1]).all() and (frame[:, 1:, 0] != frame[:, :-1, 0]).all())
+        if one_frame_each and bool((cell == cell[:, :1]).all()):
+            return order, frames, per_frame
+    raise ValueError(
+        f"factorised attention needs the same token positions in every frame, but the {n} tokens it got do not "
+        "form such frames; use a tube mask (TokenMasker kind 'tube') or attention='full'"
+    )
+
+
 class Attention(nn.Module):
-    """Self-attention with fused qkv, per-head q/k norm and RoPE applied after the norm."""
+    """Self-attention with fused qkv, per-head q/k norm and RoPE applied after the norm.
+
+    `span` 'full' attends over all tokens; 'spatial' within each frame and 'temporal' across frames at each spatial
+    position (factorised attention, as Latte), with the same parameters.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, qk_norm: str = "rmsnorm", backend: str = "sdpa", span: str = "full"
+    ) -> None:
+        super().__init__()
+        if span not in ATTENTION_SPANS:
+            raise ValueError(f"unknown attention span {span!r}; allowed: {', '.join(ATTENTION_SPANS)}")
+        head_dim = checked_head_dim(dim, num_heads, backend)
+        self.num_heads = num_heads
+        self.backend = backend
+        self.span = span
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = make_qk_norm(qk_norm, head_dim)
+        self.k_norm = make_qk_norm(qk_norm, head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, positions: Optional[TokenPositions] = None) -> torch.Tensor:
+        if self.span == "full":
+            return self.attend(x, None if positions is None else positions.rope)
+        if positions is None:
+            raise ValueError(f"{self.span} attention needs the tokens' positions (frames and cells)")
+        b, n, d = x.shape
+        order, frames, per_frame = group_by_frame(positions.coords)
+        order = order.expand(b, -1)  # (B, n)
+        grouped = [rearrange(gather_tokens(z, order), "b (t s) c -> b t s c", t=frames)
+                   for z in (x, *(positions.rope or ()))]  # (B, T, S, *)
+        if self.span == "temporal":
+            grouped = [rearrange(z, "b t s c -> b s t c") for z in grouped]
+        x_g, *rope = (z.flatten(0, 1) for z in grouped)  # (B*T, S, *) or (B*S, T, *)
+        out = self.attend(x_g, tuple(rope) or None).unflatten(0, grouped[0].shape[:2])
+        if self.span == "temporal":
+            out = rearrange(out, "b s t c -> b t s c")
+        return torch.empty_like(x).scatter(1, order[..., None].expand(-1, -1, d), out.reshape(b, n, d))
+
+    def attend(self, x: torch.Tensor, rope: Optional[Rope]) -> torch.Tensor:
+        """Attention among all tokens of x (B, N, D)."""
+        q, k, v = rearrange(self.qkv(x), "b n (three h c) -> three b h n c", three=3, h=self.num_heads)
+        q, k = self.q_norm(q), self.k_norm(k)  # (B, h, N, d_head)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = attention(q, k, v, backend=self.backend)
+        return self.proj(rearrange(out, "b h n c -> b n (h c)"))
+
+
+class CrossAttention(nn.Module):
+    """Attention from tokens to a context of the same width (e.g. projected text tokens); no RoPE on either side.
+
+    `context_mask` (B, L) True marks real context tokens; padded ones get no attention.
+    """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: str = "rmsnorm", backend: str = "sdpa") -> None:
         super().__init__()
         head_dim = checked_head_dim(dim, num_heads, backend)
         self.num_heads = num_heads
         self.backend = backend
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
         self.q_norm = make_qk_norm(qk_norm, head_dim)
         self.k_norm = make_qk_norm(qk_norm, head_dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: Optional[Rope] = None) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)  # (B, h, N, d_head)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = attention(q, k, v, backend=self.backend)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        q = self.q_norm(rearrange(self.q(x), "b n (h c) -> b h n c", h=self.num_heads))  # (B, h, N, d_head)
+        k, v = rearrange(self.kv(context), "b l (two h c) -> two b h l c", two=2, h=self.num_heads)
+        out = attention(q, self.k_norm(k), v, key_mask=context_mask, backend=self.backend)  # (B, h, N, d_head)
+        return self.proj(rearrange(out, "b h n c -> b n (h c)"))
 
 
 MLP_KINDS = ("gelu", "swiglu")
@@ -306,27 +391,46 @@ def mlp_hidden_size(dim: int, ratio: float, kind: str) -> int:
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block: x += gate * Attn(mod(LN(x))); x += gate * MLP(mod(LN(x)))."""
+    """adaLN-Zero block: x += gate * Attn(mod(LN(x))); [x += CrossAttn(LN(x), context)]; x += gate * MLP(mod(LN(x))).
+
+    With `cross_attention` the block reads a context (tokens (B, L, D), mask (B, L)) between attention and MLP.
+    """
 
     def __init__(
         self,
         dim: int,
         num_heads: int,
+        *,
         mlp_ratio: float = 4.0,
         mlp: str = "gelu",
         qk_norm: str = "rmsnorm",
         attention_backend: str = "sdpa",
+        span: str = "full",
+        cross_attention: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qk_norm, attention_backend)
+        self.attn = Attention(dim, num_heads, qk_norm, attention_backend, span)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, mlp_hidden_size(dim, mlp_ratio, mlp), mlp)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
+            self.cross_attn = CrossAttention(dim, num_heads, qk_norm, attention_backend)
+        else:
+            self.cross_attn = None
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, pos: Optional[Rope] = None, context=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        positions: Optional[TokenPositions] = None,
+        context: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), pos)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), positions)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), *context)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -363,31 +467,6 @@ def initialize_dit_weights(module: nn.Module) -> None:
         if isinstance(m, FinalLayer):
             nn.init.zeros_(m.linear.weight)
             nn.init.zeros_(m.linear.bias)
-
-
-class CrossAttention(nn.Module):
-    """Attention from tokens to a context of the same width (e.g. projected text tokens); no RoPE on either side.
-
-    `context_mask` (B, L) True marks real context tokens; padded ones get no attention.
-    """
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: str = "rmsnorm", backend: str = "sdpa") -> None:
-        super().__init__()
-        head_dim = checked_head_dim(dim, num_heads, backend)
-        self.num_heads = num_heads
-        self.backend = backend
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.q_norm = make_qk_norm(qk_norm, head_dim)
-        self.k_norm = make_qk_norm(qk_norm, head_dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        b, n, d = x.shape
-        head_dim = d // self.num_heads
-        q = self.q_norm(self.q(x).reshape(b, n, self.num_heads, head_dim).transpose(1, 2))  # (B, h, N, d_head)
-        k, v = self.kv(context).reshape(b, context.shape[1], 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        out = attention(q, self.k_norm(k), v, key_mask=context_mask, backend=self.backend)  # (B, h, N, d_head)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        elif isinstance(m, CrossAttention):  # every block starts as the identity, cross-attention included
+            nn.init.zeros_(m.proj.weight)
+            nn.init.zeros_(m.proj.bias)

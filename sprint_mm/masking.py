@@ -47,10 +47,6 @@ class TokenMask:
     def num_tokens(self) -> int:
         return self.ids_restore.shape[1]
 
-    def select(self, rows: torch.Tensor) -> TokenMask:
-        """The mask of a subset of batch rows (an index tensor)."""
-        return TokenMask(self.ids_keep[rows], self.ids_restore[rows], self.dropped[rows], self.realised_ratio)
-
 
 def _assemble(ids_keep: torch.Tensor, ids_drop: torch.Tensor) -> TokenMask:
     """Build the mask from the kept and dropped indices of each row."""

@@ -9,8 +9,9 @@ every row was path-dropped has a zero alignment loss).
 Targets: the encoder sees each image resized to exactly (patch * h, patch * w) pixels, where (h, w) is the diffusion
 model's token grid, so it gives one feature per model token at any resolution and aspect ratio.
 
-Loss: mean over (rows, tokens) of -cos(target, projector(h)); the objective adds `coeff` times it to the flow loss.
-The projector trains with the model; sampling never needs it nor the encoder.
+Loss: mean over (rows, tokens) of -cos(target, projector(h)); the trainer adds `coeff` times it to the flow loss.
+The projector trains with the model and is saved in `projector.safetensors` beside each checkpoint's weights (not in
+them, so stage 2 and sampling load the model alone); sampling never needs it nor the encoder.
 """
 from __future__ import annotations
 
@@ -24,35 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sprint_mm.backbone import Grid
+from sprint_mm.checkpoints import PROJECTOR_PREFIX, load_strict, read_state_dict, save_state_dict, split_projector
+from sprint_mm.dinov2 import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
+from sprint_mm.latents import codec_is_identity
 from sprint_mm.masking import TokenMask
-from sprint_mm.sprint import Sprint, gather_tokens, middle_rows
+from sprint_mm.sprint import Sprint, middle_rows
+from sprint_mm.tokens import gather_tokens
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-ENCODER_TYPES = ("dinov2", "dinov2_with_registers")
-
-
-def load_dinov2(path: str) -> nn.Module:
-    """A frozen transformers DINOv2 (with or without registers) from a local folder; nothing is downloaded."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no DINOv2 model at {str(folder)!r}: the folder must hold a transformers config.json and its weights "
-            "(e.g. a local copy of facebook/dinov2-base)"
-        )
-    from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
-
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    classes = {"dinov2": Dinov2Model, "dinov2_with_registers": Dinov2WithRegistersModel}
-    if config.model_type not in classes:
-        raise ValueError(
-            f"{str(folder)!r} holds a {config.model_type!r} model; REPA alignment takes {', '.join(ENCODER_TYPES)}"
-        )
-    try:
-        encoder = classes[config.model_type].from_pretrained(folder, local_files_only=True)
-    except OSError as err:
-        raise FileNotFoundError(f"cannot load the DINOv2 weights in {str(folder)!r}: {err}") from err
-    return encoder.eval().requires_grad_(False)
+PROJECTOR_FILE = "projector.safetensors"
 
 
 def build_projector(hidden_size: int, projector_dim: int, feature_dim: int) -> nn.Sequential:
@@ -82,45 +62,48 @@ class AlignedState:
 
 class AlignedModel(nn.Module):
     """The diffusion model and the projector as one module (what DDP wraps in training, so one graph holds every
-    trained parameter). forward returns the prediction and the projected state after `depth` blocks, or None for the
-    state when no row computed it (every row path-dropped with the point in the middle)."""
+    trained parameter). forward returns the model's prediction and keeps the projected state after `depth` blocks in
+    `state` for the alignment loss (None when no row computed it: every row path-dropped with the point in the
+    middle)."""
 
     def __init__(self, model: nn.Module, projector: nn.Sequential, depth: int) -> None:
         super().__init__()
         self.model = model
         self.projector = projector
         self.depth = depth
-        blocks = len(getattr(model, "backbone", model).blocks)
+        self.state: Optional[AlignedState] = None
+        blocks = len(model.backbone.blocks)
         self.sparse = isinstance(model, Sprint) and model.encoder_depth < depth <= blocks - model.decoder_depth
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        cond: Any,
-        mask: Optional[TokenMask] = None,
-        skip_middle: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, Optional[AlignedState]]:
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.backbone
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any, **flags: Any) -> torch.Tensor:
+        """The model's prediction; flags (a SPRINT model's `mask` and `skip_middle`) pass through."""
+        mask: Optional[TokenMask] = flags.get("mask")
+        skip_middle: Optional[torch.Tensor] = flags.get("skip_middle")
         captured: list[torch.Tensor] = []
-        block = getattr(self.model, "backbone", self.model).blocks[self.depth - 1]
+        block = self.backbone.blocks[self.depth - 1]
         handle = block.register_forward_hook(lambda _module, _args, output: captured.append(output))
         try:
-            pred = self.model(x, t, cond, mask=mask, skip_middle=skip_middle)
+            pred = self.model(x, t, cond, **flags)
         finally:
             handle.remove()
-        if not captured:
-            return pred, None
-        state = AlignedState(self.projector(captured[0]))  # (R, M, z)
-        if self.sparse:
-            state.rows = middle_rows(x.shape[0], skip_middle, x.device)
-            state.ids = None if mask is None else mask.ids_keep.to(x.device)[state.rows]
-        return pred, state
+        self.state = None
+        if captured:
+            self.state = AlignedState(self.projector(captured[0]))  # (R, M, z)
+            if self.sparse:
+                self.state.rows = middle_rows(x.shape[0], skip_middle, x.device)
+                self.state.ids = None if mask is None else mask.ids_keep.to(x.device)[self.state.rows]
+        return pred
 
 
 @gin.configurable
 class RepaAlignment:
-    """A frozen DINOv2 loaded from `encoder_path` and, once `attach`ed to a model, the projector of its hidden state
-    after `depth` blocks to the DINOv2 feature size. `coeff` weighs the alignment loss against the flow loss."""
+    """The REPA auxiliary loss: a frozen DINOv2 loaded from `encoder_path` and, once `attach`ed to a model, the
+    projector of its hidden state after `depth` blocks to the DINOv2 feature size, trained with the model and kept in
+    its own file beside a checkpoint's weights. `coeff` weighs the alignment loss against the flow loss."""
 
     def __init__(self, encoder_path: str, depth: int = 8, coeff: float = 0.5, projector_dim: int = 2048) -> None:
         if depth < 1:
@@ -129,23 +112,62 @@ class RepaAlignment:
             raise ValueError(f"RepaAlignment.projector_dim must be >= 1, got {projector_dim}")
         self.depth, self.coeff, self.projector_dim = depth, coeff, projector_dim
         self.encoder = load_dinov2(encoder_path)
-        self.projector: Optional[nn.Sequential] = None
+        self.aligned: Optional[AlignedModel] = None
 
     @property
     def feature_dim(self) -> int:
         return self.encoder.config.hidden_size
 
+    @property
+    def projector(self) -> nn.Sequential:
+        if self.aligned is None:
+            raise RuntimeError("RepaAlignment has no projector before it is attached to a model")
+        return self.aligned.projector
+
     def attach(self, model: nn.Module) -> AlignedModel:
         """Build a fresh projector for `model` (a Sprint or a dense backbone) and pair the two."""
-        backbone = getattr(model, "backbone", model)
+        backbone = model.backbone
         blocks = len(backbone.blocks)
         if not 1 <= self.depth <= blocks:
             raise ValueError(
                 f"RepaAlignment.depth {self.depth} is out of range: the state is taken after `depth` blocks and the "
                 f"model has {blocks}; allowed 1..{blocks}"
             )
-        self.projector = build_projector(backbone.hidden_size, self.projector_dim, self.feature_dim)
-        return AlignedModel(model, self.projector, self.depth)
+        projector = build_projector(backbone.hidden_size, self.projector_dim, self.feature_dim)
+        self.aligned = AlignedModel(model, projector, self.depth)
+        return self.aligned
+
+    def to(self, device: torch.device) -> RepaAlignment:
+        self.encoder.to(device)
+        return self
+
+    # ---------------------------------------------------------------- the projector's file
+    def save(self, folder: Path) -> None:
+        """Write the projector as `projector.safetensors` in a checkpoint folder (in SPRINT's key layout)."""
+        state = {PROJECTOR_PREFIX + k: v for k, v in self.projector.state_dict().items()}
+        save_state_dict(state, folder / PROJECTOR_FILE)
+
+    def restore(self, folder: Path, resuming: bool) -> Optional[str]:
+        """Load the projector saved in `folder`. Resuming, the file must exist; starting stage 2 from a checkpoint
+        without one, the projector stays fresh. Returns a line for the log, or None."""
+        path = folder / PROJECTOR_FILE
+        if not path.is_file():
+            if resuming:
+                raise FileNotFoundError(f"checkpoint {folder} has no {PROJECTOR_FILE}: it was trained without REPA "
+                                        "alignment, so it cannot be resumed with Trainer.alignment set")
+            return f"no {PROJECTOR_FILE} beside {folder}: the REPA projector starts fresh"
+        _, projector = split_projector(read_state_dict(path))
+        load_strict(self.projector, projector, f"REPA projector {path}")
+        return None
+
+    # ---------------------------------------------------------------- the loss
+    def images(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The images the encoder reads: the batch's `image`, or in pixel space the batch's `x` itself."""
+        if "image" in batch:
+            return batch["image"]
+        if codec_is_identity():
+            return batch["x"]
+        raise ValueError("REPA alignment needs the images of a latent dataset: set `LatentDataset.with_images = True`")
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -166,8 +188,10 @@ class RepaAlignment:
         tokens = self.encoder(pixel_values=pixels.to(dtype)).last_hidden_state  # layer-normed: CLS, registers, patches
         return tokens[:, 1 + getattr(self.encoder.config, "num_register_tokens", 0) :]
 
-    def loss(self, state: Optional[AlignedState], images: torch.Tensor, grid: Grid) -> torch.Tensor:
-        """Mean over the covered (rows, tokens) of -cos(target, projected state); zero when no row computed it."""
+    def loss(self, images: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Mean over the (rows, tokens) the last forward covered of -cos(target, projected state); zero when no row
+        computed the state."""
+        state = None if self.aligned is None else self.aligned.state
         if state is None:
             return torch.zeros((), device=images.device)
         targets = self.targets(images.to(state.features.device), grid)  # (B, N, z)
@@ -176,3 +200,10 @@ class RepaAlignment:
         if state.ids is not None:
             targets = gather_tokens(targets, state.ids)
         return -F.cosine_similarity(state.features.float(), targets.float(), dim=-1).mean()
+
+
+def check_no_projector(folder: Path) -> None:
+    """A run without alignment refuses to resume a checkpoint that was trained with it."""
+    if (folder / PROJECTOR_FILE).is_file():
+        raise ValueError(f"checkpoint {folder} was trained with REPA alignment ({PROJECTOR_FILE}); "
+                         "bind Trainer.alignment = @RepaAlignment() to resume it")

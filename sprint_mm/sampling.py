@@ -8,7 +8,7 @@ import gin
 import torch
 from tqdm.auto import tqdm
 
-from sprint_mm.backbone import batch_size_of, concat_rows
+from sprint_mm.tokens import batch_size_of, concat_rows
 from sprint_mm.flow import score_from_velocity
 
 GUIDANCES = ("none", "cfg", "pdg")
@@ -49,7 +49,7 @@ def guided_velocity(model: Any, x: torch.Tensor, t: float, cond: Any, guidance: 
     both = model(
         torch.cat([xin, xin]),
         torch.full((2 * b,), t, device=x.device, dtype=dtype),
-        concat_rows(cond, model.null_condition(cond)),
+        concat_rows(cond, model.backbone.null_condition(cond)),
         **extra,
     ).to(x.dtype)
     strong, weak = both[:b], both[b:]

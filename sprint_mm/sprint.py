@@ -5,24 +5,18 @@ One forward serves training (token drop, path drop), dense fine-tuning and infer
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional
 
 import gin
 import torch
 from torch import nn
 
-from sprint_mm.backbone import Backbone, Embedded, Grid, run_blocks, select_rows
+from sprint_mm.backbone import Backbone, Embedded, run_blocks
 from sprint_mm.flops import TransformerShape
 from sprint_mm.masking import TokenMask
 
 FUSIONS = ("concat_linear", "none")
-
-
-def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """(B or 1, N, ...) gathered along the token axis with ids (B, M) -> (B, M, ...)."""
-    x = x.expand(ids.shape[0], *x.shape[1:])
-    index = ids.reshape(*ids.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-    return torch.gather(x, 1, index)
 
 
 def middle_rows(batch: int, skip_middle: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -59,7 +53,6 @@ class Sprint(nn.Module):
         self.backbone = backbone
         self.encoder_depth = encoder_depth
         self.decoder_depth = decoder_depth
-        self.fusion_kind = fusion
         dim = backbone.hidden_size
         # The reference keeps the mask token frozen at its random initialisation; learnable is opt-in.
         self.mask_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02, requires_grad=learnable_mask_token)
@@ -80,25 +73,11 @@ class Sprint(nn.Module):
     def decoder_blocks(self) -> list[nn.Module]:
         return list(self.backbone.blocks[len(self.backbone.blocks) - self.decoder_depth :])
 
-    # --------------------------------------------------------------- delegated to the backbone
-    def token_grid(self, input_shape: tuple[int, ...]) -> Grid:
-        return self.backbone.token_grid(input_shape)
-
-    def drop_condition(self, cond: Any, drop: torch.Tensor) -> Any:
-        return self.backbone.drop_condition(cond, drop)
-
-    def null_condition(self, cond: Any) -> Any:
-        return self.backbone.null_condition(cond)
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.backbone.sample_shape
-
     def flop_shape(self) -> TransformerShape:
+        """The backbone's dense cost shape with SPRINT's split and fusion."""
         middle = len(self.backbone.blocks) - self.encoder_depth - self.decoder_depth
-        return self.backbone.flop_shape(
-            fusion=self.fusion is not None, depths=(self.encoder_depth, middle, self.decoder_depth)
-        )
+        return replace(self.backbone.flop_shape(), depth=(self.encoder_depth, middle, self.decoder_depth),
+                       fusion=self.fusion is not None)
 
     # --------------------------------------------------------------- forward
     def forward(
@@ -118,11 +97,11 @@ class Sprint(nn.Module):
                 f"but the input has batch {b} x {n} tokens (grid {emb.grid})"
             )
         recompute = self.backbone.gradient_checkpointing
-        dense = run_blocks(self.encoder_blocks, emb.tokens, emb.c, emb.pos, emb.context, recompute)  # (B, N, D)
+        dense = run_blocks(self.encoder_blocks, emb, recompute)  # (B, N, D)
         sparse = self._middle(dense, emb, mask, skip_middle)  # (B, N, D)
         h = sparse if self.fusion is None else self.fusion(torch.cat([sparse, dense], dim=-1))
-        h = run_blocks(self.decoder_blocks, h, emb.c, emb.pos, emb.context, recompute)
-        return self.backbone.unembed(h, emb.c, emb.grid)
+        h = run_blocks(self.decoder_blocks, emb.with_tokens(h), recompute)  # (B, N, D)
+        return self.backbone.unembed(h, emb)
 
     def _middle(
         self, dense: torch.Tensor, emb: Embedded, mask: Optional[TokenMask], skip_middle: Optional[torch.Tensor]
@@ -133,17 +112,9 @@ class Sprint(nn.Module):
         rows = middle_rows(b, skip_middle, dense.device)
         if rows.numel() == 0:
             return canvas
-        h = dense[rows]  # (b_run, N, D)
-        c = emb.c[rows]
-        pos = select_rows(emb.pos, rows)
-        context = select_rows(emb.context, rows)
-        ids_keep = None
-        if mask is not None:
-            ids_keep = mask.ids_keep.to(dense.device)[rows]  # (b_run, M)
-            h = gather_tokens(h, ids_keep)  # (b_run, M, D)
-            if pos is not None:
-                pos = tuple(gather_tokens(p, ids_keep) for p in pos)  # each kept token keeps its true position
-        h = run_blocks(self.middle_blocks, h, c, pos, context, self.backbone.gradient_checkpointing)
+        ids_keep = None if mask is None else mask.ids_keep.to(dense.device)[rows]  # (b_run, M)
+        # each kept token keeps its true position
+        h = run_blocks(self.middle_blocks, emb.subset(dense, rows, ids_keep), self.backbone.gradient_checkpointing)
         if ids_keep is not None:
             restored = canvas[: rows.numel()].scatter(1, ids_keep[..., None].expand(-1, -1, d), h)  # (b_run, N, D)
         else:
@@ -151,16 +122,3 @@ class Sprint(nn.Module):
         if rows.numel() == b:
             return restored
         return canvas.index_copy(0, rows, restored)
-
-
-@gin.configurable
-def build_model(backbone: str = "sit", sprint: bool = True, gradient_checkpointing: bool = False) -> nn.Module:
-    """The backbone named in the registry, wrapped in `Sprint` (or alone: the dense baseline).
-
-    `gradient_checkpointing` recomputes each block's activations in the backward pass instead of keeping them.
-    """
-    from registry import BACKBONES  # the registry imports the backbones, which import this package
-
-    model = BACKBONES.build(backbone)
-    model.gradient_checkpointing = gradient_checkpointing
-    return Sprint(model) if sprint else model

@@ -1,4 +1,7 @@
-"""The two-stage trainer on accelerate: AdamW, warm-up, clipping, fp32 EMA, atomic checkpoints and exact resume."""
+"""The two-stage trainer on accelerate: AdamW, warm-up, clipping, fp32 EMA, atomic checkpoints and exact resume.
+
+`TrainState` is everything a run resumes from, saved and restored in one place; `Trainer.run` is the loop.
+"""
 from __future__ import annotations
 
 import copy
@@ -13,28 +16,24 @@ from typing import Any, Optional
 import gin
 import numpy as np
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from sprint_mm.checkpoints import PROJECTOR_PREFIX, load_strict, read_state_dict, save_state_dict, split_projector
+from sprint_mm.checkpoints import load_strict, read_state_dict, save_state_dict
 from sprint_mm.conditioning import build_conditioning
 from sprint_mm.data.stream import IndexStream
 from sprint_mm.flops import forward_flops
 from sprint_mm.flow import FlowMatching
-from sprint_mm.latents import build_codec, codec_is_identity
-from sprint_mm.masking import TokenMask
 from sprint_mm.generation import Previewer
-from sprint_mm.repa import RepaAlignment
+from sprint_mm.latents import build_codec
+from sprint_mm.models import build_model
+from sprint_mm.repa import RepaAlignment, check_no_projector
 from sprint_mm.runs import list_checkpoints, publish_checkpoint, resolve_weights, staging_folder
-from sprint_mm.sprint import Sprint, build_model
+from sprint_mm.sprint import Sprint
 
 PRECISIONS = ("no", "fp16", "bf16")
-PROJECTOR_FILE = "projector.safetensors"  # the REPA projector, beside model.safetensors, which stays loadable alone
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
@@ -67,6 +66,67 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An fp32 copy that never trains: the EMA."""
+    return copy.deepcopy(model).float().eval().requires_grad_(False)
+
+
+class Replicated(DistributedDataParallel):
+    """DDP over the trained module that still names its backbone, as every model does (the loss reads it)."""
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.module.backbone
+
+
+class TrainState:
+    """What a run resumes from: model, EMA, optimizer, scheduler, step, elapsed time and the REPA projector (the
+    data position follows from the step); with every process's RNG, saved in one checkpoint folder.
+
+        step_NNNNNNN/model.safetensors, ema.safetensors, [projector.safetensors], training_state.pt, rng_rank{r}.pt
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, alignment: Optional[RepaAlignment]) -> None:
+        self.model, self.optimizer, self.scheduler, self.alignment = model, optimizer, scheduler, alignment
+        self.ema = frozen_copy(model)
+        self.step, self.elapsed = 0, 0.0
+
+    def save(self, staging: Path, data_position: int, process_index: int) -> None:
+        """Write this process's RNG and, from the main process, everything else into the staging folder."""
+        torch.save(rng_state(), staging / f"rng_rank{process_index}.pt")
+        if process_index != 0:
+            return
+        save_state_dict(self.model.state_dict(), staging / "model.safetensors")
+        save_state_dict(self.ema.state_dict(), staging / "ema.safetensors")
+        if self.alignment is not None:
+            self.alignment.save(staging)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "step": self.step, "elapsed": self.elapsed, "data_position": data_position},
+                   staging / "training_state.pt")
+
+    def restore(self, folder: Path, process_index: int) -> dict[str, Any]:
+        """Load a checkpoint of this run; returns this process's RNG state to set once training starts."""
+        load_strict(self.model, read_state_dict(folder / "model.safetensors"), f"checkpoint {folder}/model.safetensors")
+        load_strict(self.ema, read_state_dict(folder / "ema.safetensors"), f"checkpoint {folder}/ema.safetensors")
+        if self.alignment is None:
+            check_no_projector(folder)
+        else:
+            self.alignment.restore(folder, resuming=True)
+        state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        return torch.load(folder / f"rng_rank{process_index}.pt", map_location="cpu", weights_only=False)
+
+    def start_from(self, weights: Path) -> Optional[str]:
+        """Stage 2: model and EMA from a stage-1 EMA file (strictly), the projector from beside it when there is one;
+        returns a line for the log about the projector, or None."""
+        load_strict(self.model, read_state_dict(weights), f"stage-1 weights {weights}")
+        self.ema.load_state_dict(self.model.state_dict())
+        return None if self.alignment is None else self.alignment.restore(weights.parent, resuming=False)
+
+
 @gin.configurable
 class Trainer:
     """One training stage. Stage 1: masked pre-training; stage 2: `init_from` a stage-1 run, drop ratio 0.
@@ -78,9 +138,9 @@ class Trainer:
     run (on a shared CPU, 1 thread can be many times faster than one per core). A dataset with a `collate` method
     (e.g. CaptionDataset, whose caption cache may be partly filled) batches its own items.
 
-    `alignment` (e.g. `@RepaAlignment()`) adds the REPA term: its projector trains with the model and is checkpointed
-    in `projector.safetensors` (not in the EMA), so stage 2 and sampling load the model without it. A stage 2 with
-    alignment starts its projector from the stage-1 checkpoint's projector file when there is one.
+    `alignment` (e.g. `@RepaAlignment()`) adds the REPA auxiliary loss, which owns its projector and its file
+    (`projector.safetensors` beside the weights, not in the EMA). A stage 2 with alignment starts its projector from
+    the stage-1 checkpoint's projector file when there is one.
     """
 
     def __init__(
@@ -139,67 +199,67 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
+        """Processes, the train state (resumed, or stage 2's start), the data stream and the logs."""
+        self._start_processes()
+        self._build_state()
+        resumed_rng = self._restore()
+        self._distribute()
+        if resumed_rng is not None:
+            set_rng_state(resumed_rng)
+        else:  # each process draws its own noise, masks and drops
+            torch.manual_seed(self.seed * 7919 + self.accelerator.process_index + 1)
+        self.loader = self._batches()
+        if self.accelerator.is_main_process:
+            self._open_logs()
+
+    def _start_processes(self) -> None:
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
-        self.accelerator = Accelerator(
-            mixed_precision=self.precision,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        )
-        acc = self.accelerator
-        world = acc.num_processes
-        if self.batch_size % (world * self.grad_accum):
-            raise ValueError(
-                f"batch_size {self.batch_size} must be divisible by processes ({world}) x grad_accum ({self.grad_accum})"
-            )
-        self.micro_batch = self.batch_size // (world * self.grad_accum)
+        acc = self.accelerator = Accelerator(mixed_precision=self.precision)
+        if self.batch_size % (acc.num_processes * self.grad_accum):
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by processes ({acc.num_processes}) x "
+                             f"grad_accum ({self.grad_accum})")
+        self.micro_batch = self.batch_size // (acc.num_processes * self.grad_accum)
+
+    def _build_state(self) -> None:
+        """The model the configuration names, its conditioning, the optimizer and a fresh train state."""
         torch.manual_seed(self.seed)  # identical initialisation on every process
-        self.model = build_model()
-        self.conditioning = build_conditioning()
-        self.conditioning.prepare(self.model)
-        # Only previews decode during training: a run without previews needs no VAE folder.
-        self.codec = build_codec() if self.preview_every else None
-        if self.objective.uses_middle_path and not isinstance(self.model, Sprint):
+        model = build_model()
+        if self.objective.uses_middle_path and not isinstance(model, Sprint):
             raise ValueError(
                 "the objective drops tokens or paths but the model is a dense backbone: "
                 "set `build_model.sprint = True`, or `FlowMatching.path_drop = 0.0` and `FlowMatching.masker = None`"
             )
+        self.conditioning = build_conditioning()
+        self.conditioning.prepare(model)
         # What the optimizer trains and DDP wraps: the model, or the model paired with the REPA projector.
-        self.trained = self.model if self.alignment is None else self.alignment.attach(self.model)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.trained.parameters() if p.requires_grad],
-            lr=self.lr, betas=self.betas, eps=self.adam_eps, weight_decay=self.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._warmup_factor)
-        self.step, self.elapsed = 0, 0.0
-        self._restore()
-        self.ema = copy.deepcopy(self.model).float().eval().requires_grad_(False) if self.ema is None else self.ema
-        self.trained.to(acc.device)
-        self.ema.to(acc.device)
-        if self.alignment is not None:
-            self.alignment.encoder.to(acc.device)
-        self.ddp_model, self.optimizer = acc.prepare(self.trained, self.optimizer)
-        if self.step > 0:
-            set_rng_state(self._resumed_rng)
-        else:  # each process draws its own noise, masks and drops
-            torch.manual_seed(self.seed * 7919 + acc.process_index + 1)
-        self.loader = iter(
-            DataLoader(
-                self.dataset,
-                batch_size=self.micro_batch,
-                sampler=IndexStream(len(self.dataset), self.seed, acc.process_index, world, start=self._data_position()),
-                num_workers=self.num_workers,
-                collate_fn=getattr(self.dataset, "collate", None),
-                drop_last=True,
-                generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
-                persistent_workers=self.num_workers > 0,
-            )
-        )
-        if acc.is_main_process:
-            self._write_configs()
-            from torch.utils.tensorboard import SummaryWriter
+        self.trained = model if self.alignment is None else self.alignment.attach(model)
+        optimizer = torch.optim.AdamW([p for p in self.trained.parameters() if p.requires_grad], lr=self.lr,
+                                      betas=self.betas, eps=self.adam_eps, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._warmup_factor)
+        self.state = TrainState(model, optimizer, scheduler, self.alignment)
 
-            self.writer = SummaryWriter(str(self.run_dir / "logs"))
-            self.previewer = Previewer(self.run_dir / "samples", self.conditioning, self.codec, self.dataset)
+    def _distribute(self) -> None:
+        """Move everything to this process's device; with several processes, DDP over the trained module."""
+        acc = self.accelerator
+        self.trained.to(acc.device)
+        self.state.ema.to(acc.device)
+        if self.alignment is not None:
+            self.alignment.to(acc.device)
+        self.optimizer = acc.prepare(self.state.optimizer)
+        if acc.num_processes > 1:
+            device_ids = [acc.local_process_index] if acc.device.type == "cuda" else None
+            self.trained = Replicated(self.trained, device_ids=device_ids, find_unused_parameters=True)
+
+    def _open_logs(self) -> None:
+        """Config files, TensorBoard and the preview writer (main process)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._write_configs()
+        self.writer = SummaryWriter(str(self.run_dir / "logs"))
+        # Only previews decode during training: a run without previews needs no VAE folder.
+        codec = build_codec() if self.preview_every else None
+        self.previewer = Previewer(self.run_dir / "samples", self.conditioning, codec, self.dataset)
 
     def _warmup_factor(self, step: int) -> float:
         if self.warmup_steps <= 0 or step >= self.warmup_steps:
@@ -208,57 +268,45 @@ class Trainer:
 
     def _data_position(self) -> int:
         """Dataset indices this process has consumed."""
-        return self.step * self.grad_accum * self.micro_batch
+        return self.state.step * self.grad_accum * self.micro_batch
 
-    def _restore(self) -> None:
-        """Resume this run from its newest checkpoint, else start stage 2 from `init_from`, else start fresh."""
-        self.ema = None
+    def _restore(self) -> Optional[dict[str, Any]]:
+        """Resume this run from its newest checkpoint (returns this process's RNG state), else start stage 2 from
+        `init_from`, else start fresh."""
         checkpoints = list_checkpoints(self.run_dir)
         if checkpoints:
-            folder = checkpoints[-1]
-            load_strict(self.model, read_state_dict(folder / "model.safetensors"), f"checkpoint {folder}/model.safetensors")
-            self.ema = copy.deepcopy(self.model).float().eval().requires_grad_(False)
-            load_strict(self.ema, read_state_dict(folder / "ema.safetensors"), f"checkpoint {folder}/ema.safetensors")
-            self._restore_projector(folder, resuming=True)
-            state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=False)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.step, self.elapsed = state["step"], state["elapsed"]
-            rank_file = folder / f"rng_rank{self.accelerator.process_index}.pt"
-            self._resumed_rng = torch.load(rank_file, map_location="cpu", weights_only=False)
-            self._log(f"resumed from {folder} at step {self.step}")
-        elif self.init_from:
+            rng = self.state.restore(checkpoints[-1], self.accelerator.process_index)
+            self._log(f"resumed from {checkpoints[-1]} at step {self.state.step}")
+            return rng
+        if self.init_from:
             weights = resolve_weights(self.init_from, "ema.safetensors")
-            load_strict(self.model, read_state_dict(weights), f"stage-1 weights {weights}")
+            note = self.state.start_from(weights)
             self._log(f"initialised model and EMA from {weights} (fresh optimizer)")
-            self._restore_projector(weights.parent, resuming=False)
+            if note:
+                self._log(note)
+        return None
 
-    def _restore_projector(self, folder: Path, resuming: bool) -> None:
-        """Load the REPA projector saved in `folder`. Resuming, the file must exist exactly when alignment is on;
-        starting stage 2, it is used when present and alignment is on, else the projector stays fresh."""
-        path = folder / PROJECTOR_FILE
-        if self.alignment is None:
-            if resuming and path.is_file():
-                raise ValueError(f"checkpoint {folder} was trained with REPA alignment ({PROJECTOR_FILE}); "
-                                 "bind Trainer.alignment = @RepaAlignment() to resume it")
-            return
-        if not path.is_file():
-            if resuming:
-                raise FileNotFoundError(f"checkpoint {folder} has no {PROJECTOR_FILE}: it was trained without REPA "
-                                        "alignment, so it cannot be resumed with Trainer.alignment set")
-            self._log(f"no {PROJECTOR_FILE} beside {folder}: the REPA projector starts fresh")
-            return
-        _, projector = split_projector(read_state_dict(path))
-        load_strict(self.alignment.projector, projector, f"REPA projector {path}")
+    def _batches(self):
+        """The endless stream of micro-batches of this process, from the data position of the current step."""
+        acc = self.accelerator
+        sampler = IndexStream(len(self.dataset), self.seed, acc.process_index, acc.num_processes,
+                              start=self._data_position())
+        return iter(DataLoader(
+            self.dataset, batch_size=self.micro_batch, sampler=sampler, num_workers=self.num_workers,
+            collate_fn=getattr(self.dataset, "collate", None), drop_last=True,
+            generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
+            persistent_workers=self.num_workers > 0,
+        ))
 
     def _write_configs(self) -> None:
+        model = self.state.model
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.gin").write_text(gin.config_str())
         plain = {
             "gin_bindings": gin.config_str().splitlines(),
-            "model": type(self.model).__name__,
-            "backbone": type(getattr(self.model, "backbone", self.model)).__name__,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "model": type(model).__name__,
+            "backbone": type(model.backbone).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()),
             "batch_size": self.batch_size,
             "micro_batch": self.micro_batch,
             "processes": self.accelerator.num_processes,
@@ -275,145 +323,112 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
+        """Every process writes into a hidden staging folder, which the main process then renames into place."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        staging = self.run_dir / "checkpoints" / f".step_{self.step:07d}.partial"
+        staging = self.run_dir / "checkpoints" / f".step_{self.state.step:07d}.partial"
         if acc.is_main_process:
-            staging = staging_folder(self.run_dir, self.step)
+            staging = staging_folder(self.run_dir, self.state.step)
         acc.wait_for_everyone()
-        torch.save(rng_state(), staging / f"rng_rank{acc.process_index}.pt")
+        self.state.save(staging, self._data_position(), acc.process_index)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            save_state_dict(self.model.state_dict(), staging / "model.safetensors")
-            save_state_dict(self.ema.state_dict(), staging / "ema.safetensors")
-            if self.alignment is not None:
-                projector = {PROJECTOR_PREFIX + k: v for k, v in self.alignment.projector.state_dict().items()}
-                save_state_dict(projector, staging / PROJECTOR_FILE)
-            torch.save(
-                {
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "step": self.step,
-                    "elapsed": self.elapsed,
-                    "data_position": self._data_position(),
-                },
-                staging / "training_state.pt",
-            )
-            publish_checkpoint(staging, self.step, self.keep_checkpoints)
+            publish_checkpoint(staging, self.state.step, self.keep_checkpoints)
         acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ the loop
-    def _alignment_images(self, batch: dict[str, Any]) -> Optional[torch.Tensor]:
-        """The images REPA's encoder reads: the batch's `image`, or in pixel space the batch's `x` itself."""
-        if self.alignment is None:
-            return None
-        if "image" in batch:
-            return batch["image"]
-        if codec_is_identity():
-            return batch["x"]
-        raise ValueError("REPA alignment needs the images of a latent dataset: set `LatentDataset.with_images = True`")
-
     def _train_step(self) -> tuple[dict[str, float], float, int]:
-        """One optimizer step over grad_accum micro-batches: (losses, grad norm, tokens seen by this process)."""
-        acc, core = self.accelerator, self.model
+        """One optimizer step over grad_accum micro-batches: (mean losses, grad norm, tokens seen by this process)."""
+        acc, state = self.accelerator, self.state
         totals: dict[str, float] = {}
         tokens = 0
         for micro in range(self.grad_accum):
             batch = next(self.loader)
             x0 = batch["x"].to(acc.device, non_blocking=True)
-            images = self._alignment_images(batch)
             cond = self.conditioning.from_batch(batch, acc.device)
-            sync = nullcontext() if micro == self.grad_accum - 1 else acc.no_sync(self.ddp_model)
+            grid = state.model.backbone.token_grid(tuple(x0.shape))
+            sync = nullcontext() if micro == self.grad_accum - 1 else acc.no_sync(self.trained)
             with sync, acc.autocast():
-                losses = self.objective.losses(self.ddp_model, x0, cond, core=core, alignment=self.alignment,
-                                               images=None if images is None else images.to(acc.device))
+                losses = {"loss": self.objective.loss(self.trained, x0, cond)}
+                if self.alignment is not None:
+                    losses["denoise_loss"] = losses["loss"]
+                    losses["repa_loss"] = self.alignment.loss(self.alignment.images(batch), grid)
+                    losses["loss"] = losses["denoise_loss"] + self.alignment.coeff * losses["repa_loss"]
                 acc.backward(losses["loss"] / self.grad_accum)
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / self.grad_accum
-            tokens += x0.shape[0] * math.prod(core.token_grid(tuple(x0.shape)))
+            tokens += x0.shape[0] * math.prod(grid)
         grad_norm = (acc.clip_grad_norm_(self.trained.parameters(), self.grad_clip) if self.grad_clip > 0
                      else torch.tensor(0.0))
         self.optimizer.step()
-        self.scheduler.step()
+        state.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        update_ema(self.ema, self.model, ema_decay_at(self.step, self.ema_decay, self.ema_warmup))
+        update_ema(state.ema, state.model, ema_decay_at(state.step, self.ema_decay, self.ema_warmup))
         return totals, float(grad_norm), tokens
 
-    def _flop_saving(self, input_shape: tuple[int, ...]) -> Optional[float]:
+    def _flop_saving(self) -> Optional[float]:
         """Fraction of forward FLOPs SPRINT saves per training step against the same backbone dense."""
-        if not isinstance(self.model, Sprint):
+        model = self.state.model
+        if not isinstance(model, Sprint):
             return None
-        grid = self.model.token_grid(input_shape)
+        grid = model.backbone.token_grid((1, *model.backbone.sample_shape))
         tokens = math.prod(grid)
         masker = self.objective.masker
-        mask: Optional[TokenMask] = None if masker is None else masker(1, grid, generator=torch.Generator())
-        kept = mask.num_kept if mask is not None else tokens
-        sprint = forward_flops(self.model.flop_shape(), tokens, kept)
-        dense = forward_flops(self.model.backbone.flop_shape(), tokens)
-        return 1.0 - sprint / dense
+        mask = None if masker is None else masker(1, grid, generator=torch.Generator())
+        kept = tokens if mask is None else mask.num_kept
+        return 1.0 - forward_flops(model.flop_shape(), tokens, kept) / forward_flops(model.backbone.flop_shape(), tokens)
 
     def run(self) -> Path:
         """Train until max_steps or the time budget; returns the run folder."""
         self._setup()
-        acc = self.accelerator
-        saving = self._flop_saving((1, *self.model.sample_shape))
-        if self.step >= self.max_steps:
-            self._log(f"run already at step {self.step} >= max_steps {self.max_steps}; nothing to do")
+        acc, state = self.accelerator, self.state
+        if state.step >= self.max_steps:
+            self._log(f"run already at step {state.step} >= max_steps {self.max_steps}; nothing to do")
             return self.run_dir
-        bar = tqdm(total=self.max_steps, initial=self.step, disable=not (self.progress and acc.is_main_process),
+        saving = self._flop_saving()
+        bar = tqdm(total=self.max_steps, initial=state.step, disable=not (self.progress and acc.is_main_process),
                    desc=self.run_dir.name, dynamic_ncols=True)
-        window_losses: dict[str, float] = {}
-        window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+        window = Window()
         last_saved = -1
-        self.model.train()
-        while self.step < self.max_steps:
+        state.model.train()
+        while state.step < self.max_steps:
             started = time.perf_counter()
             losses, grad_norm, tokens = self._train_step()
-            self.step += 1
-            self.elapsed += time.perf_counter() - started
-            for name, value in losses.items():
-                window_losses[name] = window_losses.get(name, 0.0) + value
-            window_steps, window_tokens = window_steps + 1, window_tokens + tokens
+            state.step += 1
+            state.elapsed += time.perf_counter() - started
+            window.add(losses, tokens)
             bar.update(1)
-            if self.step % self.log_every == 0 or self.step == self.max_steps:
-                seconds = time.perf_counter() - window_start
-                metrics = {
-                    "step": self.step,
-                    **{name: total / window_steps for name, total in window_losses.items()},
-                    "grad_norm": grad_norm,
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "steps_per_s": window_steps / seconds,
-                    "tokens_per_s": window_tokens * acc.num_processes / seconds,
-                    "elapsed_s": self.elapsed,
-                }
+            if state.step % self.log_every == 0 or state.step == self.max_steps:
+                metrics = {"step": state.step, **window.means(acc.num_processes), "grad_norm": grad_norm,
+                           "lr": state.scheduler.get_last_lr()[0], "elapsed_s": state.elapsed}
                 postfix = {"loss": f"{metrics['loss']:.4f}", "it/s": f"{metrics['steps_per_s']:.2f}",
                            "tok/s": f"{metrics['tokens_per_s']:.0f}"}
                 if saving is not None and saving > 0:  # stage 2 (no drop) saves nothing
                     postfix["flops saved"] = f"{100 * saving:.0f}%"
                 bar.set_postfix(postfix)
                 self._record(metrics)
-                window_losses, window_steps, window_tokens, window_start = {}, 0, 0, time.perf_counter()
-            if self.preview_every and self.step % self.preview_every == 0 and acc.is_main_process:
-                self.previewer.save(self.ema, self.step)
-            if self.step % self.checkpoint_every == 0:
+                window = Window()
+            if self.preview_every and state.step % self.preview_every == 0 and acc.is_main_process:
+                self.previewer.save(state.ema, state.step)
+            if state.step % self.checkpoint_every == 0:
                 self.save_checkpoint()
-                last_saved = self.step
+                last_saved = state.step
             if self.time_budget is not None and self._budget_spent():
-                self._log(f"time budget of {self.time_budget / 60:.1f} min spent at step {self.step}")
+                self._log(f"time budget of {self.time_budget / 60:.1f} min spent at step {state.step}")
                 break
         bar.close()
-        if last_saved != self.step:
+        if last_saved != state.step:
             self.save_checkpoint()
         if acc.is_main_process:
             if self.preview_every:
-                self.previewer.save(self.ema, self.step)
+                self.previewer.save(state.ema, state.step)
             self.writer.close()
         acc.wait_for_everyone()
         return self.run_dir
 
     def _budget_spent(self) -> bool:
         """Every process stops at the same step: the main process's clock decides."""
-        spent = torch.tensor([float(self.elapsed >= self.time_budget)], device=self.accelerator.device)
+        spent = torch.tensor([float(self.state.elapsed >= self.time_budget)], device=self.accelerator.device)
         return bool(self.accelerator.reduce(spent, reduction="max").item())
 
     def _record(self, metrics: dict[str, float]) -> None:
@@ -423,4 +438,23 @@ class Trainer:
             f.write(json.dumps(metrics) + "\n")
         for key, value in metrics.items():
             if key != "step":
-                self.writer.add_scalar(f"train/{key}", value, self.step)
+                self.writer.add_scalar(f"train/{key}", value, self.state.step)
+
+
+class Window:
+    """Losses, steps and tokens since the last log line."""
+
+    def __init__(self) -> None:
+        self.losses: dict[str, float] = {}
+        self.steps, self.tokens, self.start = 0, 0, time.perf_counter()
+
+    def add(self, losses: dict[str, float], tokens: int) -> None:
+        for name, value in losses.items():
+            self.losses[name] = self.losses.get(name, 0.0) + value
+        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
+
+    def means(self, processes: int) -> dict[str, float]:
+        """Mean losses and the rates of the window (tokens over all processes)."""
+        seconds = time.perf_counter() - self.start
+        return {**{name: total / self.steps for name, total in self.losses.items()},
+                "steps_per_s": self.steps / seconds, "tokens_per_s": self.tokens * processes / seconds}

@@ -14,7 +14,6 @@ from torch import nn
 import convert_checkpoint
 from sprint_mm.checkpoints import (
     CheckpointMismatch,
-    TimeReversed,
     clean_key,
     from_sit_keys,
     from_sprint_keys,
@@ -28,6 +27,7 @@ from sprint_mm.layers import grid_coordinates, sincos_position_embedding
 from sprint_mm.masking import structured_mask
 from sprint_mm.sampling import Guidance, sample
 from sprint_mm.sprint import Sprint
+from sprint_mm.time_reversed import TimeReversed
 from tests.helpers import tiny_sit, tiny_sprint
 
 E, L = 2, 1  # asymmetric on a depth-5 backbone (middle 2), so a wrong offset cannot pass
@@ -353,3 +353,22 @@ def test_command_line_round_trips(tmp_path, capsys):
     report = load_sprint_checkpoint(model, repa_out, projector=projector, from_dense=True)
     assert "6 projector tensors" in report
     torch.testing.assert_close(projector[4].weight, repa_state["projectors.0.4.weight"], atol=0, rtol=0)
+
+
+def test_command_line_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
+    missing = tmp_path / "absent.pt"
+    depth_args = ["--encoder-depth", str(E), "--decoder-depth", str(L)]
+    out_args = ["--output", str(tmp_path / "out.safetensors"), *depth_args]
+    assert convert_checkpoint.main(["--from", "sit", "--to", "ours", "--input", str(missing), *out_args]) == 2
+    assert capsys.readouterr().err == f"error: checkpoint file {str(missing)!r} does not exist\n"
+
+    # A SPRINT file given as SiT (KeyError) and a SiT file given as SPRINT (ValueError): the message says which.
+    official = save_state_dict(to_sprint_keys(sprint_model(0)), tmp_path / "official.safetensors")
+    torch.save(dense_state("sit"), tmp_path / "sit.pt")
+    for source, path, names in (("sit", official, [repr(str(official)), "not a sit checkpoint"]),
+                                ("sprint", tmp_path / "sit.pt", ["blocks.*", "--from sit|repa"])):
+        assert convert_checkpoint.main(["--from", source, "--to", "ours", "--input", str(path), *out_args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+        assert all(name in err for name in names), err
+    assert not (tmp_path / "out.safetensors").exists()

@@ -9,7 +9,8 @@ import torch
 
 from sprint_mm.configs import GIN_FOLDER, ConfigError, parse_gin
 from sprint_mm.flops import forward_flops
-from sprint_mm.sprint import Sprint, build_model
+from sprint_mm.models import build_model
+from sprint_mm.sprint import Sprint
 
 GIN_FILES = sorted(str(p.relative_to(GIN_FOLDER.parent)) for p in GIN_FOLDER.rglob("*.gin"))
 

@@ -234,15 +234,6 @@ def test_masks_are_reproducible_with_a_seed_and_fresh_per_call_and_sample(kind):
     assert len({tuple(row.tolist()) for row in first.dropped}) > 1, "samples of one batch differ"
 
 
-def test_select_takes_the_rows_of_a_subset():
-    mask = structured_mask(6, (2, 4, 4), (2, 2, 2), 3, seeded())
-    rows = torch.tensor([4, 1])
-    subset = mask.select(rows)
-    assert torch.equal(subset.ids_keep, mask.ids_keep[rows]) and torch.equal(subset.dropped, mask.dropped[rows])
-    assert torch.equal(subset.ids_restore, mask.ids_restore[rows])
-    assert subset.realised_ratio == mask.realised_ratio
-
-
 # ----------------------------------------------------------------------------------------------
 # Choosing the group
 # ----------------------------------------------------------------------------------------------

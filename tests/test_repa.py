@@ -13,9 +13,10 @@ from torch import nn
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from sprint_mm.cli import sample_main, train_main
+from sprint_mm.dinov2 import IMAGENET_MEAN, IMAGENET_STD
 from sprint_mm.flow import FlowMatching
 from sprint_mm.masking import TokenMasker, structured_mask
-from sprint_mm.repa import IMAGENET_MEAN, IMAGENET_STD, AlignedModel, RepaAlignment
+from sprint_mm.repa import AlignedModel, RepaAlignment
 from sprint_mm.runs import list_checkpoints
 from tests.helpers import randomize, tiny_sit, tiny_sprint
 
@@ -54,13 +55,13 @@ def middle_by_hand(model, x, t, y, depth, mask, skip) -> torch.Tensor:
     bb = model.backbone
     emb = bb.embed(x, t, y)
     blocks = list(bb.blocks)
-    dense = blocks[0](emb.tokens, emb.c, emb.pos)
+    dense = blocks[0](emb.tokens, emb.c, emb.positions)
     rows = []
     for i in (~skip).nonzero()[:, 0].tolist():
         keep = mask.ids_keep[i]
         h = dense[i : i + 1, keep]
         for block in blocks[1:depth]:
-            h = block(h, emb.c[i : i + 1], tuple(p[:, keep] for p in emb.pos))
+            h = block(h, emb.c[i : i + 1], emb.positions.gather(keep[None]))
         rows.append(h)
     return torch.cat(rows)
 
@@ -75,19 +76,25 @@ def test_state_after_depth_blocks_in_encoder_middle_and_decoder():
     emb = bb.embed(x, t, y)
     with torch.no_grad():
         # encoder: all rows and tokens, exactly one block
-        pred, state = AlignedModel(model, nn.Identity(), 1)(x, t, y, mask=mask, skip_middle=skip)
+        aligned = AlignedModel(model, nn.Identity(), 1)
+        pred = aligned(x, t, y, mask=mask, skip_middle=skip)
+        state = aligned.state
         assert state.rows is None and state.ids is None
-        torch.testing.assert_close(state.features, bb.blocks[0](emb.tokens, emb.c, emb.pos))
+        torch.testing.assert_close(state.features, bb.blocks[0](emb.tokens, emb.c, emb.positions))
         torch.testing.assert_close(pred, model(x, t, y, mask=mask, skip_middle=skip))
         # middle: after block 3 = the 2nd middle block, kept tokens of the rows that ran the middle
-        _, state = AlignedModel(model, nn.Identity(), 3)(x, t, y, mask=mask, skip_middle=skip)
+        aligned = AlignedModel(model, nn.Identity(), 3)
+        aligned(x, t, y, mask=mask, skip_middle=skip)
+        state = aligned.state
         assert state.rows.tolist() == [0, 2, 3]
         assert torch.equal(state.ids, mask.ids_keep[[0, 2, 3]])
         torch.testing.assert_close(state.features, middle_by_hand(model, x, t, y, 3, mask, skip), atol=1e-5, rtol=1e-5)
         # decoder: after block 5 (of 6), all tokens; the last block and the final layer turn it into the prediction
-        pred, state = AlignedModel(model, nn.Identity(), 5)(x, t, y, mask=mask, skip_middle=skip)
+        aligned = AlignedModel(model, nn.Identity(), 5)
+        pred = aligned(x, t, y, mask=mask, skip_middle=skip)
+        state = aligned.state
         assert state.rows is None and state.ids is None and state.features.shape == (4, 16, 32)
-        torch.testing.assert_close(bb.unembed(bb.blocks[5](state.features, emb.c, emb.pos), emb.c, emb.grid), pred)
+        torch.testing.assert_close(bb.unembed(bb.blocks[5](state.features, emb.c, emb.positions), emb), pred)
     assert not any(block._forward_hooks for block in bb.blocks)  # the capture leaves no hook behind
 
 
@@ -95,13 +102,17 @@ def test_dense_backbone_state_and_every_row_path_dropped():
     dense = randomize(tiny_sit(depth=3)).eval()
     x, t, y = inputs()
     with torch.no_grad():
-        _, state = AlignedModel(dense, nn.Identity(), 2)(x, t, y)
+        aligned = AlignedModel(dense, nn.Identity(), 2)
+        aligned(x, t, y)
+        state = aligned.state
         emb = dense.embed(x, t, y)
-        h = dense.blocks[1](dense.blocks[0](emb.tokens, emb.c, emb.pos), emb.c, emb.pos)
+        h = dense.blocks[1](dense.blocks[0](emb.tokens, emb.c, emb.positions), emb.c, emb.positions)
         torch.testing.assert_close(state.features, h)
         # A middle point that no row reached: no state, a zero alignment term.
         everyone = torch.ones(4, dtype=torch.bool)
-        _, state = AlignedModel(model_6_blocks(), nn.Identity(), 2)(x, t, y, skip_middle=everyone)
+        aligned = AlignedModel(model_6_blocks(), nn.Identity(), 2)
+        aligned(x, t, y, skip_middle=everyone)
+        state = aligned.state
     assert state is None
 
 
@@ -132,25 +143,26 @@ def test_loss_gathers_targets_with_ids_keep_and_matches_direct_computation(encod
     mask = structured_mask(4, (1, 4, 4), (1, 2, 2), 1, generator=torch.Generator().manual_seed(1))
     skip = torch.tensor([True, False, False, True])
     with torch.no_grad():
-        _, state = aligned(x, t, y, mask=mask, skip_middle=skip)
-        loss = alignment.loss(state, images, (1, 4, 4))
+        aligned(x, t, y, mask=mask, skip_middle=skip)
+        loss = alignment.loss(images, (1, 4, 4))
         projected = alignment.projector(middle_by_hand(model, x, t, y, 3, mask, skip))  # rows 1, 2
         full = alignment.targets(images, (1, 4, 4))
         cosines = [F.cosine_similarity(projected[r], full[i, mask.ids_keep[i]], dim=-1) for r, i in enumerate((1, 2))]
     torch.testing.assert_close(loss, -torch.cat(cosines).mean(), atol=1e-5, rtol=1e-5)
 
 
-def test_objective_adds_the_weighted_term_and_gradients_stop_at_depth(encoder_dir):
+def test_alignment_follows_the_flow_loss_forward_and_gradients_stop_at_depth(encoder_dir):
     alignment = RepaAlignment(encoder_dir, depth=2, coeff=0.7, projector_dim=8)
     model = model_6_blocks().train()
     aligned = alignment.attach(model)
     objective = FlowMatching(label_dropout=0.0, path_drop=0.0, masker=TokenMasker("structured", 0.75))
     x, _, y = inputs()
-    losses = objective.losses(aligned, x, y, core=model, alignment=alignment, images=x.clamp(-1, 1),
-                              generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(losses["loss"], losses["denoise_loss"] + 0.7 * losses["repa_loss"])
-    assert -1.0 <= losses["repa_loss"].item() <= 1.0
-    losses["repa_loss"].backward()
+    denoise = objective.loss(aligned, x, y, generator=torch.Generator().manual_seed(0))
+    # The projector changes no prediction: the flow loss through the aligned model is the model's own.
+    torch.testing.assert_close(denoise, objective.loss(model, x, y, generator=torch.Generator().manual_seed(0)))
+    repa = alignment.loss(x.clamp(-1, 1), (1, 4, 4))
+    assert -1.0 <= repa.item() <= 1.0
+    repa.backward()
     blocks = model.backbone.blocks
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in alignment.projector.parameters())
     assert all(blocks[i].attn.qkv.weight.grad.abs().sum() > 0 for i in range(2))

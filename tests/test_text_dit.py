@@ -7,7 +7,6 @@ import torch
 from registry import BACKBONES
 from sprint_mm.layers import CrossAttention
 from sprint_mm.masking import TokenMasker
-from sprint_mm.sampling import Guidance, guided_velocity
 from sprint_mm.sprint import Sprint
 from tests.helpers import randomize
 
@@ -70,12 +69,12 @@ def test_null_condition_drop_condition_and_set_null_text():
     model = tiny_sprint()
     backbone = model.backbone
     cond = text_condition()
-    null = model.null_condition(cond)
+    null = backbone.null_condition(cond)
     assert torch.equal(null["text_mask"], torch.tensor([[True] + [False] * (LENGTH - 1)] * 3))  # before set_null_text
     assert torch.equal(null["text_tokens"], torch.zeros(3, LENGTH, TEXT_DIM))
-    all_dropped = model.drop_condition(cond, torch.ones(3, dtype=torch.bool))
+    all_dropped = backbone.drop_condition(cond, torch.ones(3, dtype=torch.bool))
     assert all(torch.equal(all_dropped[k], null[k]) for k in null)
-    some = model.drop_condition(cond, torch.tensor([True, False, True]))
+    some = backbone.drop_condition(cond, torch.tensor([True, False, True]))
     for key in null:
         assert torch.equal(some[key][[0, 2]], null[key][[0, 2]]) and torch.equal(some[key][1], cond[key][1])
 
@@ -83,7 +82,7 @@ def test_null_condition_drop_condition_and_set_null_text():
     before = model(x, t, null)
     empty = text_condition(seed=5, real_tokens=(3,))
     backbone.set_null_text(**empty)  # batch 1, as the text encoder's empty() gives it
-    null = model.null_condition(cond)
+    null = backbone.null_condition(cond)
     assert torch.equal(null["text_tokens"], empty["text_tokens"].expand(3, -1, -1))
     assert torch.equal(null["text_mask"], empty["text_mask"].expand(3, -1))
     assert (model(x, t, null) - before).abs().max() > 1e-4
@@ -94,7 +93,7 @@ def test_null_condition_drop_condition_and_set_null_text():
 def test_every_parameter_and_the_learned_null_get_gradient():
     model = randomize(Sprint(tiny_text(learned_null=True, pooled_text=True), encoder_depth=1, decoder_depth=1))
     x, t = inputs()
-    cond = model.drop_condition(text_condition(), torch.tensor([True, False, False]))
+    cond = model.backbone.drop_condition(text_condition(), torch.tensor([True, False, False]))
     assert cond["text_mask"][0].all()
     mask = TokenMasker("structured", 0.75)(3, (1, 4, 4), generator=torch.Generator().manual_seed(0))
     model(x, t, cond, mask=mask).square().mean().backward()
@@ -122,10 +121,10 @@ def test_middle_blocks_see_every_text_token_under_a_75_percent_mask():
 
 def test_images_and_videos():
     model = tiny_sprint(input_size=(4, 8, 8))
-    assert model.sample_shape == (3, 4, 8, 8) and tiny_text().sample_shape == (3, 8, 8)
+    assert model.backbone.sample_shape == (3, 4, 8, 8) and tiny_text().sample_shape == (3, 8, 8)
     cond = text_condition()
     x, t = inputs(frames=4)
-    mask = TokenMasker("structured", 0.75, (2, 2, 2), 2)(3, model.token_grid(tuple(x.shape)))
+    mask = TokenMasker("structured", 0.75, (2, 2, 2), 2)(3, model.backbone.token_grid(tuple(x.shape)))
     video_out = model(x, t, cond, mask=mask)
     assert video_out.shape == x.shape and torch.isfinite(video_out).all()
     image_out = model(x[:, :, 0], t, cond)
@@ -133,18 +132,6 @@ def test_images_and_videos():
     torch.testing.assert_close(image_out, model(x[:, :, :1], t, cond).squeeze(2))
     other_text = text_condition(seed=1)
     assert (model(x, t, other_text, mask=mask) - video_out).abs().max() > 1e-4
-
-
-def test_pdg_equals_two_pass_computation():
-    model = tiny_sprint(pooled_text=True)
-    model.backbone.set_null_text(**text_condition(seed=7, real_tokens=(2,)))
-    x, _ = inputs()
-    cond = text_condition()
-    tt = torch.full((3,), 0.6)
-    guided = guided_velocity(model, x, 0.6, cond, Guidance("pdg", 2.5))
-    strong = model(x, tt, cond)
-    weak = model(x, tt, model.null_condition(cond), skip_middle=torch.ones(3, dtype=torch.bool))
-    torch.testing.assert_close(guided, weak + 2.5 * (strong - weak), atol=1e-5, rtol=1e-5)
 
 
 def test_flop_shape_counts_cross_attention():

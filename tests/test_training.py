@@ -67,7 +67,7 @@ def test_training_reduces_loss_and_writes_run_files(tmp_path):
     assert losses[-1] < losses[0]
     assert len(list_checkpoints(run)) == 2  # retention
     assert (run / "config.gin").read_text().count("sit.hidden_size = 32") == 1
-    assert json.loads((run / "config.json").read_text())["backbone"] == "SiT"
+    assert json.loads((run / "config.json").read_text())["backbone"] == "DiT"
     assert list((run / "logs").glob("events.out.tfevents.*"))
     assert not list((run / "checkpoints").glob(".*"))  # no partial folders left
 
@@ -187,7 +187,7 @@ def test_sampling_resumes_after_a_stop_and_is_class_balanced(tmp_path, monkeypat
 
 
 def test_ema_warmup_follows_the_model_early(tmp_path):
-    from sprint_mm.sprint import build_model
+    from sprint_mm.models import build_model
     from sprint_mm.training import ema_decay_at
 
     assert ema_decay_at(0, 0.9999, warmup=True) == pytest.approx(0.1)

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from registry import BACKBONES
-from registry.video_dit import FactorisedAttention
 from sprint_mm.layers import Attention, apply_rope, grid_coordinates
 from sprint_mm.masking import TokenMasker, random_mask, structured_mask
 from sprint_mm.sampling import Guidance, guided_velocity
-from sprint_mm.sprint import Sprint, gather_tokens
+from sprint_mm.sprint import Sprint
+from sprint_mm.tokens import gather_tokens
 from tests.helpers import randomize
 
 GRID = (4, 4, 4)  # tokens of a (4, 8, 8) video with patch (1, 2, 2)
@@ -38,35 +38,6 @@ def tube_mask(batch: int, grid=GRID, seed: int = 0):
     return structured_mask(batch, grid, (1, 2, 2), 1, generator=torch.Generator().manual_seed(seed), tube=True)
 
 
-@pytest.mark.parametrize("attention", ["full", "factorised"])
-def test_keep_everything_mask_equals_no_mask(attention):
-    model = tiny_sprint(attention=attention)
-    x, t, y = inputs()
-    mask = random_mask(3, GRID, 0.0, generator=torch.Generator().manual_seed(3))
-    assert mask.num_kept == 64 and not torch.equal(mask.ids_keep[0], torch.arange(64))  # all tokens, shuffled
-    torch.testing.assert_close(model(x, t, y, mask=mask), model(x, t, y), atol=1e-5, rtol=1e-5)
-
-
-def test_pdg_equals_two_pass_computation():
-    model = tiny_sprint()
-    x, _, y = inputs()
-    tt = torch.full((3,), 0.6)
-    guided = guided_velocity(model, x, 0.6, y, Guidance("pdg", 2.5))
-    strong = model(x, tt, y)
-    weak = model(x, tt, torch.full_like(y, 4), skip_middle=torch.ones(3, dtype=torch.bool))
-    torch.testing.assert_close(guided, weak + 2.5 * (strong - weak), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("attention", ["full", "factorised"])
-def test_image_equals_one_frame_video(attention):
-    model = tiny_sprint(attention=attention)
-    x, t, y = inputs(frames=1)
-    image_out = model(x[:, :, 0], t, y)
-    assert image_out.shape == (3, 3, 8, 8)
-    torch.testing.assert_close(image_out, model(x, t, y).squeeze(2))
-    assert model.token_grid((3, 3, 8, 8)) == (1, 4, 4)
-
-
 def test_rope_scores_depend_only_on_coordinate_differences():
     rope = tiny_video().rope  # head dim 16, Wan split (8, 4, 4)
     assert rope.axis_dims == (8, 4, 4)
@@ -90,28 +61,28 @@ def test_factorised_attention_equals_per_frame_and_per_position_attention():
     model = randomize(tiny_video(attention="factorised"))
     x, t, y = inputs(batch=2)
     emb = model.embed(x, t, y)
-    cos, sin = emb.pos[:2]
+    cos, sin = emb.positions.rope
     h = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(1))
     spatial, temporal = model.blocks[0].attn, model.blocks[1].attn
     assert (spatial.span, temporal.span) == ("spatial", "temporal")
     expected_spatial, expected_temporal = torch.empty_like(h), torch.empty_like(h)
     for frame in range(4):  # raster order: frame f holds tokens 16 f .. 16 f + 15
         idx = torch.arange(16 * frame, 16 * frame + 16)
-        expected_spatial[:, idx] = Attention.forward(spatial, h[:, idx], (cos[:, idx], sin[:, idx]))
+        expected_spatial[:, idx] = spatial.attend(h[:, idx], (cos[:, idx], sin[:, idx]))
     for cell in range(16):
         idx = torch.arange(cell, 64, 16)
-        expected_temporal[:, idx] = Attention.forward(temporal, h[:, idx], (cos[:, idx], sin[:, idx]))
-    torch.testing.assert_close(spatial(h, emb.pos), expected_spatial, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(temporal(h, emb.pos), expected_temporal, atol=1e-5, rtol=1e-5)
+        expected_temporal[:, idx] = temporal.attend(h[:, idx], (cos[:, idx], sin[:, idx]))
+    torch.testing.assert_close(spatial(h, emb.positions), expected_spatial, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(temporal(h, emb.positions), expected_temporal, atol=1e-5, rtol=1e-5)
 
 
 def test_factorised_attention_on_tube_kept_tokens_mixes_only_within_frame_or_position():
     model = randomize(tiny_video(attention="factorised"))
     x, t, y = inputs(batch=2)
-    pos = model.embed(x, t, y).pos
+    positions = model.embed(x, t, y).positions
     mask = tube_mask(2)
-    kept = tuple(gather_tokens(p, mask.ids_keep) for p in pos)  # (2, 16, *): 4 cells in each of 4 frames
-    frame, cell = kept[2], kept[3]
+    kept = positions.gather(mask.ids_keep)  # (2, 16, *): 4 cells in each of 4 frames
+    frame, cell = kept.coords[..., 0], kept.coords[..., 1] * GRID[2] + kept.coords[..., 2]
     h = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
     poked = h.clone()
     poked[:, 0] += 1.0  # one kept token per sample
@@ -120,7 +91,7 @@ def test_factorised_attention_on_tube_kept_tokens_mixes_only_within_frame_or_pos
         assert torch.equal(changed, related)
     # Equivariance: any order of the kept tokens gives the same per-token outputs.
     perm = torch.randperm(16, generator=torch.Generator().manual_seed(2)).expand(2, -1)
-    shuffled = tuple(gather_tokens(p, perm) for p in kept)
+    shuffled = kept.gather(perm)
     for attn in (model.blocks[0].attn, model.blocks[1].attn):
         expected = gather_tokens(attn(h, kept), perm)
         torch.testing.assert_close(attn(gather_tokens(h, perm), shuffled), expected, atol=1e-5, rtol=1e-5)
@@ -145,7 +116,7 @@ def test_non_tube_masks_with_factorised_attention_raise():
 def test_sprint_on_13_frames_trains_every_parameter(attention, masker):
     model = randomize(Sprint(tiny_video(attention=attention, depth=5), encoder_depth=1, decoder_depth=1)).train()
     x, t, y = inputs(batch=2, frames=13)
-    grid = model.token_grid(tuple(x.shape))
+    grid = model.backbone.token_grid(tuple(x.shape))
     assert grid == (13, 4, 4)
     mask = masker(2, grid, generator=torch.Generator().manual_seed(0))
     assert mask.num_kept < 13 * 16 // 2
@@ -182,7 +153,7 @@ def test_errors():
         video_patch2(x[:, :, 0], t, y)
     with pytest.raises(ValueError, match="input channels"):
         video_patch2(x[:, :2], t, y)
-    with pytest.raises(ValueError, match="needs pos"):
-        FactorisedAttention(32, 2, "spatial")(torch.zeros(1, 4, 32), None)
+    with pytest.raises(ValueError, match="needs the tokens' positions"):
+        Attention(32, 2, span="spatial")(torch.zeros(1, 4, 32), None)
     with pytest.raises(ValueError, match="unknown attention span"):
-        FactorisedAttention(32, 2, "diagonal")
+        Attention(32, 2, span="diagonal")

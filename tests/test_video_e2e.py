@@ -156,7 +156,7 @@ def test_mixed_image_and_video_batches_share_one_sprint_model():
 
     # An image under a mask is exactly a one-frame video under the same mask.
     masker = TokenMasker("structured", 0.75)
-    image_grid_shape = model.token_grid(tuple(images.shape))
+    image_grid_shape = model.backbone.token_grid(tuple(images.shape))
     assert tuple(image_grid_shape) == (1, 4, 4)
     mask = masker(3, image_grid_shape, generator=torch.Generator().manual_seed(2))
     assert mask.num_kept == 4

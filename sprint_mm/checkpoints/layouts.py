@@ -1,119 +1,26 @@
-"""Checkpoint files: atomic safetensors writes, reading with prefix clean-up, strict loading with a readable report,
-and conversion between our keys and those of SPRINT, SiT and REPA checkpoints."""
+"""Conversion between our Sprint keys and the SPRINT, SiT and REPA checkpoint layouts, and loading either of ours.
+
+Our Sprint state dict nests the backbone (`backbone.blocks.i`, `backbone.x_embedder`, ...) beside the wrapper's own
+`mask_token` and `fusion`. SPRINT's official files split the blocks into three stacks and call the fusion
+`renoise_linear`; SiT/REPA files are dense (`blocks.i`) with a Conv2d patch embed, a stored sin-cos `pos_embed` and
+final-layer rows ordered (i, j, c) instead of our channel-major (c, i, j).
+"""
 from __future__ import annotations
 
 import math
-import argparse
 import os
 import re
-import tempfile
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sprint_mm.checkpoints.files import clean_key, read_state_dict
+from sprint_mm.checkpoints.strict import CheckpointMismatch, load_strict
 from sprint_mm.layers import grid_coordinates, sincos_position_embedding
 
 if TYPE_CHECKING:
     from sprint_mm.sprint import Sprint
-
-# `module.` from DDP and `_orig_mod.` from torch.compile, anywhere in a key (per-block compile puts it mid-key).
-# The look-behind does not consume the dot, so stacked wrappers (`module._orig_mod.`) all go.
-WRAPPER_PREFIXES = re.compile(r"(?:^|(?<=\.))(?:module|_orig_mod)\.")
-
-
-class CheckpointMismatch(ValueError):
-    """A state dict that does not fit the model: lists what is missing, unexpected and of another shape."""
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call write(tmp_path) then rename over `path`, so a stop at any moment never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: Optional[dict[str, str]] = None) -> Path:
-    """Write tensors as safetensors atomically (contiguous CPU copies; shared storage is fine)."""
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def clean_key(key: str) -> str:
-    return WRAPPER_PREFIXES.sub("", key)
-
-
-def read_state_dict(path: str | os.PathLike, entry: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors or torch file; `entry` picks a sub-dict such as "ema" of a training checkpoint.
-    Wrapper prefixes (`module.`, `_orig_mod.`) are removed wherever they stand."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        # SiT/REPA training checkpoints carry their argparse Namespace beside the tensors.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    if entry is not None:
-        if not isinstance(state, dict) or entry not in state:
-            keys = list(state)[:10] if isinstance(state, dict) else type(state).__name__
-            raise KeyError(f"checkpoint {str(path)!r} has no entry {entry!r}; its top-level keys: {keys}")
-        state = state[entry]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(
-            f"checkpoint {str(path)!r} is not a flat state dict of tensors; "
-            "pass entry='ema' or entry='model' for a training checkpoint"
-        )
-    return {clean_key(k): v for k, v in state.items()}
-
-
-def mismatch_report(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
-    """(missing, unexpected, wrong-shape descriptions) of `state` against `module`."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if tuple(own[k].shape) != tuple(state[k].shape)
-    )
-    return missing, unexpected, shapes
-
-
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Load every tensor or raise CheckpointMismatch naming what does not fit; never a partial, silent load."""
-    missing, unexpected, shapes = mismatch_report(module, state)
-    if missing or unexpected or shapes:
-        def listing(title: str, items: list[str]) -> str:
-            shown = "\n    ".join(items[:12]) + (f"\n    ... and {len(items) - 12} more" if len(items) > 12 else "")
-            return f"  {title} ({len(items)}):\n    {shown}" if items else ""
-
-        parts = [listing("missing from the checkpoint", missing), listing("unexpected in the checkpoint", unexpected),
-                 listing("shape mismatches", shapes)]
-        raise CheckpointMismatch(f"{source} does not fit the model:\n" + "\n".join(p for p in parts if p))
-    module.load_state_dict(state, strict=True)
-
-
-#################################################################################
-#              Interop: SPRINT, SiT and REPA checkpoint layouts                 #
-#################################################################################
-# Our Sprint state dict nests the backbone (`backbone.blocks.i`, `backbone.x_embedder`, ...) beside the wrapper's own
-# `mask_token` and `fusion`. SPRINT's official files split the blocks into three stacks and call the fusion
-# `renoise_linear`; SiT/REPA files are dense (`blocks.i`) with a Conv2d patch embed, a stored sin-cos `pos_embed` and
-# final-layer rows ordered (i, j, c) instead of our channel-major (c, i, j).
 
 SPRINT_STACKS = ("encoder_blocks", "middle_blocks", "decoder_blocks")
 DENSE_LAYOUTS = ("sit", "repa")
@@ -174,6 +81,7 @@ def stack_depths(state: dict[str, torch.Tensor]) -> dict[str, int]:
 
 
 def check_depth_split(depth: int, encoder_depth: int, decoder_depth: int) -> None:
+    """Raise unless the encoder and decoder depths leave at least one middle block of `depth`."""
     if encoder_depth < 0 or decoder_depth < 0 or encoder_depth + decoder_depth >= depth:
         raise ValueError(
             f"encoder_depth {encoder_depth} + decoder_depth {decoder_depth} must leave at least one middle block "
@@ -324,7 +232,8 @@ def from_sit_keys(
     tensors (mask_token, fusion), which a dense model lacks: load the result with `load_dense_into_sprint`.
 
     Load it into a backbone built with position='absolute' and qk_norm 'none' (SiT, REPA default) or 'layernorm'
-    (REPA --qk-norm). Original SiT runs time the other way: wrap the loaded model in `TimeReversed`."""
+    (REPA --qk-norm). Original SiT runs time the other way: wrap the loaded model in
+    `sprint_mm.time_reversed.TimeReversed`."""
     if layout not in DENSE_LAYOUTS:
         raise ValueError(f"unknown dense layout {layout!r}; allowed: {', '.join(DENSE_LAYOUTS)}")
     patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
@@ -429,28 +338,3 @@ def load_sprint_checkpoint(
     elif projector_state:
         report += f"; ignored {len(projector_state)} projector tensors as asked"
     return report
-
-
-class TimeReversed(nn.Module):
-    """Runs a model trained in original SiT's time direction (t = 0 noise, t = 1 data, velocity toward the data) in
-    ours (t = 0 data, t = 1 noise): it evaluates the model at 1 - t and negates the velocity. REPA needs no wrapper."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any, **kwargs: Any) -> torch.Tensor:
-        return -self.model(x, 1 - t, cond, **kwargs)
-
-    def token_grid(self, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
-        return self.model.token_grid(input_shape)
-
-    def drop_condition(self, cond: Any, drop: torch.Tensor) -> Any:
-        return self.model.drop_condition(cond, drop)
-
-    def null_condition(self, cond: Any) -> Any:
-        return self.model.null_condition(cond)
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.model.sample_shape

@@ -1,0 +1,69 @@
+"""Checkpoint files: atomic safetensors writes, and reading a state dict with training wrapper prefixes removed."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+# `module.` from DDP and `_orig_mod.` from torch.compile, anywhere in a key (per-block compile puts it mid-key).
+# The look-behind does not consume the dot, so stacked wrappers (`module._orig_mod.`) all go.
+WRAPPER_PREFIXES = re.compile(r"(?:^|(?<=\.))(?:module|_orig_mod)\.")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Call write(tmp_path) then rename over `path`, so a stop at any moment never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: Optional[dict[str, str]] = None) -> Path:
+    """Write tensors as safetensors atomically (contiguous CPU copies; shared storage is fine)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def clean_key(key: str) -> str:
+    """`key` without the DDP / torch.compile wrapper prefixes, wherever they stand."""
+    return WRAPPER_PREFIXES.sub("", key)
+
+
+def read_state_dict(path: str | os.PathLike, entry: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors or torch file; `entry` picks a sub-dict such as "ema" of a training checkpoint.
+    Wrapper prefixes (`module.`, `_orig_mod.`) are removed wherever they stand."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        # SiT/REPA training checkpoints carry their argparse Namespace beside the tensors.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    if entry is not None:
+        if not isinstance(state, dict) or entry not in state:
+            keys = list(state)[:10] if isinstance(state, dict) else type(state).__name__
+            raise KeyError(f"checkpoint {str(path)!r} has no entry {entry!r}; its top-level keys: {keys}")
+        state = state[entry]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a flat state dict of tensors; "
+            "pass entry='ema' or entry='model' for a training checkpoint"
+        )
+    return {clean_key(k): v for k, v in state.items()}

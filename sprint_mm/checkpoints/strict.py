@@ -1,0 +1,36 @@
+"""Strict loading: every tensor fits or nothing is loaded, with a readable report of what does not fit."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CheckpointMismatch(ValueError):
+    """A state dict that does not fit the model: lists what is missing, unexpected and of another shape."""
+
+
+def mismatch_report(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, wrong-shape descriptions) of `state` against `module`."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if tuple(own[k].shape) != tuple(state[k].shape)
+    )
+    return missing, unexpected, shapes
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load every tensor or raise CheckpointMismatch naming what does not fit; never a partial, silent load."""
+    missing, unexpected, shapes = mismatch_report(module, state)
+    if missing or unexpected or shapes:
+        def listing(title: str, items: list[str]) -> str:
+            shown = "\n    ".join(items[:12]) + (f"\n    ... and {len(items) - 12} more" if len(items) > 12 else "")
+            return f"  {title} ({len(items)}):\n    {shown}" if items else ""
+
+        parts = [listing("missing from the checkpoint", missing), listing("unexpected in the checkpoint", unexpected),
+                 listing("shape mismatches", shapes)]
+        raise CheckpointMismatch(f"{source} does not fit the model:\n" + "\n".join(p for p in parts if p))
+    module.load_state_dict(state, strict=True)

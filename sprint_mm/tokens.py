@@ -1,0 +1,83 @@
+"""Indexing tokens and batch rows: token positions as one typed object with one gather rule, and the row helpers
+that select, join and size conditions (a tensor, or a dict / tuple of tensors, batch axis 0)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Optional
+
+import torch
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (1 or B, N, head_dim)
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B or 1, N, ...) gathered along the token axis with ids (B, M) -> (B, M, ...)."""
+    x = x.expand(ids.shape[0], *x.shape[1:])
+    index = ids.reshape(*ids.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, index)
+
+
+@dataclass(frozen=True)
+class TokenPositions:
+    """Where every token sits: its (t, h, w) grid coordinates and, with RoPE, its rotation.
+
+    Every field has the token axis 1 and a batch axis 0 of size 1 (shared by the batch) or B. A sparse path gathers
+    the positions with the tokens (`gather`), so each kept token keeps its true position.
+    """
+
+    coords: torch.Tensor  # (1 or B, N, 3) int64 (t, h, w)
+    cos: Optional[torch.Tensor] = None  # (1 or B, N, head_dim) RoPE, or None for absolute positions
+    sin: Optional[torch.Tensor] = None
+
+    @property
+    def rope(self) -> Optional[Rope]:
+        return None if self.cos is None else (self.cos, self.sin)
+
+    def _map(self, fn) -> TokenPositions:
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None})
+
+    def gather(self, ids: torch.Tensor) -> TokenPositions:
+        """The positions of the tokens ids (B, M)."""
+        return self._map(lambda tensor: gather_tokens(tensor, ids))
+
+    def rows(self, rows: torch.Tensor) -> TokenPositions:
+        """The positions of a subset of batch rows; shared (batch 1) positions stay shared."""
+        return self._map(lambda tensor: select_rows(tensor, rows))
+
+
+def select_rows(obj: Any, rows: torch.Tensor) -> Any:
+    """Index batch axis 0 of a tensor, a dict/tuple of them, or None; size-1 batch axes broadcast and stay."""
+    if obj is None:
+        return None
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.shape[0] == 1 else obj[rows]
+    if isinstance(obj, TokenPositions):
+        return obj.rows(rows)
+    if isinstance(obj, dict):
+        return {k: select_rows(v, rows) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(select_rows(v, rows) for v in obj)
+    raise TypeError(f"cannot select batch rows of {type(obj).__name__}")
+
+
+def concat_rows(a: Any, b: Any) -> Any:
+    """Concatenate two conditions (tensors or dicts of tensors) along the batch axis."""
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b], dim=0)
+    if isinstance(a, dict):
+        return {k: concat_rows(a[k], b[k]) for k in a}
+    raise TypeError(f"cannot concatenate conditions of type {type(a).__name__}")
+
+
+def batch_size_of(cond: Any) -> int:
+    """Batch size of a condition: a tensor or a dict of tensors with batch axis 0."""
+    if isinstance(cond, torch.Tensor):
+        return cond.shape[0]
+    if isinstance(cond, dict) and cond:
+        return batch_size_of(next(iter(cond.values())))
+    raise TypeError(f"a condition must be a tensor or a dict of tensors, got {type(cond).__name__}")
+
+
+def device_of(cond: Any) -> torch.device:
+    """Device of a condition: a tensor or a dict of tensors."""
+    return cond.device if isinstance(cond, torch.Tensor) else device_of(next(iter(cond.values())))
