@@ -27,9 +27,9 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing spr
 import digits_classifier as judges  # noqa: E402  (a sibling script: benchmarks/ is on sys.path when it runs)
 from sprint_mm.cli import sample_main  # noqa: E402
 from sprint_mm.data.captioned_digits import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, prompts_for  # noqa: E402
+from sprint_mm.sampling import GUIDANCES  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "prompt_accuracy.json"
-GUIDANCES = ("none", "cfg", "pdg")
 HEADERS = {"none": "unguided", "cfg": "CFG", "pdg": "PDG"}
 TARGET = 0.70  # PDG accuracy over all prompts, held-out phrasings included
 

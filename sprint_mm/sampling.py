@@ -8,10 +8,11 @@ import gin
 import torch
 from tqdm.auto import tqdm
 
+from sprint_mm.errors import check_number
 from sprint_mm.tokens import batch_size_of, concat_rows
+from sprint_mm.flops import GUIDANCE_MODES as GUIDANCES
 from sprint_mm.flow import score_from_velocity
 
-GUIDANCES = ("none", "cfg", "pdg")
 SOLVERS = ("euler", "heun", "sde")
 
 
@@ -27,6 +28,8 @@ class Guidance:
     def __post_init__(self) -> None:
         if self.kind not in GUIDANCES:
             raise ValueError(f"unknown guidance {self.kind!r}; allowed: {', '.join(GUIDANCES)}")
+        # 1 leaves the condition as it is, above 1 strengthens it, 0 is the weak branch alone
+        check_number("guidance scale", self.scale, low=0)
         low, high = self.interval
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"guidance interval must satisfy 0 <= low <= high <= 1, got {tuple(self.interval)}")
