@@ -13,6 +13,7 @@ from sklearn.datasets import load_digits
 from torchvision.transforms import v2
 
 from sprint_mm.data.digits import DigitsDataset
+from sprint_mm.data.faults import BadItem
 from sprint_mm.data.images import ImageFolderDataset
 
 # ----------------------------------------------------------------------------------------------
@@ -120,18 +121,16 @@ def test_extensions_restrict_which_files_are_images(image_root):
     assert sorted(path.name for path, _ in dataset.samples) == ["grey.PNG", "red.png", "wide.png"]
 
 
-@pytest.mark.parametrize("corruption", ["garbage", "truncated"])
-def test_corrupt_image_raises_naming_the_file(image_root, corruption):
+@pytest.mark.parametrize("corruption", ["garbage", "truncated", "empty"])
+def test_corrupt_image_is_a_bad_item_naming_the_file(image_root, corruption):
     broken = image_root / "dog" / "broken.png"
-    if corruption == "garbage":
-        broken.write_bytes(b"this is not a png")
-    else:
-        data = (image_root / "cat" / "wide.png").read_bytes()
-        broken.write_bytes(data[: len(data) // 2])
+    data = (image_root / "cat" / "wide.png").read_bytes()
+    broken.write_bytes({"garbage": b"this is not a png", "truncated": data[: len(data) // 2], "empty": b""}[corruption])
     dataset = ImageFolderDataset(image_root, resolution=8)
     (index,) = [i for i, (path, _) in enumerate(dataset.samples) if path == broken]
-    with pytest.raises(ValueError, match="broken.png"):
+    with pytest.raises(BadItem, match="broken.png: cannot decode image") as info:
         dataset[index]
+    assert (info.value.kind, info.value.path) == ("image", str(broken))
 
 
 def test_missing_root_names_path_and_layout(tmp_path):

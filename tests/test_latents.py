@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import random
 import shutil
 import sys
 import zipfile
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 
 from sprint_mm.data.latents import LatentDataset, VideoLatentDataset, image_member, latent_member
 from sprint_mm.latents import IdentityCodec, VAECodec, build_codec
+from tests.latent_layouts import write_latent_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
 import encode_images  # noqa: E402
@@ -264,26 +264,11 @@ def test_flat_source_folder_needs_unlabeled(tmp_path):
 # ---------------------------------------------------------------------------------------- latent dataset
 
 
-def _synthetic_layout(root: Path, means: dict[int, np.ndarray], stds: dict[int, np.ndarray], labels: dict[int, int]):
-    """Write a layout by hand, in shuffled creation order; image `i` is filled with the value `i % 256`."""
-    order = list(means)
-    random.Random(0).shuffle(order)
-    for index in order:
-        path = root / "vae-sd" / latent_member(index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, np.concatenate([means[index], stds[index]]).astype(np.float32))
-        path = root / "images" / image_member(index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (4, 4), (index % 256,) * 3).save(path)
-    content = {"labels": [[latent_member(i), labels[i]] for i in order]}
-    (root / "vae-sd" / "dataset.json").write_text(json.dumps(content))
-
-
 def test_images_and_latents_pair_by_name(tmp_path):
     indices = [1002, 0, 5]
     means = {i: np.full((2, 2, 2), float(i)) for i in indices}
     stds = {i: np.zeros((2, 2, 2)) for i in indices}
-    _synthetic_layout(tmp_path, means, stds, {1002: 7, 0: 3, 5: 9})
+    write_latent_layout(tmp_path, means, stds, {1002: 7, 0: 3, 5: 9})
     dataset = LatentDataset(str(tmp_path), with_images=True, scale=1.0)
     assert [dataset[k]["label"] for k in range(3)] == [3, 9, 7]
     for k in range(3):
@@ -301,7 +286,7 @@ def test_images_and_latents_pair_by_name(tmp_path):
 
 
 def test_missing_label_or_tree_is_named(tmp_path):
-    _synthetic_layout(tmp_path, {0: np.zeros((2, 2, 2))}, {0: np.ones((2, 2, 2))}, {0: 1})
+    write_latent_layout(tmp_path, {0: np.zeros((2, 2, 2))}, {0: np.ones((2, 2, 2))}, {0: 1})
     (tmp_path / "vae-sd" / "dataset.json").write_text(json.dumps({"labels": [["00000/other.npy", 1]]}))
     with pytest.raises(KeyError, match="img-mean-std-00000000.npy"):
         LatentDataset(str(tmp_path))
@@ -312,7 +297,7 @@ def test_missing_label_or_tree_is_named(tmp_path):
 def test_latent_draws_have_the_scaled_posterior_statistics(tmp_path):
     rng = np.random.default_rng(3)
     mean, std = rng.normal(size=(4, 2, 2)), rng.uniform(0.5, 2.0, size=(4, 2, 2))
-    _synthetic_layout(tmp_path, {0: mean}, {0: std}, {0: 0})
+    write_latent_layout(tmp_path, {0: mean}, {0: std}, {0: 0})
     scale, shift, draws = 0.5, 0.2, 4000
     dataset = LatentDataset(str(tmp_path), scale=scale, shift=shift)
     torch.manual_seed(0)

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import gin
@@ -18,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sprint_mm.data import video as video_module
+from sprint_mm.data.faults import BAD_ITEMS, BadDataError, BadDataLedger, SkippingDataset
 from sprint_mm.data.transforms import resize_center_crop
 from sprint_mm.data.video import VideoFolderDataset, clip_frame_indices
 from sprint_mm.media import save_video
@@ -219,13 +219,13 @@ def test_cached_frames_give_the_same_clips_and_decode_each_file_once(digits_root
 def test_cached_frames_still_skip_corrupt_files(corrupt_root, monkeypatch):
     root, bad = corrupt_root
     dataset = VideoFolderDataset(root, clip_length=4, reader="pyav", fallback_reader=None, cache_frames=True)
+    wrapped = SkippingDataset(dataset)
     reads = _count_pyav_reads(monkeypatch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for _ in range(2):
-            labels = [dataset[i]["label"] for i in range(len(dataset))]
-    assert labels == _expected_labels(dataset, bad)
-    assert dataset.skipped == bad and len(dataset._frame_cache) == len(dataset) - len(bad)
+    for _ in range(2):
+        items = [wrapped[i] for i in range(len(dataset))]
+        assert [item["label"] for item in items] == _expected_labels(dataset, bad)
+        assert {Path(record.path) for item in items for record in item[BAD_ITEMS]} == bad
+    assert len(dataset._frame_cache) == len(dataset) - len(bad)
     assert len(reads) == len(dataset)  # a corrupt file is tried once, a good one decoded once
 
 
@@ -247,8 +247,9 @@ def test_decord_failures_fall_back_to_pyav(tmp_path):
     save_video(video, tmp_path / "wide" / "ramp.mp4")
     with_fallback = VideoFolderDataset(tmp_path, clip_length=4, random_crop_time=False, reader="decord")
     pyav = VideoFolderDataset(tmp_path, clip_length=4, random_crop_time=False, reader="pyav")
-    torch.testing.assert_close(with_fallback[0]["x"], pyav[0]["x"])
-    assert with_fallback.skipped == set()
+    item = SkippingDataset(with_fallback)[0]
+    torch.testing.assert_close(item["x"], pyav[0]["x"])
+    assert item[BAD_ITEMS] == []
 
 
 def test_pyav_counts_frames_when_the_container_does_not_record_them(tmp_path):
@@ -344,8 +345,8 @@ def test_missing_reader_package_is_an_error_not_a_skipped_file(digits_root, monk
     dataset = VideoFolderDataset(digits_root, reader="pyav")
     monkeypatch.setitem(sys.modules, "av", None)  # as if PyAV vanished after construction
     with pytest.raises(ImportError, match=r"'pyav'.*sprint-mm\[video\]"):
-        dataset[0]
-    assert dataset.skipped == set()
+        SkippingDataset(dataset)[0]  # stops the run: it is no bad file to skip
+    assert not dataset._failed
 
 
 def test_dataset_is_gin_configurable(digits_root):
@@ -361,60 +362,45 @@ def test_dataset_is_gin_configurable(digits_root):
 # ---------------------------------------------------------------------------------------------- bad files
 
 
+def _read_counting(dataset: VideoFolderDataset, num_workers: int) -> tuple[list[int], BadDataLedger]:
+    """Every item's label through SkippingDataset and a DataLoader, and the ledger of the bad items met."""
+    wrapped = SkippingDataset(dataset)
+    ledger = BadDataLedger()
+    workers = dict(num_workers=num_workers, multiprocessing_context="fork", timeout=60) if num_workers else {}
+    loader = DataLoader(wrapped, batch_size=3, collate_fn=wrapped.collate, **workers)
+    labels = []
+    for batch in loader:
+        assert batch["x"].abs().max() <= 1.0
+        ledger.add(batch.pop(BAD_ITEMS), items=len(batch["x"]))
+        labels += batch["label"].tolist()
+    return labels, ledger
+
+
 @pytest.mark.parametrize("reader", ["decord", "pyav"])
 def test_corrupt_files_are_skipped_and_counted_in_the_main_process(corrupt_root, reader):
     root, bad = corrupt_root
     dataset = VideoFolderDataset(root, clip_length=4, reader=reader, fallback_reader=None)
     assert len(dataset) == NUM_VIDEOS + 2
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        batches = list(DataLoader(dataset, batch_size=3, num_workers=0))
-    labels = torch.cat([batch["label"] for batch in batches]).tolist()
+    labels, ledger = _read_counting(dataset, num_workers=0)
     assert labels == _expected_labels(dataset, bad)
-    assert all(batch["x"].abs().max() <= 1.0 for batch in batches)
-    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(messages) == 2
-    for count, (message, path) in enumerate(zip(messages, sorted(bad)), start=1):
-        assert str(path) in message and f"{count} file(s) skipped" in message
-    assert dataset.skipped == bad
+    assert ledger.metrics() == {"bad_fraction": 2 / len(dataset), "bad_video": 2}
+    assert {Path(record.path) for record in ledger.examples} == bad
+    assert all(record.reason.startswith(f"no reader decodes it: {reader}:") for record in ledger.examples)
 
 
-def test_corrupt_files_are_skipped_inside_forked_workers(corrupt_root, tmp_path):
+def test_corrupt_files_are_skipped_inside_forked_workers(corrupt_root):
     root, bad = corrupt_root
     dataset = VideoFolderDataset(root, clip_length=4, reader="decord", fallback_reader="pyav")
-    log = tmp_path / "worker-warnings.txt"
-
-    def record_warnings(worker_id: int) -> None:
-        """Worker processes cannot reach pytest's warning capture: write them to a file."""
-        warnings.simplefilter("always")
-
-        def write(message, category, filename, lineno, file=None, line=None):
-            with log.open("a") as handle:
-                handle.write(f"{category.__name__}: {message}\n")
-
-        warnings.showwarning = write
-
-    loader = DataLoader(
-        dataset,
-        batch_size=2,
-        num_workers=2,
-        multiprocessing_context="fork",
-        worker_init_fn=record_warnings,
-        timeout=60,
-    )
-    labels = torch.cat([batch["label"] for batch in loader]).tolist()
+    labels, ledger = _read_counting(dataset, num_workers=2)
     assert labels == _expected_labels(dataset, bad)
-    warned = [line for line in log.read_text().splitlines() if line.startswith("RuntimeWarning")]
-    assert {path for path in bad if any(str(path) in line for line in warned)} == bad
-    assert all("file(s) skipped so far in this process" in line for line in warned)
-    assert dataset.skipped == set()  # each worker counted in its own copy
+    assert ledger.metrics() == {"bad_fraction": 2 / len(dataset), "bad_video": 2}  # the records came with the batches
+    assert {Path(record.path) for record in ledger.examples} == bad
+    assert not dataset._failed  # each worker remembered them in its own copy
 
 
 def test_a_folder_of_only_corrupt_files_raises(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.mp4").write_bytes(b"not a video")
-    dataset = VideoFolderDataset(tmp_path, reader="pyav")
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        with pytest.raises(RuntimeError, match=str(tmp_path)):
-            dataset[0]
+    dataset = SkippingDataset(VideoFolderDataset(tmp_path, reader="pyav"))
+    with pytest.raises(BadDataError, match=f"{tmp_path / 'a' / 'x.mp4'}.*no reader decodes it"):
+        dataset[0]

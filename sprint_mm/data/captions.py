@@ -5,10 +5,11 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import gin
-import numpy as np
 import torch
-from PIL import Image
+from safetensors import SafetensorError
 
+from sprint_mm.data.faults import BadItem
+from sprint_mm.data.images import read_rgb
 from sprint_mm.data.index import read_index
 from sprint_mm.data.transforms import resize_center_crop
 from sprint_mm.text import TEXT_KEYS, EmbeddingCache
@@ -53,12 +54,10 @@ def record_from_row(row: dict, where: str, root: Path) -> CaptionRecord:
 # ----------------------------------------------------------------------------------------------------------------
 
 def read_image(path: Path) -> torch.Tensor:
-    """An RGB image file as a (3, H, W) float tensor in [-1, 1]."""
+    """An RGB image file as a (3, H, W) float tensor in [-1, 1]; `BadItem` if it cannot be decoded."""
     if not path.is_file():
         raise FileNotFoundError(f"image file {str(path)!r} listed in the caption index does not exist")
-    with Image.open(path) as image:
-        pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    return torch.from_numpy(read_rgb("caption", path)).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -73,6 +72,11 @@ class CaptionDataset(torch.utils.data.Dataset):
     "text_tokens" (L, Dt) and "text_mask" (L,), so the trainer can skip the encoder. Videos are read by the
     injected `video_reader(path) -> (C, T, H, W)` float tensor in [-1, 1]; frames are then resized and
     centre-cropped to `resolution` like images.
+
+    A row whose image PIL cannot decode, or whose video the reader fails on (any exception but ImportError) or
+    returns as anything but a finite float (C, T, H, W) tensor, raises `BadItem("caption", media path, reason)`
+    (`SkippingDataset` replaces it by the next good row); so does a cached text embedding that cannot be read. A
+    media file that does not exist is an error of the index and raises FileNotFoundError.
     """
 
     def __init__(
@@ -108,10 +112,30 @@ class CaptionDataset(torch.utils.data.Dataset):
         path, caption = self.records[i]
         x = read_image(path) if self.media == "image" else self.read_video(path)
         item = {"x": resize_center_crop(x, self.resolution, "bicubic", clamp=(-1.0, 1.0)), "caption": caption}
-        cached = None if self.cache is None else self.cache.get(caption)
+        cached = self.cached_text(caption)
         if cached is not None:
             item.update(cached)
         return item
+
+    def cached_text(self, caption: str) -> dict[str, torch.Tensor] | None:
+        """The caption's cached text condition, None when there is none; `BadItem` for a cache file that cannot be
+        read, lacks a key or holds non-finite embeddings."""
+        if self.cache is None:
+            return None
+        where = self.cache.path(caption)
+        try:
+            cached = self.cache.get(caption)
+        except (SafetensorError, OSError) as error:
+            raise BadItem("caption", where, f"cannot read the cached text embedding: {error}") from error
+        if cached is None:
+            return None
+        if not set(TEXT_KEYS) <= set(cached):
+            problem = f"holds {sorted(cached)}, not {list(TEXT_KEYS)}"
+        elif not torch.isfinite(cached[TEXT_KEYS[0]]).all():
+            problem = "has non-finite values"
+        else:
+            return cached
+        raise BadItem("caption", where, f"the cached text embedding {problem}")
 
     @staticmethod
     def collate(items: list[dict]) -> dict:
@@ -121,10 +145,17 @@ class CaptionDataset(torch.utils.data.Dataset):
     def read_video(self, path: Path) -> torch.Tensor:
         if not path.is_file():
             raise FileNotFoundError(f"video file {str(path)!r} listed in the caption index does not exist")
-        video = self.video_reader(str(path))
+        try:
+            video = self.video_reader(str(path))
+        except ImportError:
+            raise
+        except Exception as error:  # readers raise many types; a file they fail on is a bad row, not a stop
+            raise BadItem("caption", path, f"video_reader failed: {type(error).__name__}: {error}") from error
         if not isinstance(video, torch.Tensor) or video.dim() != 4 or not video.is_floating_point():
             got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
-            raise ValueError(f"video_reader must return a float (C, T, H, W) tensor for {str(path)!r}, got {got}")
+            raise BadItem("caption", path, f"video_reader must return a float (C, T, H, W) tensor, got {got}")
+        if not torch.isfinite(video).all():
+            raise BadItem("caption", path, "video_reader returned non-finite values")
         return video
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,14 +12,30 @@ from pathlib import Path
 import gin
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
+from sprint_mm.data.faults import BadItem
 from sprint_mm.data.transforms import resize_center_crop
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 LAYOUT = "root/<class>/<image> (one sub-folder per class, images inside, sub-folders allowed)"
 SKIPPED_SHOWN = 5  # how many skipped files a warning names before it summarises
+# What PIL raises for a file it cannot decode: unknown format (UnidentifiedImageError is an OSError), truncated data,
+# broken headers and chunks, a decompression bomb.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+def read_rgb(kind: str, path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 pixels of the image file `path`, or of its bytes `data` (read from an archive).
+
+    A file PIL cannot decode (empty, truncated, not an image) raises `BadItem(kind, path, reason)`.
+    """
+    try:
+        with Image.open(path if data is None else io.BytesIO(data)) as image:
+            return np.array(image.convert("RGB"))
+    except IMAGE_ERRORS as error:
+        raise BadItem(kind, path, f"cannot decode image: {type(error).__name__}: {error}") from error
 
 
 @gin.configurable
@@ -28,7 +46,8 @@ class ImageFolderDataset(Dataset):
     Each image is resized so its shorter side is `resolution` (bicubic; PIL's resize filters over
     the whole footprint, so downscaling does not alias), centre-cropped, optionally flipped
     left-right with probability 1/2, and converted to RGB. Files whose extension is not in
-    `extensions` are skipped with a warning that names them; an unreadable image raises when read.
+    `extensions` are skipped with a warning that names them; an image that cannot be decoded raises
+    `BadItem` when read (`SkippingDataset` replaces it by the next good one).
     """
 
     def __init__(
@@ -100,10 +119,5 @@ class ImageFolderDataset(Dataset):
     def _load_square(self, path: Path) -> torch.Tensor:
         """Read `path` as RGB, resize its shorter side to the resolution (PIL bicubic), crop the centre square:
         uint8 (3, resolution, resolution)."""
-        try:
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"))  # (H, W, 3)
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ValueError(f"cannot read image {path}: {error}") from error
-        rgb = torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        rgb = torch.from_numpy(read_rgb("image", path)).permute(2, 0, 1)  # (3, H, W) uint8
         return resize_center_crop(rgb, self.resolution, Image.Resampling.BICUBIC)

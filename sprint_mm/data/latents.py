@@ -20,16 +20,20 @@ import json
 import os
 import re
 import zipfile
+import zlib
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 import gin
 import numpy as np
 import torch
-from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import Dataset
 
+from sprint_mm.data.faults import BadDataError, BadItem, describe
+from sprint_mm.data.images import read_rgb
 from sprint_mm.data.index import jsonl_rows
 
 IMAGES_TREE = "images"
@@ -40,6 +44,7 @@ FILES_PER_FOLDER = 1000
 IMAGE_NAME = re.compile(r"img(\d{8})\.png")
 LATENT_NAME = re.compile(r"img-mean-std-(\d{8})\.npy")
 SHOWN = 5  # how many offending names an error lists
+SHAPE_SAMPLES = 5  # how many evenly spaced items set the shapes every item must have
 
 
 def image_member(index: int) -> str:
@@ -139,12 +144,72 @@ def _posterior_sample(mean: torch.Tensor, std: torch.Tensor, scale: float, shift
     return (z - shift) * scale
 
 
+# ----------------------------------------------------------------------------------------------
+# Bad files: every check names the file and raises BadItem
+# ----------------------------------------------------------------------------------------------
+
+# A file moments are read from, and what was read: (where, tensor).
+Loaded = tuple[str, torch.Tensor]
+
+
+def _read_member(tree: Tree, name: str) -> bytes:
+    """The bytes of member `name`; `BadItem` when it cannot be read (a damaged archive, a vanished file) or is empty."""
+    try:
+        data = tree.read(name)
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise BadItem("latent", f"{tree}/{name}", f"cannot read: {type(error).__name__}: {error}") from error
+    if not data:
+        raise BadItem("latent", f"{tree}/{name}", "the file is empty")
+    return data
+
+
+def _check_moments(mean: torch.Tensor, std: torch.Tensor, where: str) -> None:
+    """A posterior must be finite with std >= 0; anything else would train on NaN or on noise of the wrong sign."""
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+        raise BadItem("latent", where, "the posterior mean or std has non-finite values")
+    if (std < 0).any():
+        raise BadItem("latent", where, "the posterior std has negative values")
+
+
+def _typical_shapes(read: Callable[[int], list[Loaded]], count: int, source: str) -> list[tuple[int, ...]]:
+    """The shapes every item must have: the most common among up to SHAPE_SAMPLES evenly spaced items.
+
+    Unreadable samples are left out; a dataset none of whose samples can be read raises `BadDataError`.
+    """
+    picks = sorted({round(k * (count - 1) / (SHAPE_SAMPLES - 1)) for k in range(SHAPE_SAMPLES)})
+    shapes: Counter[tuple[tuple[int, ...], ...]] = Counter()
+    failures = []
+    for item in picks:
+        try:
+            shapes[tuple(tuple(tensor.shape) for _, tensor in read(item))] += 1
+        except BadItem as bad:
+            failures.append((bad.kind, bad.path, bad.reason))
+    if not shapes:
+        raise BadDataError(f"{source}: none of the items {picks} can be read: {describe(failures)}")
+    return list(shapes.most_common(1)[0][0])
+
+
+def _check_shapes(loaded: list[Loaded], shapes: list[tuple[int, ...]]) -> None:
+    for (where, tensor), shape in zip(loaded, shapes):
+        if tuple(tensor.shape) != shape:
+            raise BadItem("latent", where, f"shape {tuple(tensor.shape)}, but the dataset's items have {shape}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The datasets
+# ----------------------------------------------------------------------------------------------
+
+
 @gin.configurable
 class LatentDataset(Dataset):
     """REPA/EDM2 latents: items `{"x": (C, h, w) float32, "label": int}`, plus `"image"` (3, H, W) uint8.
 
     Images and latents are paired by the index in their names, never by position; a missing partner
     raises naming it. An unlabeled dataset (`"labels": null`) gives every item label 0.
+
+    An item whose files cannot be decoded, whose moments are not finite (or have a negative std), or whose shapes
+    differ from the dataset's (the most common among a few evenly spaced items, read at construction: `shapes`)
+    raises `BadItem("latent", file, reason)`; `SkippingDataset` replaces it by the next good item.
     """
 
     def __init__(self, path: str, with_images: bool = False, scale: float = 0.18215, shift: float = 0.0) -> None:
@@ -167,28 +232,51 @@ class LatentDataset(Dataset):
             _require_partners(latents, images, self.images, image_member)
             _require_partners(images, latents, self.latents, latent_member)
             self.image_names = [images[i] for i in self.indices]
+        self.shapes = _typical_shapes(self._read, len(self), str(path))
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, item: int) -> dict:
+    def _read(self, item: int) -> list[Loaded]:
+        """The item's moments (2C, h, w) float32 and, with images, its pixels (3, H, W) uint8."""
         name = self.latent_names[item]
-        moments = torch.from_numpy(np.load(io.BytesIO(self.latents.read(name))))
-        if moments.dim() != 3 or moments.shape[0] % 2:
-            raise ValueError(
-                f"{self.latents}/{name}: expected (2C, h, w) moments, got shape {tuple(moments.shape)}"
-            )
-        mean, std = moments.float().chunk(2)
+        where = f"{self.latents}/{name}"
+        data = _read_member(self.latents, name)
+        try:
+            moments = np.load(io.BytesIO(data))
+        except (ValueError, EOFError, OSError) as error:  # not .npy, truncated, a pickle
+            raise BadItem("latent", where, f"cannot decode .npy: {error}") from error
+        if not isinstance(moments, np.ndarray) or moments.dtype.kind != "f":  # an .npz archive loads as NpzFile
+            got = moments.dtype if isinstance(moments, np.ndarray) else type(moments).__name__
+            raise BadItem("latent", where, f"expected float moments, got {got}")
+        if moments.ndim != 3 or moments.shape[0] % 2:
+            raise BadItem("latent", where, f"expected (2C, h, w) moments, got shape {moments.shape}")
+        moments = torch.from_numpy(moments).float()
+        _check_moments(*moments.chunk(2), where)
+        loaded = [(where, moments)]
+        if self.images is not None:
+            name = self.image_names[item]
+            pixels = read_rgb("latent", f"{self.images}/{name}", _read_member(self.images, name))
+            loaded.append((f"{self.images}/{name}", torch.from_numpy(pixels).permute(2, 0, 1).contiguous()))
+        return loaded
+
+    def __getitem__(self, item: int) -> dict:
+        loaded = self._read(item)
+        _check_shapes(loaded, self.shapes)
+        mean, std = loaded[0][1].chunk(2)
         out = {"x": _posterior_sample(mean, std, self.scale, self.shift), "label": self.labels[item]}
         if self.images is not None:
-            with Image.open(io.BytesIO(self.images.read(self.image_names[item]))) as image:
-                out["image"] = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+            out["image"] = loaded[1][1]
         return out
 
 
 @gin.configurable
 class VideoLatentDataset(Dataset):
-    """Per-video latent files listed in `index.jsonl`: items `{"x": (C, T, h, w) float32, "label": int}`."""
+    """Per-video latent files listed in `index.jsonl`: items `{"x": (C, T, h, w) float32, "label": int}`.
+
+    Bad files raise `BadItem` as in `LatentDataset`: undecodable, without float `mean` and `std` of one (C, T, h, w)
+    shape, non-finite, or of another shape than the dataset's.
+    """
 
     def __init__(self, path: str, scale: float = 0.18215, shift: float = 0.0) -> None:
         self.scale, self.shift = scale, shift
@@ -207,14 +295,32 @@ class VideoLatentDataset(Dataset):
             self.entries.append((entry["path"], int(entry["label"])))
         if not self.entries:
             raise ValueError(f"{self.tree}/{VIDEO_INDEX} lists no videos")
+        self.shapes = _typical_shapes(self._read, len(self), str(path))
 
     def __len__(self) -> int:
         return len(self.entries)
 
+    def _read(self, item: int) -> list[Loaded]:
+        """The item's posterior, mean and std stacked: (2, C, T, h, w) float32."""
+        name, _ = self.entries[item]
+        where = f"{self.tree}/{name}"
+        data = _read_member(self.tree, name)
+        try:
+            tensors = load_safetensors(data)
+        except SafetensorError as error:
+            raise BadItem("latent", where, f"cannot decode safetensors: {error}") from error
+        mean, std = tensors.get("mean"), tensors.get("std")
+        if mean is None or std is None:
+            raise BadItem("latent", where, f"must hold 'mean' and 'std', holds {sorted(tensors)}")
+        if not (mean.is_floating_point() and std.is_floating_point() and mean.dim() == 4 and mean.shape == std.shape):
+            raise BadItem("latent", where, f"expected float mean and std of one (C, T, h, w) shape, got {mean.dtype} "
+                          f"{tuple(mean.shape)} and {std.dtype} {tuple(std.shape)}")
+        mean, std = mean.float(), std.float()
+        _check_moments(mean, std, where)
+        return [(where, torch.stack([mean, std]))]
+
     def __getitem__(self, item: int) -> dict:
-        name, label = self.entries[item]
-        tensors = load_safetensors(self.tree.read(name))
-        if "mean" not in tensors or "std" not in tensors:
-            raise KeyError(f"{self.tree}/{name} must hold 'mean' and 'std', holds {sorted(tensors)}")
-        x = _posterior_sample(tensors["mean"].float(), tensors["std"].float(), self.scale, self.shift)
-        return {"x": x, "label": label}
+        loaded = self._read(item)
+        _check_shapes(loaded, self.shapes)
+        mean, std = loaded[0][1]
+        return {"x": _posterior_sample(mean, std, self.scale, self.shift), "label": self.entries[item][1]}

@@ -2,8 +2,8 @@
 
 Decoding is robust by design: a reader (decord or PyAV) is created inside `__getitem__` and released
 before it returns, because a decord reader that crosses a DataLoader fork can deadlock; a file the
-reader fails on is retried with a fallback reader; a file that no reader decodes is skipped, counted
-and reported, and never stops a run.
+reader fails on is retried with a fallback reader; a file that no reader decodes, or whose decode hangs
+past a timeout, raises `BadItem`, which `sprint_mm.data.faults.SkippingDataset` skips, counts and reports.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import os
 import re
-import warnings
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from sprint_mm.data.faults import BadItem, call_with_timeout
 from sprint_mm.data.index import read_index
 from sprint_mm.data.transforms import resize_center_crop
 
@@ -152,12 +153,14 @@ def _read_index(index: Path) -> tuple[list[tuple[Path, int]], list[str] | None]:
 # ----------------------------------------------------------------------------------------------
 
 
-def clip_frame_indices(frame_count: int, clip_length: int, frame_stride: int, random_start: bool) -> list[int]:
+def clip_frame_indices(
+    frame_count: int, clip_length: int, frame_stride: int, random_start: bool, generator: torch.Generator | None = None
+) -> list[int]:
     """Frame indices of one clip of `clip_length` frames, `frame_stride` apart.
 
     A video too short for the stride gets the largest stride that fits; a video with fewer frames
     than `clip_length` is looped from its first frame (0, 1, .., n-1, 0, 1, ..). The start is random
-    (torch's generator, so DataLoader workers differ) or centred.
+    (from `generator`, by default torch's global one, so DataLoader workers differ) or centred.
     """
     if frame_count < 1:
         raise ValueError(f"the video has {frame_count} frames")
@@ -166,17 +169,13 @@ def clip_frame_indices(frame_count: int, clip_length: int, frame_stride: int, ra
     stride = frame_stride if clip_length == 1 else min(frame_stride, (frame_count - 1) // (clip_length - 1))
     span = (clip_length - 1) * stride + 1
     slack = frame_count - span
-    start = int(torch.randint(slack + 1, ())) if random_start else slack // 2
+    start = int(torch.randint(slack + 1, (), generator=generator)) if random_start else slack // 2
     return list(range(start, start + span, stride))
 
 
 # ----------------------------------------------------------------------------------------------
 # The dataset
 # ----------------------------------------------------------------------------------------------
-
-
-class _UndecodableVideo(Exception):
-    """Every reader failed on one file."""
 
 
 @gin.configurable
@@ -189,11 +188,11 @@ class VideoFolderDataset(Dataset):
     in sorted order (`classes` then lists them; it is None for integer ids).
 
     A file that `reader` cannot decode is tried with `fallback_reader` (decord 0.6 fails on some
-    frame widths, e.g. 16, 24, 48 or 72 px, that PyAV reads fine). A file that no reader decodes
-    is skipped: `__getitem__` warns, adds the path to `skipped` and returns the next decodable item
-    (wrapping around), so `len()` still counts every listed file. Inside a DataLoader each worker
-    process holds its own copy of the dataset, so `skipped` and the count in the warnings are per
-    worker; the main process's `skipped` stays empty.
+    frame widths, e.g. 16, 24, 48 or 72 px, that PyAV reads fine). A file that no reader decodes, or whose decode
+    takes longer than `decode_timeout` seconds (None: no limit), raises `BadItem("video", path, reason)`, and
+    `SkippingDataset` replaces it by the next good item. A process remembers the files that failed and does not
+    decode them again (a timed-out decode holds a thread until it returns; a retry would hold another).
+    A missing reader package is an ImportError, never a bad file.
 
     `cache_frames` keeps every file's decoded frames in memory after its first read and cuts later clips from
     them: for small sets of short videos (the moving-digits demo), where decoding would cost as much as the
@@ -210,6 +209,7 @@ class VideoFolderDataset(Dataset):
         reader: str = "decord",
         fallback_reader: str | None = "pyav",
         cache_frames: bool = False,
+        decode_timeout: float | None = 60.0,
     ) -> None:
         if clip_length < 1:
             raise ValueError(f"clip_length must be >= 1, got {clip_length}")
@@ -217,6 +217,8 @@ class VideoFolderDataset(Dataset):
             raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
         if resolution is not None and resolution < 1:
             raise ValueError(f"resolution must be None or >= 1, got {resolution}")
+        if decode_timeout is not None and decode_timeout <= 0:
+            raise ValueError(f"decode_timeout must be None or > 0 seconds, got {decode_timeout}")
         self.readers = [reader] if fallback_reader in (None, reader) else [reader, fallback_reader]
         for name in self.readers:
             _check_reader(name)
@@ -231,17 +233,22 @@ class VideoFolderDataset(Dataset):
         self.frame_stride = frame_stride
         self.random_crop_time = random_crop_time
         self.resolution = resolution
-        self.skipped: set[Path] = set()
         self.cache_frames = cache_frames
+        self.decode_timeout = decode_timeout
         self._frame_cache: dict[Path, np.ndarray] = {}
+        self._failed: dict[Path, BadItem] = {}  # this process's files that no reader decoded in time
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _pick(self, frame_count: int) -> list[int]:
-        return clip_frame_indices(frame_count, self.clip_length, self.frame_stride, self.random_crop_time)
-
     def _decode(self, path: Path, pick: Callable[[int], list[int]], length: int | None) -> np.ndarray:
+        """`_decode_now` within `decode_timeout` seconds; `BadItem` once the time is spent."""
+        try:
+            return call_with_timeout(partial(self._decode_now, path, pick, length), self.decode_timeout)
+        except TimeoutError:  # a reader's own TimeoutError is a reader failure inside `_decode_now`
+            raise BadItem("video", path, f"decode timed out after {self.decode_timeout:g} s") from None
+
+    def _decode_now(self, path: Path, pick: Callable[[int], list[int]], length: int | None) -> np.ndarray:
         """(T, H, W, 3) uint8 frames at `pick(frame_count)` from the first reader that succeeds; T must be `length`
         unless that is None."""
         failures = []
@@ -256,37 +263,37 @@ class VideoFolderDataset(Dataset):
             except Exception as error:  # decoders raise many types; none may stop a run
                 reason = (str(error).strip().splitlines() or [""])[0][:200]
                 failures.append(f"{name}: {type(error).__name__}: {reason}")
-        raise _UndecodableVideo("; ".join(failures))
+        raise BadItem("video", path, "no reader decodes it: " + "; ".join(failures))
 
-    def _clip_frames(self, path: Path) -> np.ndarray:
+    def _clip_frames(self, path: Path, pick: Callable[[int], list[int]]) -> np.ndarray:
         """(clip_length, H, W, 3) uint8: decoded now, or cut from the file's cached frames."""
         if not self.cache_frames:
-            return self._decode(path, self._pick, self.clip_length)
+            return self._decode(path, pick, self.clip_length)
         if path not in self._frame_cache:
             self._frame_cache[path] = self._decode(path, lambda count: list(range(count)), None)
         frames = self._frame_cache[path]
-        return frames[self._pick(len(frames))]
+        return frames[pick(len(frames))]
 
-    def _load_clip(self, path: Path) -> torch.Tensor:
-        clip = torch.from_numpy(self._clip_frames(path)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    def _load_clip(self, path: Path, pick: Callable[[int], list[int]]) -> torch.Tensor:
+        clip = torch.from_numpy(self._clip_frames(path, pick)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
         if self.resolution is not None:
             clip = resize_center_crop(clip, self.resolution, "bilinear")
         return (clip / 127.5 - 1.0).clamp(-1.0, 1.0).transpose(0, 1).contiguous()  # (3, T, H, W)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        count = len(self.samples)
-        for offset in range(count):
-            path, label = self.samples[(index + offset) % count]
-            if path in self.skipped:
-                continue
-            try:
-                return {"x": self._load_clip(path), "label": label}
-            except _UndecodableVideo as error:
-                self.skipped.add(path)
-                warnings.warn(
-                    f"skipping undecodable video {path} ({error}); "
-                    f"{len(self.skipped)} file(s) skipped so far in this process",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        raise RuntimeError(f"no video under {self.root} could be decoded ({len(self.skipped)} files failed)")
+        path, label = self.samples[index]
+        # One draw from torch's RNG per item, good or bad, remembered or not, so the stream does not depend on what
+        # this process saw before; the clip start then comes from a generator of its own, because a decode abandoned
+        # after a timeout may still pick its frames later and must not draw from the global RNG then.
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+
+        def pick(frame_count: int) -> list[int]:
+            return clip_frame_indices(frame_count, self.clip_length, self.frame_stride, self.random_crop_time, generator)
+
+        if path in self._failed:
+            raise self._failed[path].with_traceback(None)
+        try:
+            return {"x": self._load_clip(path, pick), "label": label}
+        except BadItem as bad:
+            self._failed[path] = bad
+            raise

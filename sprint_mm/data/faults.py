@@ -1,0 +1,201 @@
+"""Bad data: items that fail to decode or hold wrong values are skipped, counted and reported, never trained on.
+
+Three parts, one per layer of the data path:
+
+- a dataset's `__getitem__` raises `BadItem(kind, path, reason)` for an item it cannot use (a file no decoder reads,
+  an empty file, a shape unlike the dataset's others, non-finite values); every other exception is a real error;
+- `SkippingDataset(dataset)` turns that into a substitute: item i that is bad gives item i+1 (or the next good one,
+  wrapping around) and carries the records of the bad items it passed under `BAD_ITEMS`, so the records travel with
+  the batch out of DataLoader workers and counts do not depend on the number of workers;
+- `BadDataLedger` sums the records of every batch, gives the counts to log, and stops the run once the bad fraction
+  of the items read exceeds `max_bad_fraction`, naming examples.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any, Callable, NamedTuple, TypeVar
+
+import gin
+from torch.utils.data import Dataset, default_collate
+
+KINDS = ("image", "video", "latent", "caption")
+BAD_ITEMS = "bad_items"  # the item and batch key that holds the records of the bad items passed
+EXAMPLES = 5  # how many bad items an error or summary names
+
+T = TypeVar("T")
+
+
+class BadItem(ValueError):
+    """One item of a dataset cannot be used; `kind` says what the dataset holds, `path` names the bad file (or row)."""
+
+    def __init__(self, kind: str, path: str | os.PathLike, reason: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"bad item kind {kind!r} is not one of {KINDS}")
+        # args are the constructor's arguments, so the exception pickles across DataLoader workers.
+        super().__init__(kind, str(path), reason)
+        self.kind, self.path, self.reason = kind, str(path), reason
+
+    def __str__(self) -> str:
+        return f"bad {self.kind} {self.path}: {self.reason}"
+
+
+class BadRecord(NamedTuple):
+    """A bad item that `SkippingDataset` passed: `offset` is its distance past the requested index (0: the requested
+    item itself was bad and the batch holds a substitute)."""
+
+    kind: str
+    path: str
+    reason: str
+    offset: int
+
+
+class BadDataError(ValueError):
+    """The run stops because of bad data: too much of it, or nothing else. A ValueError, so that a command line
+    reports it in one line, as it does a user's other mistakes (`sprint_mm.errors`)."""
+
+
+def describe(records: Iterable[tuple], limit: int = EXAMPLES) -> str:
+    """'path (kind: reason); ...' for the first `limit` distinct bad files among `records`."""
+    shown = list({(kind, path): reason for kind, path, reason, *_ in records}.items())
+    text = "; ".join(f"{path} ({kind}: {reason})" for (kind, path), reason in shown[:limit])
+    return text + (f"; and {len(shown) - limit} more" if len(shown) > limit else "")
+
+
+class SkippingDataset(Dataset):
+    """`dataset` with bad items replaced by the next good one: item i is `dataset[i]`, or, when that raises `BadItem`,
+    `dataset[i + 1]`, `dataset[i + 2]`, ... (modulo the length), plus `BAD_ITEMS`: the `BadRecord`s of the items passed.
+
+    The same index always gives the same item (for the same RNG state), so a resumed run reads what an uninterrupted
+    one would. Items must be dicts. Batch with `collate`: it batches the items with the dataset's own `collate` if it
+    has one (else torch's default) and joins the records of the batch into one list. A dataset with no good item at
+    all raises `BadDataError` after trying every index.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        count = len(self.dataset)
+        if not 0 <= index < count:  # also ends a plain `for item in dataset` loop
+            raise IndexError(f"index {index} is out of range for {count} items")
+        records: list[BadRecord] = []
+        for offset in range(count):
+            try:
+                item = self.dataset[(index + offset) % count]
+            except BadItem as bad:
+                records.append(BadRecord(bad.kind, bad.path, bad.reason, offset))
+                continue
+            if not isinstance(item, dict):
+                raise TypeError(f"SkippingDataset needs dict items, {type(self.dataset).__name__} gave a "
+                                f"{type(item).__name__}")
+            return {**item, BAD_ITEMS: records}
+        raise BadDataError(f"no item of the {count} in {type(self.dataset).__name__} can be read: {describe(records)}")
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch_items = getattr(self.dataset, "collate", None) or default_collate
+        batch = batch_items([{key: value for key, value in item.items() if key != BAD_ITEMS} for item in items])
+        batch[BAD_ITEMS] = [record for item in items for record in item[BAD_ITEMS]]
+        return batch
+
+
+@gin.configurable
+class BadDataLedger:
+    """The bad items of a run: fed each micro-batch's records, it gives counts to log and stops a run with too many.
+
+    The bad fraction is (requested items that were bad) / (items delivered): each bad item an index asked for counts
+    once, under its kind, and was replaced by a good one; further bad items a replacement passed on the way
+    (`offset` > 0) are named in reports but counted when their own index is requested. Over an epoch that is exactly
+    the share of bad files. `check` raises `BadDataError` once that fraction exceeds `max_bad_fraction`, judged only
+    after `min_items` items, so one bad file in the first batch does not stop a run. Counts are per process.
+    """
+
+    def __init__(self, max_bad_fraction: float = 0.01, min_items: int = 50) -> None:
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must lie in [0, 1], got {max_bad_fraction}")
+        if min_items < 1:
+            raise ValueError(f"min_items must be >= 1, got {min_items}")
+        self.max_bad_fraction, self.min_items = max_bad_fraction, min_items
+        self.items = 0
+        self.bad: Counter[str] = Counter()
+        self.examples: list[BadRecord] = []  # the first EXAMPLES distinct bad files
+
+    def add(self, records: Iterable[tuple], items: int) -> None:
+        """Count one batch: its `BAD_ITEMS` records and the number of items it holds."""
+        records = [BadRecord(*record) for record in records]
+        requested = Counter(record.kind for record in records if record.offset == 0)
+        if items < sum(requested.values()):
+            raise ValueError(f"a batch of {items} items cannot hold substitutes for {sum(requested.values())} bad ones")
+        self.items += items
+        self.bad += requested
+        known = {(record.kind, record.path) for record in self.examples}
+        for record in records:
+            if len(self.examples) < EXAMPLES and (record.kind, record.path) not in known:
+                self.examples.append(record)
+                known.add((record.kind, record.path))
+
+    @property
+    def bad_fraction(self) -> float:
+        return sum(self.bad.values()) / self.items if self.items else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """`bad_fraction` and `bad_<kind>` (bad requested items so far) for every kind seen."""
+        return {"bad_fraction": self.bad_fraction, **{f"bad_{kind}": count for kind, count in sorted(self.bad.items())}}
+
+    def summary(self) -> str:
+        """One line for a log: the counts and examples; empty while nothing was bad."""
+        if not self.bad:
+            return ""
+        counts = ", ".join(f"{kind} {count}" for kind, count in sorted(self.bad.items()))
+        return (f"{sum(self.bad.values())} of {self.items} items read were bad ({self.bad_fraction:.2%}; {counts}), "
+                f"each replaced by the next good item; e.g. {describe(self.examples)}")
+
+    def check(self) -> None:
+        """Raise `BadDataError` if more than `max_bad_fraction` of at least `min_items` items were bad."""
+        if self.items >= self.min_items and self.bad_fraction > self.max_bad_fraction:
+            above = math.ceil(self.bad_fraction * 100) / 100  # the next whole percent
+            raise BadDataError(
+                f"too much bad data: {self.summary()}. The limit is BadDataLedger.max_bad_fraction = "
+                f"{self.max_bad_fraction}: fix or remove these files, or raise the limit (e.g. "
+                f"--gin_param 'BadDataLedger.max_bad_fraction = {above:g}')"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready counts, so a resumed run continues them."""
+        return {"items": self.items, "bad": dict(self.bad), "examples": [list(record) for record in self.examples]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.items, self.bad = state["items"], Counter(state["bad"])
+        self.examples = [BadRecord(*record) for record in state["examples"]]
+
+
+def call_with_timeout(function: Callable[[], T], timeout: float | None) -> T:
+    """`function()`, or `TimeoutError` once it has run `timeout` seconds (None: no limit).
+
+    The call runs in a daemon thread that is abandoned on timeout: a thread cannot be stopped, so a hung call holds
+    its thread (not the caller, not the exit of the process) until it returns. Its exceptions reach the caller.
+    """
+    if timeout is None:
+        return function()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function()
+        except BaseException as error:  # handed to the caller below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="sprint_mm-timed-call", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"timed out after {timeout:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
