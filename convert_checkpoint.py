@@ -24,6 +24,7 @@ from sprint_mm.checkpoints import (
     split_projector,
     state_to_sprint_keys,
 )
+from sprint_mm.errors import report_mistakes
 
 SOURCES = ("sit", "repa", "sprint", "ours")
 TARGETS = ("ours", "sprint")
@@ -105,15 +106,7 @@ def convert(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """The command line: 0 on success, 2 with one `error: ...` line on stderr for a missing or unfitting checkpoint."""
-    args = parse_args(argv)
-    try:
-        convert(args)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        # str() of a KeyError quotes its message; print the message itself
-        message = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else err
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    return report_mistakes(convert, parse_args(argv))
 
 
 if __name__ == "__main__":

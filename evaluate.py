@@ -21,8 +21,11 @@ from sprint_mm.evaluation import (
     evaluate,
     extractor_kind,
     format_result,
+    open_samples,
+    require_npz,
     write_reference_stats,
 )
+from sprint_mm.errors import check_number, report_mistakes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,24 +46,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """0 on success; 2 with one `error: ...` line on stderr for a missing or unfitting file or value."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.write_reference and args.out:
         parser.error("--out is for evaluation results; with --write-reference the statistics file is the output")
-    try:
-        extractor = build_extractor(extractor_kind(args.metric, args.frame_features), args.weights, args.device)
-        if args.write_reference:
-            stats = write_reference_stats(args.samples, extractor, args.write_reference, args.batch_size)
-            print(f"wrote statistics of {stats.count} samples to {args.write_reference} | extractor: {stats.extractor}")
-            return 0
-        result = evaluate(args.samples, args.reference, extractor, args.batch_size)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        parser.error(error.args[0] if isinstance(error, KeyError) else str(error))  # str(KeyError) adds quotes
+    return report_mistakes(run, args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check the samples and the output first (a wrong file fails before any network loads), then compute."""
+    check_number("--batch-size", args.batch_size, low=1, integer=True)
+    open_samples(args.samples)
+    if args.write_reference:
+        require_npz(args.write_reference)
+    elif not Path(args.reference).exists():
+        raise FileNotFoundError(f"--reference {args.reference!r} does not exist")
+    extractor = build_extractor(extractor_kind(args.metric, args.frame_features), args.weights, args.device)
+    if args.write_reference:
+        stats = write_reference_stats(args.samples, extractor, args.write_reference, args.batch_size)
+        print(f"wrote statistics of {stats.count} samples to {args.write_reference} | extractor: {stats.extractor}")
+        return
+    result = evaluate(args.samples, args.reference, extractor, args.batch_size)
     print(format_result(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

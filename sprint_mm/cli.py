@@ -6,15 +6,19 @@ import math
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from sprint_mm.checkpoints import atomic_write, load_strict, read_state_dict
+from sprint_mm.conditioning import check_labels
 from sprint_mm.configs import ConfigError, parse_gin
+from sprint_mm.errors import check_number, report_mistakes
 from sprint_mm.media import pack_uint8, save_image_grid, save_npz, save_video, save_video_preview, unpack_uint8
-from sprint_mm.runs import find_checkpoint
+from sprint_mm.preemption import EXIT_PREEMPTED, Preempted
+from sprint_mm.runs import find_checkpoint, verify_checkpoint
+from sprint_mm.training import CheckpointWriteError, NonFiniteTraining, Trainer
 
 DEMO_STAGES = ("gin/image/digits_stage1.gin", "gin/image/digits_stage2.gin")
 DEMO_RUN = "runs/digits_demo"
@@ -29,26 +33,37 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def run_training(gin_files: Sequence[str], gin_params: Sequence[str]) -> Path:
-    from sprint_mm.training import Trainer
-
     parse_gin(gin_files, gin_params)
     return Trainer().run()
+
+
+def report_training(work: Callable[..., object], *args: Any) -> int:
+    """The exit status of a command that trains: 0 done, 2 a user's mistake (one `error:` line), 1 a fault that
+    stopped the run (one `error:` line; the previous checkpoint is intact), EXIT_PREEMPTED after a stop signal."""
+    try:
+        return report_mistakes(work, *args)
+    except Preempted as stop:
+        print(f"[sprint_mm] {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except (NonFiniteTraining, CheckpointWriteError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     args = train_parser().parse_args(argv)
     params = list(args.gin_param) + ([f"Trainer.run_dir = {args.run_dir!r}"] if args.run_dir else [])
-    try:
-        if not args.gin_file:
-            if params:
-                raise ConfigError("give --gin_file with --gin_param (no files means: run the digits demo)")
-            run_demo()
-        else:
-            run_training(args.gin_file, params)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return report_training(train_or_demo, args.gin_file, params)
+
+
+def train_or_demo(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
+    """Train the configuration the files and bindings give; without files, run the digits demo."""
+    if gin_files:
+        run_training(gin_files, gin_params)
+    elif gin_params:
+        raise ConfigError("give --gin_file with --gin_param (no files means: run the digits demo)")
+    else:
+        run_demo()
 
 
 def train_two_stages(
@@ -111,10 +126,14 @@ def sample_requests(args: argparse.Namespace, kind: str, num_classes: Optional[i
     """(labels, prompts) of length --num."""
     prompts = list(args.prompt)
     if args.prompts:
+        if not Path(args.prompts).is_file():
+            raise FileNotFoundError(f"--prompts file {args.prompts!r} does not exist")
         prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     if kind == "class":
         if prompts:
             raise ValueError("this run is class-conditional: pass --labels, not --prompt/--prompts")
+        if args.labels:
+            check_labels(torch.tensor(args.labels), num_classes, "--labels")
         labels = list(args.labels) if args.labels else list(range(num_classes or 1))
         num = args.num or (len(labels) if args.labels else 16)
         return [labels[i % len(labels)] for i in range(num)], []
@@ -144,13 +163,15 @@ def requested_sample_shape(model: torch.nn.Module, frames: Optional[int], size: 
 
 
 def sample_main(argv: Optional[Sequence[str]] = None) -> int:
-    args = sample_parser().parse_args(argv)
-    try:
-        write_samples(args)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return report_mistakes(write_samples, sample_parser().parse_args(argv))
+
+
+def check_sample_counts(args: argparse.Namespace) -> None:
+    """The counts of the command line, checked before anything loads: --num (when given), --batch_size, --steps."""
+    for option in ("num", "batch_size", "steps"):
+        value = getattr(args, option)
+        if value is not None:
+            check_number(f"--{option}", value, low=1, integer=True)
 
 
 def write_samples(args: argparse.Namespace) -> Path:
@@ -164,8 +185,9 @@ def write_samples(args: argparse.Namespace) -> Path:
     from sprint_mm.models import build_model
     from sprint_mm.sampling import Guidance
 
+    check_sample_counts(args)
     run = Path(args.run)
-    checkpoint = find_checkpoint(run, args.step)
+    checkpoint = verify_checkpoint(find_checkpoint(run, args.step))
     config = run / "config.gin"
     if not config.is_file():
         raise FileNotFoundError(f"run folder {str(run)!r} has no config.gin")
@@ -176,10 +198,11 @@ def write_samples(args: argparse.Namespace) -> Path:
     model = build_model()
     load_strict(model, read_state_dict(checkpoint / f"{args.weights}.safetensors"), f"{checkpoint}/{args.weights}.safetensors")
     model.to(device).eval()
+    condition = model.backbone.condition
+    labels, prompts = sample_requests(args, condition.kind, condition.num_classes)  # before a text encoder loads
     conditioning = build_conditioning()
     codec = build_codec().to(device)
     check_kind(model, conditioning.kind)
-    labels, prompts = sample_requests(args, conditioning.kind, model.backbone.condition.num_classes)
     total = len(labels or prompts)
     out = Path(args.out or run / "samples" / f"samples_{args.guidance}.png")
     trained_shape = tuple(model.backbone.sample_shape)
@@ -195,15 +218,20 @@ def write_samples(args: argparse.Namespace) -> Path:
     count = math.ceil(total / args.batch_size)
     mine = [s for s in range(accelerator.process_index, count, accelerator.num_processes)
             if not (shards / f"{s:06d}.pt").is_file()]
-    for s in tqdm(mine, desc="shards", disable=not accelerator.is_main_process or len(mine) < 2):
-        rows = list(range(s * args.batch_size, min((s + 1) * args.batch_size, total)))
-        noise = torch.randn((len(rows), *shape), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + s))
-        cond = conditioning.from_request([labels[i] for i in rows] if labels else None,
-                                         [prompts[i] for i in rows] if prompts else None, device)
-        samples = generate(model, cond, codec, noise.to(device), args.steps, args.solver, guidance,
-                           batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(args.seed * 1_000_003 + s))
-        packed = pack_uint8(samples)
-        atomic_write(shards / f"{s:06d}.pt", lambda tmp: torch.save(packed, tmp))
+    try:
+        for s in tqdm(mine, desc="shards", disable=not accelerator.is_main_process or len(mine) < 2):
+            rows = list(range(s * args.batch_size, min((s + 1) * args.batch_size, total)))
+            noise = torch.randn((len(rows), *shape), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + s))
+            cond = conditioning.from_request([labels[i] for i in rows] if labels else None,
+                                             [prompts[i] for i in rows] if prompts else None, device)
+            samples = generate(model, cond, codec, noise.to(device), args.steps, args.solver, guidance,
+                               batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(args.seed * 1_000_003 + s))
+            packed = pack_uint8(samples)
+            atomic_write(shards / f"{s:06d}.pt", lambda tmp: torch.save(packed, tmp))
+    except BaseException:
+        if accelerator.is_main_process:
+            discard_if_empty(shards)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         packed = torch.cat([torch.load(shards / f"{s:06d}.pt", weights_only=True) for s in range(count)])
@@ -221,6 +249,12 @@ def prepare_shard_folder(shards: Path, settings: str) -> None:
         shutil.rmtree(shards)
     shards.mkdir(parents=True, exist_ok=True)
     recorded.write_text(settings)
+
+
+def discard_if_empty(shards: Path) -> None:
+    """Remove the shard folder of a command that stopped before finishing a shard: it holds nothing to resume."""
+    if shards.is_dir() and not any(shards.glob("*.pt")):
+        shutil.rmtree(shards)
 
 
 IMAGE_OUTPUTS = (".png", ".npz")

@@ -10,14 +10,21 @@ CONDITIONINGS = ("class", "text")
 
 
 class ClassConditioning:
-    """Class ids: the batch's `label`; sampling takes labels."""
+    """Class ids: the batch's `label`; sampling takes labels. Once prepared for a model, batch labels are checked
+    against its classes."""
 
     kind = "class"
+
+    def __init__(self) -> None:
+        self.num_classes: Optional[int] = None
 
     def from_batch(self, batch: dict, device: torch.device) -> torch.Tensor:
         if "label" not in batch:
             raise KeyError(f"class conditioning needs a 'label' in each item; the batch has {sorted(batch)}")
-        return torch.as_tensor(batch["label"], device=device).long()
+        labels = torch.as_tensor(batch["label"]).long()
+        if self.num_classes is not None:
+            check_labels(labels, self.num_classes, "dataset label")
+        return labels.to(device)
 
     def from_request(self, labels: Optional[Sequence[int]], prompts: Optional[Sequence[str]], device: torch.device) -> torch.Tensor:
         if prompts:
@@ -27,8 +34,9 @@ class ClassConditioning:
         return torch.tensor(list(labels), device=device, dtype=torch.long)
 
     def prepare(self, model: torch.nn.Module) -> None:
-        """Check that the backbone is class-conditional."""
+        """Check that the backbone is class-conditional and keep its number of classes."""
         check_kind(model, self.kind)
+        self.num_classes = model.backbone.condition.num_classes
 
 
 class TextConditioning:
@@ -62,6 +70,15 @@ class TextConditioning:
         if not backbone.condition.learned_null:
             empty = self.conditioner.null(1, device=next(backbone.parameters()).device)
             backbone.set_null_text(empty["text_tokens"][0], empty["text_mask"][0])
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, source: str) -> None:
+    """Class ids must lie in [0, num_classes): id num_classes is the null class of label dropout and guidance, so a
+    label equal to it would train or sample unconditionally without a word."""
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if outside.numel():
+        raise ValueError(f"{source} {int(outside[0])} is outside [0, {num_classes}): the model has {num_classes} "
+                         f"classes, 0..{num_classes - 1} (id {num_classes} is the null class)")
 
 
 def check_kind(model: torch.nn.Module, kind: str) -> None:

@@ -5,6 +5,7 @@ import difflib
 import importlib
 import inspect
 import pkgutil
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,6 +16,10 @@ import sprint_mm
 from sprint_mm.models import model_factory
 
 GIN_FOLDER = Path(__file__).resolve().parents[1] / "gin"
+
+
+# gin's message for a binding of a parameter the configurable does not have
+PARAMETER_TYPO = re.compile(r"'([^']+)' doesn't have a parameter named '([^']+)'")
 
 
 class ConfigError(ValueError):
@@ -58,11 +63,12 @@ def suggestion(message: str, modules: Sequence[str]) -> str:
     """Close configurable (or parameter) names for the name gin's error message quotes."""
     quoted = message.split("'")[1] if message.count("'") >= 2 else ""
     known = configurable_names(modules)
-    if quoted in known and "parameter named" in message:
-        wrong = message.split("'")[3]
-        options = list(inspect.signature(known[quoted]).parameters)
+    typo = PARAMETER_TYPO.search(message)
+    if typo and typo.group(1) in known:
+        configurable, wrong = typo.groups()
+        options = list(inspect.signature(known[configurable]).parameters)
         close = difflib.get_close_matches(wrong, options, n=3)
-        return f" Close parameter names of {quoted}: {', '.join(close)}." if close else f" Its parameters: {', '.join(options)}."
+        return f" Close parameter names of {configurable}: {', '.join(close)}." if close else f" Its parameters: {', '.join(options)}."
     close = difflib.get_close_matches(quoted.split(".")[0], known, n=3) if quoted else []
     return f" Close configurable names: {', '.join(close)}." if close else ""
 
@@ -78,5 +84,13 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     except ConfigError:
         raise
     except Exception as err:  # gin raises ValueError/KeyError/SyntaxError with its own context lines
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first_line = gin_error_line(err)
         raise ConfigError(f"bad gin configuration: {first_line}.{suggestion(first_line, modules)}") from err
+
+
+def gin_error_line(err: Exception) -> str:
+    """The first line of gin's message; for a syntax error, its message and the text it could not parse."""
+    if isinstance(err, SyntaxError) and err.text:
+        where = f"{err.filename} line {err.lineno}" if err.filename else "the binding"
+        return f"{err.msg.rstrip('.')} in {where}: `{err.text.strip()}`"
+    return (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")

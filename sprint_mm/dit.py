@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from sprint_mm.backbone import Backbone, ConditionSpec, Embedded, Grid
+from sprint_mm.errors import check_number
 from sprint_mm.flops import TransformerShape
 from sprint_mm.layers import (
     DiTBlock,
@@ -50,8 +51,9 @@ def resolve_preset(size: str, hidden_size: Optional[int], depth: Optional[int], 
     """A preset's (hidden, depth, heads) with explicit values taking precedence."""
     if size not in PRESETS:
         raise ValueError(f"unknown size preset {size!r}; allowed: {', '.join(PRESETS)}")
-    preset = PRESETS[size]
-    return hidden_size or preset[0], depth or preset[1], num_heads or preset[2]
+    hidden, layers, heads = PRESETS[size]
+    return (hidden if hidden_size is None else hidden_size, layers if depth is None else depth,
+            heads if num_heads is None else num_heads)
 
 
 def as_patch(value: int | tuple[int, ...]) -> tuple[int, int, int]:
@@ -138,6 +140,8 @@ class DiT(Backbone):
     ) -> None:
         super().__init__()
         hidden_size, depth, num_heads = resolve_preset(size, hidden_size, depth, num_heads)
+        for name, value in (("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads)):
+            check_number(name, value, low=1, integer=True)
         for name, value, allowed in (("position", position, POSITIONS), ("attention", attention, ATTENTIONS)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")

@@ -1,10 +1,17 @@
-"""The run folder: config files, step checkpoints written atomically, retention, finding the newest or a named one.
+"""The run folder: config files, step checkpoints written atomically with a manifest, retention, finding the newest
+intact one or a named one.
 
     RUN/config.gin, RUN/config.json, RUN/metrics.jsonl, RUN/logs/ (TensorBoard), RUN/samples/
-    RUN/checkpoints/step_0000100/{model,ema}.safetensors, training_state.pt, rng_rank{r}.pt
+    RUN/checkpoints/step_0000100/{model,ema}.safetensors, training_state.pt, rng_rank{r}.pt, manifest.json
+
+The manifest lists every file of the checkpoint with its size and sha256, the step, the number of processes and a
+hash of the run's config.gin; it is written last, so a folder whose files do not match it is damaged (a truncated
+or missing file). Checkpoints written before manifests existed are accepted unverified.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -12,6 +19,11 @@ from pathlib import Path
 from typing import Optional
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
+MANIFEST = "manifest.json"
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint folder whose files do not match its manifest."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -55,9 +67,9 @@ def resolve_weights(source: str | os.PathLike, file: str = "ema.safetensors") ->
     if source.is_file():
         return source
     if (source / file).is_file():
-        return source / file
+        return verify_checkpoint(source) / file
     if source.is_dir():
-        return find_checkpoint(source) / file
+        return verify_checkpoint(find_checkpoint(source)) / file
     raise FileNotFoundError(f"{str(source)!r} is neither a run folder, a checkpoint folder nor a weights file")
 
 
@@ -79,3 +91,62 @@ def publish_checkpoint(staging: Path, step: int, keep: int) -> Path:
     for old in list_checkpoints(staging.parent.parent)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(folder: Path, step: int, world_size: int, config_text: str) -> None:
+    """Describe every file of a fully written checkpoint folder (before it is published)."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    manifest = {"step": step, "world_size": world_size,
+                "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(), "files": files}
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def checkpoint_problems(folder: Path) -> list[str]:
+    """What is wrong with a checkpoint folder against its manifest: [] when intact (or written without one)."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return []
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        return [f"{MANIFEST} is unreadable ({err})"]
+    problems = []
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != expected["size"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}")
+        elif file_sha256(path) != expected["sha256"]:
+            problems.append(f"{name} does not match its checksum")
+    return problems
+
+
+def verify_checkpoint(folder: Path) -> Path:
+    """The folder, or a DamagedCheckpoint error that says what is wrong and which intact checkpoints the run has."""
+    problems = checkpoint_problems(folder)
+    if problems:
+        intact = [checkpoint_step(p) for p in list_checkpoints(folder.parent.parent) if not checkpoint_problems(p)]
+        raise DamagedCheckpoint(f"checkpoint {folder} is damaged ({'; '.join(problems)}); intact checkpoints of this "
+                                f"run: {intact or 'none'}")
+    return folder
+
+
+def newest_intact_checkpoint(run_dir: str | os.PathLike) -> tuple[Optional[Path], list[str]]:
+    """The newest checkpoint whose files match its manifest (None if the run has none) and a line for every newer,
+    damaged one that was passed over."""
+    passed_over = []
+    for folder in reversed(list_checkpoints(run_dir)):
+        problems = checkpoint_problems(folder)
+        if not problems:
+            return folder, passed_over
+        passed_over.append(f"checkpoint {folder.name} is damaged ({'; '.join(problems)})")
+    return None, passed_over

@@ -12,8 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from sprint_mm.cli import sample_main, train_two_stages
-from sprint_mm.configs import ConfigError
+from sprint_mm.cli import report_training, sample_main, train_two_stages
 from sprint_mm.data.captioned_digits import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, prompts_for
 
 TEXT_STAGES = ("gin/text/digits_minilm_stage1.gin", "gin/text/digits_minilm_stage2.gin")
@@ -76,10 +75,6 @@ def text_demo_main(argv: Optional[Sequence[str]] = None) -> int:
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        run_text_demo(args.run_root, args.gin_param, args.scale, args.steps)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_training(run_text_demo, args.run_root, args.gin_param, args.scale, args.steps)
     finally:
         torch.set_num_threads(previous)
-    return 0

@@ -9,9 +9,11 @@ import json
 import math
 import random
 import time
+import shutil
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import gin
 import numpy as np
@@ -23,14 +25,24 @@ from tqdm.auto import tqdm
 
 from sprint_mm.checkpoints import load_strict, read_state_dict, save_state_dict
 from sprint_mm.conditioning import build_conditioning
+from sprint_mm.data.faults import BAD_ITEMS, BadDataLedger, SkippingDataset
 from sprint_mm.data.stream import IndexStream
-from sprint_mm.flops import forward_flops
+from sprint_mm.flops import sprint_step_ratio
 from sprint_mm.flow import FlowMatching
 from sprint_mm.generation import Previewer
 from sprint_mm.latents import build_codec
 from sprint_mm.models import build_model
+from sprint_mm.preemption import DEFAULT_SIGNALS, Preempted, StopSignals, signal_numbers
 from sprint_mm.repa import RepaAlignment, check_no_projector
-from sprint_mm.runs import list_checkpoints, publish_checkpoint, resolve_weights, staging_folder
+from sprint_mm.runs import (
+    DamagedCheckpoint,
+    list_checkpoints,
+    newest_intact_checkpoint,
+    publish_checkpoint,
+    resolve_weights,
+    staging_folder,
+    write_manifest,
+)
 from sprint_mm.sprint import Sprint
 
 PRECISIONS = ("no", "fp16", "bf16")
@@ -80,8 +92,9 @@ class Replicated(DistributedDataParallel):
 
 
 class TrainState:
-    """What a run resumes from: model, EMA, optimizer, scheduler, step, elapsed time and the REPA projector (the
-    data position follows from the step); with every process's RNG, saved in one checkpoint folder.
+    """What a run resumes from: model, EMA, optimizer, scheduler, step, elapsed time, the bad-data counts and the
+    REPA projector (the data position follows from the step); with every process's RNG, saved in one checkpoint
+    folder.
 
         step_NNNNNNN/model.safetensors, ema.safetensors, [projector.safetensors], training_state.pt, rng_rank{r}.pt
     """
@@ -90,6 +103,7 @@ class TrainState:
                  scheduler: torch.optim.lr_scheduler.LRScheduler, alignment: Optional[RepaAlignment]) -> None:
         self.model, self.optimizer, self.scheduler, self.alignment = model, optimizer, scheduler, alignment
         self.ema = frozen_copy(model)
+        self.ledger = BadDataLedger()
         self.step, self.elapsed = 0, 0.0
 
     def save(self, staging: Path, data_position: int, process_index: int) -> None:
@@ -102,7 +116,8 @@ class TrainState:
         if self.alignment is not None:
             self.alignment.save(staging)
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "step": self.step, "elapsed": self.elapsed, "data_position": data_position},
+                    "step": self.step, "elapsed": self.elapsed, "data_position": data_position,
+                    "bad_data": self.ledger.state_dict()},
                    staging / "training_state.pt")
 
     def restore(self, folder: Path, process_index: int) -> dict[str, Any]:
@@ -117,6 +132,8 @@ class TrainState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.elapsed = state["step"], state["elapsed"]
+        if "bad_data" in state:  # checkpoints written before bad data was counted have none
+            self.ledger.load_state_dict(state["bad_data"])
         return torch.load(folder / f"rng_rank{process_index}.pt", map_location="cpu", weights_only=False)
 
     def start_from(self, weights: Path) -> Optional[str]:
@@ -136,11 +153,18 @@ class Trainer:
 
     `ema_warmup` ramps the EMA decay up from 0.1 (see `ema_decay_at`); `num_threads` sets torch's CPU threads for the
     run (on a shared CPU, 1 thread can be many times faster than one per core). A dataset with a `collate` method
-    (e.g. CaptionDataset, whose caption cache may be partly filled) batches its own items.
+    (e.g. CaptionDataset, whose caption cache may be partly filled) batches its own items. An item a dataset cannot
+    read (`BadItem`) is replaced by the next good one, counted per kind in the metrics, and past
+    `BadDataLedger.max_bad_fraction` it stops the run naming examples.
 
     `alignment` (e.g. `@RepaAlignment()`) adds the REPA auxiliary loss, which owns its projector and its file
     (`projector.safetensors` beside the weights, not in the EMA). A stage 2 with alignment starts its projector from
     the stage-1 checkpoint's projector file when there is one.
+
+    Faults: a step whose loss or gradient norm is not finite is skipped (optimizer, scheduler and EMA untouched) and
+    logged; `max_bad_steps` of them in a row stop the run with the last good checkpoint intact. One of
+    `stop_signals` finishes the step, writes a checkpoint and exits with status 75 (`preemption.EXIT_PREEMPTED`).
+    Resume verifies the newest checkpoint against its manifest and falls back to the previous intact one.
     """
 
     def __init__(
@@ -172,17 +196,32 @@ class Trainer:
         init_from: Optional[str] = None,
         progress: bool = True,
         alignment: Optional[RepaAlignment] = None,
+        max_bad_steps: int = 10,
+        stop_signals: Sequence[str] = DEFAULT_SIGNALS,
     ) -> None:
+        from sprint_mm.errors import check_number
+
         if dataset is None:
             raise ValueError("Trainer.dataset is not bound: bind it in a .gin file, e.g. `Trainer.dataset = @DigitsDataset()`")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-        for name, value in (("batch_size", batch_size), ("grad_accum", grad_accum), ("max_steps", max_steps),
-                            ("num_threads", 1 if num_threads is None else num_threads)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        for name, value, low in (
+            ("batch_size", batch_size, 1), ("grad_accum", grad_accum, 1), ("max_steps", max_steps, 1),
+            ("checkpoint_every", checkpoint_every, 1), ("log_every", log_every, 1),
+            ("num_threads", 1 if num_threads is None else num_threads, 1), ("warmup_steps", warmup_steps, 0),
+            ("keep_checkpoints", keep_checkpoints, 0), ("preview_every", preview_every, 0),
+            ("num_workers", num_workers, 0), ("seed", seed, None),
+        ):
+            check_number(f"Trainer.{name}", value, low=low, integer=True)
+        for name, value in (("lr", lr), ("adam_eps", adam_eps), ("weight_decay", weight_decay),
+                            ("grad_clip", grad_clip), ("time_budget_minutes", time_budget_minutes or 0)):
+            check_number(f"Trainer.{name}", value, low=0)
+        check_number("Trainer.ema_decay", ema_decay, 0, 1, below_high=True)
+        check_number("Trainer.warmup_start_factor", warmup_start_factor, 0, 1)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Trainer.betas must be a pair (beta1, beta2), got {betas!r}")
+        for beta in betas:
+            check_number("Trainer.betas", beta, 0, 1, below_high=True)
         self.run_dir = Path(run_dir)
         self.dataset = dataset
         self.objective = objective or FlowMatching()
@@ -196,6 +235,12 @@ class Trainer:
         self.checkpoint_every, self.keep_checkpoints, self.log_every = checkpoint_every, keep_checkpoints, log_every
         self.preview_every, self.init_from, self.progress = preview_every, init_from, progress
         self.alignment = alignment
+        if max_bad_steps < 1:
+            raise ValueError(f"Trainer.max_bad_steps must be >= 1 (non-finite steps in a row before the run stops), "
+                             f"got {max_bad_steps}")
+        self.max_bad_steps = max_bad_steps
+        signal_numbers(stop_signals)  # an unknown name fails now, not when the signal comes
+        self.stop_signals = tuple(stop_signals)
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -230,6 +275,7 @@ class Trainer:
                 "the objective drops tokens or paths but the model is a dense backbone: "
                 "set `build_model.sprint = True`, or `FlowMatching.path_drop = 0.0` and `FlowMatching.masker = None`"
             )
+        self._check_data_fits(model)
         self.conditioning = build_conditioning()
         self.conditioning.prepare(model)
         # What the optimizer trains and DDP wraps: the model, or the model paired with the REPA projector.
@@ -238,6 +284,23 @@ class Trainer:
                                       betas=self.betas, eps=self.adam_eps, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._warmup_factor)
         self.state = TrainState(model, optimizer, scheduler, self.alignment)
+
+    def _check_data_fits(self, model: torch.nn.Module) -> None:
+        """Refuse data the model is not built for: items of another shape than the model samples (it would train at
+        one size and sample at another) and more classes than the model has (the extra ids would train as the null
+        class). The first good item is read as training reads it, leaving the RNG as it was."""
+        backbone = model.backbone
+        classes = getattr(self.dataset, "num_classes", None)
+        if backbone.condition.kind == "class" and classes is not None and classes > backbone.condition.num_classes:
+            raise ValueError(f"the dataset has {classes} classes but the model {backbone.condition.num_classes} "
+                             f"(the backbone's num_classes), whose labels lie in [0, {backbone.condition.num_classes}): "
+                             f"set num_classes to at least {classes}")
+        with torch.random.fork_rng(devices=[]):
+            item = tuple(SkippingDataset(self.dataset)[0]["x"].shape)
+        if item != tuple(backbone.sample_shape):
+            raise ValueError(f"the dataset's items have shape {item} but the model takes {tuple(backbone.sample_shape)} "
+                             "(C, [T,] H, W): make the dataset's size and channels match the backbone's input_size "
+                             "and in_channels")
 
     def _distribute(self) -> None:
         """Move everything to this process's device; with several processes, DDP over the trained module."""
@@ -271,13 +334,19 @@ class Trainer:
         return self.state.step * self.grad_accum * self.micro_batch
 
     def _restore(self) -> Optional[dict[str, Any]]:
-        """Resume this run from its newest checkpoint (returns this process's RNG state), else start stage 2 from
-        `init_from`, else start fresh."""
-        checkpoints = list_checkpoints(self.run_dir)
-        if checkpoints:
-            rng = self.state.restore(checkpoints[-1], self.accelerator.process_index)
-            self._log(f"resumed from {checkpoints[-1]} at step {self.state.step}")
+        """Resume this run from its newest intact checkpoint (returns this process's RNG state), else start stage 2
+        from `init_from`, else start fresh."""
+        folder, damaged = newest_intact_checkpoint(self.run_dir)
+        for line in damaged:
+            self._log(f"{line}: falling back to the previous checkpoint")
+        if folder is not None:
+            rng = self.state.restore(folder, self.accelerator.process_index)
+            self._log(f"resumed from {folder} at step {self.state.step}")
+            if self.accelerator.is_main_process:
+                self._forget_metrics_after(self.state.step)
             return rng
+        if damaged:
+            raise DamagedCheckpoint(f"run {self.run_dir} has no intact checkpoint to resume: {'; '.join(damaged)}")
         if self.init_from:
             weights = resolve_weights(self.init_from, "ema.safetensors")
             note = self.state.start_from(weights)
@@ -286,14 +355,21 @@ class Trainer:
                 self._log(note)
         return None
 
+    def _forget_metrics_after(self, step: int) -> None:
+        """metrics.jsonl keeps the lines up to the resumed step: the steps after it are trained again."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            lines = path.read_text().splitlines(keepends=True)
+            path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+
     def _batches(self):
         """The endless stream of micro-batches of this process, from the data position of the current step."""
         acc = self.accelerator
-        sampler = IndexStream(len(self.dataset), self.seed, acc.process_index, acc.num_processes,
-                              start=self._data_position())
+        data = SkippingDataset(self.dataset)  # a bad item is replaced by the next good one, and reported
+        sampler = IndexStream(len(data), self.seed, acc.process_index, acc.num_processes, start=self._data_position())
         return iter(DataLoader(
-            self.dataset, batch_size=self.micro_batch, sampler=sampler, num_workers=self.num_workers,
-            collate_fn=getattr(self.dataset, "collate", None), drop_last=True,
+            data, batch_size=self.micro_batch, sampler=sampler, num_workers=self.num_workers,
+            collate_fn=data.collate, drop_last=True,
             generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
             persistent_workers=self.num_workers > 0,
         ))
@@ -323,28 +399,41 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        """Every process writes into a hidden staging folder, which the main process then renames into place."""
-        acc = self.accelerator
+        """Every process writes into a hidden staging folder; the main process checks that every tensor is finite,
+        adds the manifest and renames the folder into place. A failing write stops the run and leaves the previous
+        checkpoint as it was."""
+        acc, step = self.accelerator, self.state.step
         acc.wait_for_everyone()
-        staging = self.run_dir / "checkpoints" / f".step_{self.state.step:07d}.partial"
+        staging = self.run_dir / "checkpoints" / f".step_{step:07d}.partial"
         if acc.is_main_process:
-            staging = staging_folder(self.run_dir, self.state.step)
+            check_finite(self.state, step)
+            staging = staging_folder(self.run_dir, step)
         acc.wait_for_everyone()
-        self.state.save(staging, self._data_position(), acc.process_index)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            publish_checkpoint(staging, self.state.step, self.keep_checkpoints)
+        try:
+            self.state.save(staging, self._data_position(), acc.process_index)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                write_manifest(staging, step, acc.num_processes, (self.run_dir / "config.gin").read_text())
+                publish_checkpoint(staging, step, self.keep_checkpoints)
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            intact = [p.name for p in list_checkpoints(self.run_dir)]
+            raise CheckpointWriteError(f"could not write the checkpoint of step {step} in {staging.parent} ({err}); "
+                                       f"the previous checkpoints are intact: {intact or 'none'}") from err
         acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ the loop
-    def _train_step(self) -> tuple[dict[str, float], float, int]:
-        """One optimizer step over grad_accum micro-batches: (mean losses, grad norm, tokens seen by this process)."""
+    def _train_step(self) -> StepResult:
+        """One optimizer step over grad_accum micro-batches. A step whose loss or gradient norm is not finite (on any
+        process) leaves the optimizer, scheduler and EMA untouched."""
         acc, state = self.accelerator, self.state
         totals: dict[str, float] = {}
         tokens = 0
         for micro in range(self.grad_accum):
             batch = next(self.loader)
             x0 = batch["x"].to(acc.device, non_blocking=True)
+            state.ledger.add(batch.pop(BAD_ITEMS), x0.shape[0])
+            state.ledger.check()
             cond = self.conditioning.from_batch(batch, acc.device)
             grid = state.model.backbone.token_grid(tuple(x0.shape))
             sync = nullcontext() if micro == self.grad_accum - 1 else acc.no_sync(self.trained)
@@ -358,13 +447,26 @@ class Trainer:
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / self.grad_accum
             tokens += x0.shape[0] * math.prod(grid)
-        grad_norm = (acc.clip_grad_norm_(self.trained.parameters(), self.grad_clip) if self.grad_clip > 0
-                     else torch.tensor(0.0))
-        self.optimizer.step()
-        state.scheduler.step()
+        # clip_grad_norm_ with an infinite bound measures without clipping
+        grad_norm = float(acc.clip_grad_norm_(self.trained.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf))
+        # Under fp16 an infinite gradient is the loss scaler's business: it skips the step and lowers its scale.
+        grad_checked = self.precision != "fp16"
+        problem = self._agreed_problem(totals["loss"], grad_norm if grad_checked else 0.0)
+        if problem is None:
+            self.optimizer.step()
+            state.scheduler.step()
+            update_ema(state.ema, state.model, ema_decay_at(state.step, self.ema_decay, self.ema_warmup))
         self.optimizer.zero_grad(set_to_none=True)
-        update_ema(state.ema, state.model, ema_decay_at(state.step, self.ema_decay, self.ema_warmup))
-        return totals, float(grad_norm), tokens
+        scaler_skipped = problem is None and self.precision == "fp16" and acc.optimizer_step_was_skipped
+        return StepResult(totals, grad_norm, tokens, problem, scaler_skipped)
+
+    def _agreed_problem(self, loss: float, grad_norm: float) -> Optional[str]:
+        """What was not finite in this step on any process (every process takes the same decision), or None."""
+        flags = torch.tensor([float(not math.isfinite(loss)), float(not math.isfinite(grad_norm))],
+                             device=self.accelerator.device)
+        loss_bad, grad_bad = self.accelerator.reduce(flags, reduction="max").tolist()
+        parts = [f"loss {loss}" if loss_bad else "", f"gradient norm {grad_norm}" if grad_bad else ""]
+        return " and ".join(p for p in parts if p) or None
 
     def _flop_saving(self) -> Optional[float]:
         """Fraction of forward FLOPs SPRINT saves per training step against the same backbone dense."""
@@ -372,14 +474,12 @@ class Trainer:
         if not isinstance(model, Sprint):
             return None
         grid = model.backbone.token_grid((1, *model.backbone.sample_shape))
-        tokens = math.prod(grid)
-        masker = self.objective.masker
-        mask = None if masker is None else masker(1, grid, generator=torch.Generator())
-        kept = tokens if mask is None else mask.num_kept
-        return 1.0 - forward_flops(model.flop_shape(), tokens, kept) / forward_flops(model.backbone.flop_shape(), tokens)
+        mask = None if self.objective.masker is None else self.objective.masker(1, grid, generator=torch.Generator())
+        kept = math.prod(grid) if mask is None else mask.num_kept
+        return 1.0 - 1.0 / sprint_step_ratio(model.backbone.flop_shape(), model.flop_shape(), math.prod(grid), kept)
 
     def run(self) -> Path:
-        """Train until max_steps or the time budget; returns the run folder."""
+        """Train until max_steps, the time budget or a stop signal; returns the run folder."""
         self._setup()
         acc, state = self.accelerator, self.state
         if state.step >= self.max_steps:
@@ -388,48 +488,71 @@ class Trainer:
         saving = self._flop_saving()
         bar = tqdm(total=self.max_steps, initial=state.step, disable=not (self.progress and acc.is_main_process),
                    desc=self.run_dir.name, dynamic_ncols=True)
-        window = Window()
-        last_saved = -1
+        window, bad_in_a_row, last_saved, stopped = Window(), 0, -1, False
+        reported_bad = state.ledger.bad.copy()
         state.model.train()
-        while state.step < self.max_steps:
-            started = time.perf_counter()
-            losses, grad_norm, tokens = self._train_step()
-            state.step += 1
-            state.elapsed += time.perf_counter() - started
-            window.add(losses, tokens)
-            bar.update(1)
-            if state.step % self.log_every == 0 or state.step == self.max_steps:
-                metrics = {"step": state.step, **window.means(acc.num_processes), "grad_norm": grad_norm,
-                           "lr": state.scheduler.get_last_lr()[0], "elapsed_s": state.elapsed}
-                postfix = {"loss": f"{metrics['loss']:.4f}", "it/s": f"{metrics['steps_per_s']:.2f}",
-                           "tok/s": f"{metrics['tokens_per_s']:.0f}"}
-                if saving is not None and saving > 0:  # stage 2 (no drop) saves nothing
-                    postfix["flops saved"] = f"{100 * saving:.0f}%"
-                bar.set_postfix(postfix)
-                self._record(metrics)
-                window = Window()
-            if self.preview_every and state.step % self.preview_every == 0 and acc.is_main_process:
-                self.previewer.save(state.ema, state.step)
-            if state.step % self.checkpoint_every == 0:
+        with StopSignals(self.stop_signals, self._log) as signals:
+            while state.step < self.max_steps:
+                started = time.perf_counter()
+                result = self._train_step()
+                state.step += 1
+                state.elapsed += time.perf_counter() - started
+                window.add(result)
+                bar.update(1)
+                bad_in_a_row = bad_in_a_row + 1 if result.problem else 0
+                if result.problem:
+                    self._log(f"step {state.step} skipped: non-finite {result.problem} "
+                              f"({bad_in_a_row} in a row, the run stops at {self.max_bad_steps})")
+                    if bad_in_a_row >= self.max_bad_steps:
+                        raise NonFiniteTraining(
+                            f"{bad_in_a_row} steps in a row had a non-finite loss or gradient norm (last: step "
+                            f"{state.step}, {result.problem}); the run stops with its last good checkpoint "
+                            f"{(list_checkpoints(self.run_dir) or [Path('none')])[-1].name} intact. Lower "
+                            f"Trainer.lr, check the data, or raise Trainer.max_bad_steps")
+                if state.step % self.log_every == 0 or state.step == self.max_steps:
+                    metrics = {"step": state.step, **window.means(acc.num_processes), "grad_norm": result.grad_norm,
+                               "lr": state.scheduler.get_last_lr()[0], "elapsed_s": state.elapsed,
+                               **state.ledger.metrics()}
+                    if state.ledger.bad != reported_bad:
+                        self._log(state.ledger.summary())
+                        reported_bad = state.ledger.bad.copy()
+                    postfix = {"loss": f"{metrics.get('loss', math.nan):.4f}", "it/s": f"{metrics['steps_per_s']:.2f}",
+                               "tok/s": f"{metrics['tokens_per_s']:.0f}"}
+                    if saving is not None and saving > 0:  # stage 2 (no drop) saves nothing
+                        postfix["flops saved"] = f"{100 * saving:.0f}%"
+                    bar.set_postfix(postfix)
+                    self._record(metrics)
+                    window = Window()
+                if self.preview_every and state.step % self.preview_every == 0 and acc.is_main_process:
+                    self.previewer.save(state.ema, state.step)
+                if state.step % self.checkpoint_every == 0:
+                    self.save_checkpoint()
+                    last_saved = state.step
+                budget_spent, stopped = self._agreed_stop(signals.received is not None)
+                if stopped:
+                    break
+                if budget_spent:
+                    self._log(f"time budget of {self.time_budget / 60:.1f} min spent at step {state.step}")
+                    break
+            bar.close()
+            if last_saved != state.step:
                 self.save_checkpoint()
-                last_saved = state.step
-            if self.time_budget is not None and self._budget_spent():
-                self._log(f"time budget of {self.time_budget / 60:.1f} min spent at step {state.step}")
-                break
-        bar.close()
-        if last_saved != state.step:
-            self.save_checkpoint()
         if acc.is_main_process:
-            if self.preview_every:
+            if self.preview_every and not stopped:
                 self.previewer.save(state.ema, state.step)
             self.writer.close()
         acc.wait_for_everyone()
+        if stopped:
+            raise Preempted(signals.received or "a stop signal to another process", state.step)
         return self.run_dir
 
-    def _budget_spent(self) -> bool:
-        """Every process stops at the same step: the main process's clock decides."""
-        spent = torch.tensor([float(self.state.elapsed >= self.time_budget)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(spent, reduction="max").item())
+    def _agreed_stop(self, signalled: bool) -> tuple[bool, bool]:
+        """(time budget spent, a stop signal came) agreed by every process, so all stop at the same step: the main
+        process's clock decides the budget, a signal to any process stops all."""
+        spent = self.time_budget is not None and self.state.elapsed >= self.time_budget
+        flags = torch.tensor([float(spent), float(signalled)], device=self.accelerator.device)
+        budget, signal_flag = self.accelerator.reduce(flags, reduction="max").tolist()
+        return bool(budget), bool(signal_flag)
 
     def _record(self, metrics: dict[str, float]) -> None:
         if not self.accelerator.is_main_process:
@@ -442,19 +565,56 @@ class Trainer:
 
 
 class Window:
-    """Losses, steps and tokens since the last log line."""
+    """Losses, steps, skipped steps and tokens since the last log line."""
 
     def __init__(self) -> None:
         self.losses: dict[str, float] = {}
-        self.steps, self.tokens, self.start = 0, 0, time.perf_counter()
+        self.steps, self.good_steps, self.tokens, self.start = 0, 0, 0, time.perf_counter()
+        self.skipped, self.scaler_skipped = 0, 0
 
-    def add(self, losses: dict[str, float], tokens: int) -> None:
-        for name, value in losses.items():
-            self.losses[name] = self.losses.get(name, 0.0) + value
-        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
+    def add(self, result: StepResult) -> None:
+        self.steps, self.tokens = self.steps + 1, self.tokens + result.tokens
+        self.skipped += result.problem is not None
+        self.scaler_skipped += result.scaler_skipped
+        if result.problem is None:
+            self.good_steps += 1
+            for name, value in result.losses.items():
+                self.losses[name] = self.losses.get(name, 0.0) + value
 
     def means(self, processes: int) -> dict[str, float]:
-        """Mean losses and the rates of the window (tokens over all processes)."""
+        """Mean losses of the steps that trained, the rates of the window (tokens over all processes) and the
+        counts of skipped steps (non-finite; fp16 loss-scaler skips)."""
         seconds = time.perf_counter() - self.start
-        return {**{name: total / self.steps for name, total in self.losses.items()},
-                "steps_per_s": self.steps / seconds, "tokens_per_s": self.tokens * processes / seconds}
+        return {**{name: total / self.good_steps for name, total in self.losses.items()},
+                "steps_per_s": self.steps / seconds, "tokens_per_s": self.tokens * processes / seconds,
+                "skipped_steps": self.skipped, "fp16_skipped_steps": self.scaler_skipped}
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports: mean losses, gradient norm, tokens of this process, what was not finite
+    (None: the step trained) and whether fp16's loss scaler skipped it."""
+
+    losses: dict[str, float]
+    grad_norm: float
+    tokens: int
+    problem: Optional[str] = None
+    scaler_skipped: bool = False
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many steps in a row with a non-finite loss or gradient norm."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); the previous ones are intact."""
+
+
+def check_finite(state: TrainState, step: int) -> None:
+    """No checkpoint is ever published with a non-finite tensor."""
+    for name, module in (("model", state.model), ("EMA", state.ema)):
+        bad = [key for key, tensor in module.state_dict().items()
+               if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+        if bad:
+            raise NonFiniteTraining(f"the {name} has non-finite values at step {step} ({', '.join(bad[:5])}); "
+                                    "no checkpoint is written, the previous ones are intact")

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Optional, Sequence
 
-from sprint_mm.cli import sample_main, train_two_stages
-from sprint_mm.configs import ConfigError
+from sprint_mm.cli import report_training, sample_main, train_two_stages
 
 VIDEO_STAGES = ("gin/video/moving_digits_stage1.gin", "gin/video/moving_digits_stage2.gin")
 VIDEO_RUN = "runs/moving_digits"
@@ -91,9 +89,4 @@ def video_demo_parser() -> argparse.ArgumentParser:
 
 def video_demo_main(argv: Optional[Sequence[str]] = None) -> int:
     args = video_demo_parser().parse_args(argv)
-    try:
-        run_video_demo(args.root, args.minutes, args.gin_param, args.scale, args.steps)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return report_training(run_video_demo, args.root, args.minutes, args.gin_param, args.scale, args.steps)

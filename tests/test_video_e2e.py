@@ -1,6 +1,8 @@
 """The video path end to end through the command lines: real mp4s (one corrupt), stage 1, stage 2, .mp4/.gif samples."""
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -69,11 +71,12 @@ def mp4_frames(path: Path) -> list:
         return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
 
 
-def test_video_runs_end_to_end_through_the_command_lines(tmp_path, videos):
+def test_video_runs_end_to_end_through_the_command_lines(tmp_path, videos, capsys):
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
-    # 2 steps x 4 clips cover all 7 files of the first pass: the corrupt one is met, skipped and reported.
-    with pytest.warns(RuntimeWarning, match="skipping undecodable video .*zz_corrupt.mp4"):
-        assert train(stage1, videos, 2) == 0
+    # 2 steps x 4 clips cover all 7 files of the first pass: the corrupt one is met, skipped, counted and named.
+    assert train(stage1, videos, 2) == 0
+    assert json.loads((stage1 / "metrics.jsonl").read_text().splitlines()[-1])["bad_video"] == 1
+    assert re.search(r"1 of 8 items read were bad .*zz_corrupt\.mp4", capsys.readouterr().out)
     assert "TokenMasker.ratio = 0.75" in (stage1 / "config.gin").read_text()
 
     # Stage 2 with lr 0: its model and new EMA must be exactly the stage-1 EMA; the video preview is written.

@@ -1,0 +1,82 @@
+"""User mistakes: argument checks that say what is allowed, and the one `error: ...` line a command prints for them.
+
+The command lines run their work through `report_mistakes`: a user's mistake (FileNotFoundError, KeyError,
+ValueError, which ConfigError and CheckpointMismatch are, or gin's TypeError for a configurable called without a
+required argument) becomes one line on stderr and exit status 2, without a traceback; anything else is a bug and
+propagates with its traceback.
+"""
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from numbers import Real
+from typing import Any, Callable, Optional
+
+USER_ERRORS = (FileNotFoundError, KeyError, ValueError)
+# gin re-raises an error of a configurable with this line appended, once per configurable on the call stack
+GIN_CALL = re.compile(r"\n\s*In call to configurable '([^']+)'[^\n]*")
+# ... and, for a TypeError of a call that lacks required arguments, with these lines before it
+GIN_UNBOUND = re.compile(r"\n\s*No values supplied by Gin or caller for arguments: (\[[^\]]*\])")
+
+
+def check_number(name: str, value: Any, low: Optional[float] = None, high: Optional[float] = None, *,
+                 integer: bool = False, below_high: bool = False) -> None:
+    """Raise a ValueError naming `name`, its value and what is allowed unless `value` is a number (an int with
+    `integer`; a bool is neither) in [low, high], or [low, high) with `below_high`; a bound of None is no bound."""
+    fits = (not isinstance(value, bool) and isinstance(value, int if integer else Real)
+            and (low is None or value >= low)
+            and (high is None or (value < high if below_high else value <= high)))
+    if fits:
+        return
+    if low is not None and high is not None:
+        allowed = f" in [{low:g}, {high:g}{')' if below_high else ']'}"
+    elif low is not None:
+        allowed = f" >= {low:g}"
+    elif high is not None:
+        allowed = f" {'<' if below_high else '<='} {high:g}"
+    else:
+        allowed = ""
+    raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}{allowed}, got {value!r}")
+
+
+def mistake_message(err: BaseException) -> Optional[str]:
+    """The one-line message of a user's mistake, or None when `err` is a bug.
+
+    gin's call lines become "(in NAME)" for the innermost configurable unless the message names it (as a word); a
+    KeyError's message loses the quotes that str() adds; the lines of a multi-line report are joined.
+    """
+    text = str(err)
+    called = GIN_CALL.findall(text)
+    if isinstance(err, TypeError):
+        unbound = GIN_UNBOUND.search(text)
+        names = [] if unbound is None else [name for name in ast.literal_eval(unbound.group(1)) if name != "self"]
+        if not names or not called:
+            return None
+        return f"{called[0]} has no value for {', '.join(names)}: bind " + ", ".join(f"`{called[0]}.{name} = ...`"
+                                                                                 for name in names)
+    if not isinstance(err, USER_ERRORS):
+        return None
+    text = GIN_CALL.sub("", text).strip()
+    if isinstance(err, KeyError) and len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = str(ast.literal_eval(text))
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(err).__name__]
+    message = lines[0]
+    for line in lines[1:]:
+        message += (" " if message.endswith(":") else "; ") + line
+    if called and not re.search(rf"\b{re.escape(called[0])}\b", message, re.IGNORECASE):
+        message += f" (in {called[0]})"
+    return message
+
+
+def report_mistakes(work: Callable[..., object], *args: Any) -> int:
+    """Run `work(*args)`: 0 when it succeeds, 2 with one `error: ...` line on stderr for a user's mistake."""
+    try:
+        work(*args)
+    except (*USER_ERRORS, TypeError) as err:
+        message = mistake_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
