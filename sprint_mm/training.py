@@ -27,6 +27,7 @@ from sprint_mm.checkpoints import load_strict, read_state_dict, save_state_dict
 from sprint_mm.conditioning import build_conditioning
 from sprint_mm.data.faults import BAD_ITEMS, BadDataLedger, SkippingDataset
 from sprint_mm.data.stream import IndexStream
+from sprint_mm.errors import check_number
 from sprint_mm.flops import sprint_step_ratio
 from sprint_mm.flow import FlowMatching
 from sprint_mm.generation import Previewer
@@ -199,8 +200,6 @@ class Trainer:
         max_bad_steps: int = 10,
         stop_signals: Sequence[str] = DEFAULT_SIGNALS,
     ) -> None:
-        from sprint_mm.errors import check_number
-
         if dataset is None:
             raise ValueError("Trainer.dataset is not bound: bind it in a .gin file, e.g. `Trainer.dataset = @DigitsDataset()`")
         if precision not in PRECISIONS:
@@ -210,7 +209,7 @@ class Trainer:
             ("checkpoint_every", checkpoint_every, 1), ("log_every", log_every, 1),
             ("num_threads", 1 if num_threads is None else num_threads, 1), ("warmup_steps", warmup_steps, 0),
             ("keep_checkpoints", keep_checkpoints, 0), ("preview_every", preview_every, 0),
-            ("num_workers", num_workers, 0), ("seed", seed, None),
+            ("num_workers", num_workers, 0), ("seed", seed, None), ("max_bad_steps", max_bad_steps, 1),
         ):
             check_number(f"Trainer.{name}", value, low=low, integer=True)
         for name, value in (("lr", lr), ("adam_eps", adam_eps), ("weight_decay", weight_decay),
@@ -235,9 +234,6 @@ class Trainer:
         self.checkpoint_every, self.keep_checkpoints, self.log_every = checkpoint_every, keep_checkpoints, log_every
         self.preview_every, self.init_from, self.progress = preview_every, init_from, progress
         self.alignment = alignment
-        if max_bad_steps < 1:
-            raise ValueError(f"Trainer.max_bad_steps must be >= 1 (non-finite steps in a row before the run stops), "
-                             f"got {max_bad_steps}")
         self.max_bad_steps = max_bad_steps
         signal_numbers(stop_signals)  # an unknown name fails now, not when the signal comes
         self.stop_signals = tuple(stop_signals)

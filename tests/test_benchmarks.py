@@ -224,3 +224,16 @@ def test_load_run_rejects_a_run_with_no_checkpoint(tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         demo.load_run(tmp_path / "run")
+
+
+def test_fault_drill_rows_report_what_happened_and_compare_weights(tmp_path):
+    drill_script = load_script("fault_drill")
+    drill = drill_script.Drill(tmp_path, steps=7, every=3)
+    assert drill.train("reference").returncode == 0
+    damaged = drill_script.damaged_row(drill, "model.safetensors", "truncated")
+    assert damaged["what the program did"].startswith("found it damaged, fell back")
+    assert damaged["exit status"] == "0" and damaged["work lost (steps)"] == 3
+    assert damaged["weights identical after resume"] == "yes"
+    # The comparison can fail: a run with another seed does not have the reference's weights.
+    assert drill.train("other_seed", "Trainer.seed = 1").returncode == 0
+    assert not drill.same_weights("other_seed", "reference")
