@@ -101,8 +101,8 @@ class FlowMatching:
         t = self.sample_time(b, device, generator)
         eps = torch.randn(x0.shape, device=device, generator=generator, dtype=x0.dtype)
         x_t, target = self.interpolate(x0, eps, t)
-        if self.label_dropout > 0:
-            cond = backbone.drop_condition(cond, torch.rand(b, device=device, generator=generator) < self.label_dropout)
+        # Always through drop_condition, so that a learned null condition is in every graph (DDP needs no scan).
+        cond = backbone.drop_condition(cond, torch.rand(b, device=device, generator=generator) < self.label_dropout)
         extra = {}
         if self.masker is not None:
             extra["mask"] = self.masker(b, backbone.token_grid(tuple(x0.shape)), generator=generator, device=device)

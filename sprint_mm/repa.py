@@ -190,10 +190,12 @@ class RepaAlignment:
 
     def loss(self, images: torch.Tensor, grid: Grid) -> torch.Tensor:
         """Mean over the (rows, tokens) the last forward covered of -cos(target, projected state); zero when no row
-        computed the state."""
+        computed the state (still a function of the projector, so that every trained parameter is in the graph)."""
         state = None if self.aligned is None else self.aligned.state
         if state is None:
             return torch.zeros((), device=images.device)
+        if state.features.shape[0] == 0:  # every row skipped the middle blocks that hold the state
+            return state.features.sum()
         targets = self.targets(images.to(state.features.device), grid)  # (B, N, z)
         if state.rows is not None:
             targets = targets[state.rows]

@@ -106,19 +106,17 @@ class Sprint(nn.Module):
     def _middle(
         self, dense: torch.Tensor, emb: Embedded, mask: Optional[TokenMask], skip_middle: Optional[torch.Tensor]
     ) -> torch.Tensor:
-        """Run the middle blocks on the kept tokens of the rows that do not skip; mask token everywhere else."""
+        """Run the middle blocks on the kept tokens of the rows that do not skip; mask token everywhere else.
+
+        There is no shortcut for "no row runs the middle" or "every row keeps every token": the blocks then run on an
+        empty batch and the mask token is overwritten, so every parameter is in every graph (with a zero gradient
+        where it did nothing) and DDP needs no scan for unused parameters."""
         b, n, d = dense.shape
         canvas = self.mask_token.to(dense.dtype).expand(b, n, d)
         rows = middle_rows(b, skip_middle, dense.device)
-        if rows.numel() == 0:
-            return canvas
         ids_keep = None if mask is None else mask.ids_keep.to(dense.device)[rows]  # (b_run, M)
         # each kept token keeps its true position
         h = run_blocks(self.middle_blocks, emb.subset(dense, rows, ids_keep), self.backbone.gradient_checkpointing)
         if ids_keep is not None:
-            restored = canvas[: rows.numel()].scatter(1, ids_keep[..., None].expand(-1, -1, d), h)  # (b_run, N, D)
-        else:
-            restored = h
-        if rows.numel() == b:
-            return restored
-        return canvas.index_copy(0, rows, restored)
+            h = canvas[: rows.numel()].scatter(1, ids_keep[..., None].expand(-1, -1, d), h)  # (b_run, N, D)
+        return canvas.index_copy(0, rows, h)

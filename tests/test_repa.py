@@ -108,12 +108,12 @@ def test_dense_backbone_state_and_every_row_path_dropped():
         emb = dense.embed(x, t, y)
         h = dense.blocks[1](dense.blocks[0](emb.tokens, emb.c, emb.positions), emb.c, emb.positions)
         torch.testing.assert_close(state.features, h)
-        # A middle point that no row reached: no state, a zero alignment term.
+        # A middle point that no row reached: an empty state and a zero alignment term, still in the graph.
         everyone = torch.ones(4, dtype=torch.bool)
         aligned = AlignedModel(model_6_blocks(), nn.Identity(), 2)
         aligned(x, t, y, skip_middle=everyone)
         state = aligned.state
-    assert state is None
+    assert state.features.shape == (0, 16, 32) and state.rows.numel() == 0
 
 
 # ------------------------------------------------------------------------------------------ targets and the loss
@@ -228,3 +228,14 @@ def test_training_logs_three_losses_resumes_and_samples_without_the_encoder(tmp_
     stage1 = load_file(str(last / "projector.safetensors"))
     stage2 = load_file(str(list_checkpoints(tmp_path / "stage2")[-1] / "projector.safetensors"))
     assert all(torch.equal(stage1[k], stage2[k]) for k in stage1)
+
+
+def test_a_batch_where_every_row_skips_the_state_gives_zero_loss_with_the_projector_in_the_graph(encoder_dir):
+    alignment = RepaAlignment(encoder_dir, depth=3, projector_dim=8)
+    aligned = alignment.attach(model_6_blocks().train())
+    x, t, y = inputs()
+    aligned(x, t, y, skip_middle=torch.ones(4, dtype=torch.bool))
+    loss = alignment.loss(x.clamp(-1, 1), (1, 4, 4))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in alignment.projector.parameters())

@@ -68,7 +68,21 @@ def test_skip_middle_never_runs_the_middle_on_skipped_rows():
     model.middle_blocks[0].register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
     model(x, t, y, skip_middle=torch.tensor([True, False, True, True]))
     model(x, t, y, skip_middle=torch.ones(4, dtype=torch.bool))
-    assert batches == [1]
+    assert batches == [1, 0]  # with every row skipping, the middle sees an empty batch: no compute, same graph
+
+
+def test_every_trainable_parameter_is_in_every_graph():
+    """What lets DDP run without scanning for unused parameters: every trainable parameter gets a gradient (zero
+    where it did nothing), whether every row skips the middle, no token is dropped, or both."""
+    model = randomize(Sprint(tiny_sit(), encoder_depth=1, decoder_depth=1, learnable_mask_token=True)).train()
+    x, t, y = inputs()
+    mask = TokenMasker("structured", 0.75)(4, (1, 4, 4), generator=torch.Generator().manual_seed(0))
+    for extra in ({"skip_middle": torch.ones(4, dtype=torch.bool)}, {}, {"mask": mask}):
+        model.zero_grad(set_to_none=True)
+        model(x, t, y, **extra).square().mean().backward()
+        assert [n for n, p in model.named_parameters() if p.grad is None] == [], extra.keys()
+    middle = [p.grad for block in model.middle_blocks for p in block.parameters()]
+    assert all(grad.abs().sum() > 0 for grad in middle)  # the last pass (a mask, no skip) trains the middle
 
 
 def test_gradients_reach_every_trainable_parameter():
