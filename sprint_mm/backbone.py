@@ -135,3 +135,11 @@ def run_blocks(blocks: Sequence[nn.Module], embedded: Embedded, checkpointing: b
         else:
             h = block(h, c, positions, context)
     return h
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
+    """Regional compilation: `torch.compile` each block of `model.backbone.blocks` in place. Blocks share their code,
+    so one compiled graph serves every block of a shape (SPRINT's kept-token count is fixed within a stage); the
+    state-dict keys stay as they were, so checkpoints do not change."""
+    for block in model.backbone.blocks:
+        block.compile(backend=backend)

@@ -11,14 +11,16 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sprint_mm.checkpoints import atomic_write, load_strict, read_state_dict
+from sprint_mm.checkpoints import atomic_write, load_strict
 from sprint_mm.conditioning import check_labels
 from sprint_mm.configs import ConfigError, parse_gin
 from sprint_mm.errors import check_number, report_mistakes
 from sprint_mm.media import pack_uint8, save_image_grid, save_npz, save_video, save_video_preview, unpack_uint8
 from sprint_mm.preemption import EXIT_PREEMPTED, Preempted
 from sprint_mm.runs import find_checkpoint, verify_checkpoint
-from sprint_mm.training import CheckpointWriteError, NonFiniteTraining, Trainer
+from sprint_mm.sharded import read_weights
+from sprint_mm.train_state import NonFiniteTraining
+from sprint_mm.training import CheckpointWriteError, Trainer
 
 DEMO_STAGES = ("gin/image/digits_stage1.gin", "gin/image/digits_stage2.gin")
 DEMO_RUN = "runs/digits_demo"
@@ -119,6 +121,9 @@ def sample_parser() -> argparse.ArgumentParser:
                         help="spatial size in the model's input units (latent pixels for a latent run; default: as "
                              "trained); positions extend (RoPE / sin-cos), quality beyond the trained size is untested")
     parser.add_argument("--gin_param", action="append", default=[])
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each transformer block (one graph per token count; the first batch pays the "
+                             "compilation)")
     return parser
 
 
@@ -179,6 +184,7 @@ def write_samples(args: argparse.Namespace) -> Path:
     take shards round-robin, and a restarted command skips finished shards; the main process then packs the output."""
     from accelerate import Accelerator
 
+    from sprint_mm.backbone import compile_blocks
     from sprint_mm.conditioning import build_conditioning, check_kind
     from sprint_mm.generation import generate
     from sprint_mm.latents import build_codec
@@ -196,8 +202,10 @@ def write_samples(args: argparse.Namespace) -> Path:
     accelerator = Accelerator()
     device = accelerator.device
     model = build_model()
-    load_strict(model, read_state_dict(checkpoint / f"{args.weights}.safetensors"), f"{checkpoint}/{args.weights}.safetensors")
+    load_strict(model, read_weights(checkpoint / f"{args.weights}.safetensors"), f"{checkpoint}/{args.weights}.safetensors")
     model.to(device).eval()
+    if args.compile:
+        compile_blocks(model)
     condition = model.backbone.condition
     labels, prompts = sample_requests(args, condition.kind, condition.num_classes)  # before a text encoder loads
     conditioning = build_conditioning()

@@ -137,6 +137,7 @@ class DiT(Backbone):
         mlp_ratio: float = 4.0,
         qk_norm: str = "rmsnorm",
         attention_backend: str = "sdpa",
+        attention_kernel: str = "auto",
     ) -> None:
         super().__init__()
         hidden_size, depth, num_heads = resolve_preset(size, hidden_size, depth, num_heads)
@@ -163,7 +164,7 @@ class DiT(Backbone):
         spans = ("spatial", "temporal") if attention == "factorised" else ("full",)
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, mlp=mlp, qk_norm=qk_norm,
-                     attention_backend=attention_backend, span=spans[i % len(spans)],
+                     attention_backend=attention_backend, attention_kernel=attention_kernel, span=spans[i % len(spans)],
                      cross_attention=conditioning == "text")
             for i in range(depth)
         )

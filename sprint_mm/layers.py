@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sprint_mm.tokens import Rope, TokenPositions, gather_tokens
 
@@ -202,10 +203,27 @@ def check_attention_backend(backend: str) -> None:
             ) from err
 
 
+# SDPA kernels a CUDA run may restrict itself to; the math kernel stays as the fallback of the fast ones.
+ATTENTION_KERNELS = {
+    "auto": None,
+    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "math": [SDPBackend.MATH],
+}
+
+
+def check_attention_kernel(kernel: str) -> None:
+    """Fail early for an unknown SDPA kernel name."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; allowed: {', '.join(ATTENTION_KERNELS)}")
+
+
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor] = None, backend: str = "sdpa"
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor] = None, backend: str = "sdpa",
+    kernel: str = "auto",
 ) -> torch.Tensor:
-    """Scaled dot-product attention over (B, heads, N, d); key_mask (B, Nk) True = attend."""
+    """Scaled dot-product attention over (B, heads, N, d); key_mask (B, Nk) True = attend. `kernel` restricts SDPA to
+    one kernel family (see ATTENTION_KERNELS) on CUDA; elsewhere, and with 'auto', torch chooses."""
     if backend == "xformers":
         if not q.is_cuda:
             raise RuntimeError("attention backend 'xformers' runs only on CUDA tensors; use 'sdpa' on the CPU")
@@ -218,14 +236,18 @@ def attention(
         out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
         return out.transpose(1, 2)
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if kernel == "auto" or not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    with sdpa_kernel(ATTENTION_KERNELS[kernel]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
-def checked_head_dim(dim: int, num_heads: int, backend: str) -> int:
-    """The per-head width, after checking the split and the attention backend."""
+def checked_head_dim(dim: int, num_heads: int, backend: str, kernel: str) -> int:
+    """The per-head width, after checking the split, the attention backend and the SDPA kernel."""
     if dim % num_heads:
         raise ValueError(f"hidden size {dim} is not divisible by the number of heads {num_heads}")
     check_attention_backend(backend)
+    check_attention_kernel(kernel)
     return dim // num_heads
 
 
@@ -287,14 +309,15 @@ class Attention(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_heads: int, qk_norm: str = "rmsnorm", backend: str = "sdpa", span: str = "full"
+        self, dim: int, num_heads: int, qk_norm: str = "rmsnorm", backend: str = "sdpa", span: str = "full",
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         if span not in ATTENTION_SPANS:
             raise ValueError(f"unknown attention span {span!r}; allowed: {', '.join(ATTENTION_SPANS)}")
-        head_dim = checked_head_dim(dim, num_heads, backend)
+        head_dim = checked_head_dim(dim, num_heads, backend, kernel)
         self.num_heads = num_heads
-        self.backend = backend
+        self.backend, self.kernel = backend, kernel
         self.span = span
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = make_qk_norm(qk_norm, head_dim)
@@ -325,7 +348,7 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)  # (B, h, N, d_head)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = attention(q, k, v, backend=self.backend)
+        out = attention(q, k, v, backend=self.backend, kernel=self.kernel)
         return self.proj(rearrange(out, "b h n c -> b n (h c)"))
 
 
@@ -335,11 +358,13 @@ class CrossAttention(nn.Module):
     `context_mask` (B, L) True marks real context tokens; padded ones get no attention.
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: str = "rmsnorm", backend: str = "sdpa") -> None:
+    def __init__(
+        self, dim: int, num_heads: int, qk_norm: str = "rmsnorm", backend: str = "sdpa", kernel: str = "auto"
+    ) -> None:
         super().__init__()
-        head_dim = checked_head_dim(dim, num_heads, backend)
+        head_dim = checked_head_dim(dim, num_heads, backend, kernel)
         self.num_heads = num_heads
-        self.backend = backend
+        self.backend, self.kernel = backend, kernel
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.q_norm = make_qk_norm(qk_norm, head_dim)
@@ -351,7 +376,7 @@ class CrossAttention(nn.Module):
     ) -> torch.Tensor:
         q = self.q_norm(rearrange(self.q(x), "b n (h c) -> b h n c", h=self.num_heads))  # (B, h, N, d_head)
         k, v = rearrange(self.kv(context), "b l (two h c) -> two b h l c", two=2, h=self.num_heads)
-        out = attention(q, self.k_norm(k), v, key_mask=context_mask, backend=self.backend)  # (B, h, N, d_head)
+        out = attention(q, self.k_norm(k), v, key_mask=context_mask, backend=self.backend, kernel=self.kernel)
         return self.proj(rearrange(out, "b h n c -> b n (h c)"))
 
 
@@ -394,6 +419,8 @@ class DiTBlock(nn.Module):
     """adaLN-Zero block: x += gate * Attn(mod(LN(x))); [x += CrossAttn(LN(x), context)]; x += gate * MLP(mod(LN(x))).
 
     With `cross_attention` the block reads a context (tokens (B, L, D), mask (B, L)) between attention and MLP.
+    `attention_kernel` ('auto' | 'flash' | 'efficient' | 'math') restricts the
+    SDPA kernels of its attention on CUDA, the math kernel as fallback; it changes nothing on the CPU.
     """
 
     def __init__(
@@ -407,16 +434,17 @@ class DiTBlock(nn.Module):
         attention_backend: str = "sdpa",
         span: str = "full",
         cross_attention: bool = False,
+        attention_kernel: str = "auto",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qk_norm, attention_backend, span)
+        self.attn = Attention(dim, num_heads, qk_norm, attention_backend, span, attention_kernel)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, mlp_hidden_size(dim, mlp_ratio, mlp), mlp)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         if cross_attention:
             self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
-            self.cross_attn = CrossAttention(dim, num_heads, qk_norm, attention_backend)
+            self.cross_attn = CrossAttention(dim, num_heads, qk_norm, attention_backend, attention_kernel)
         else:
             self.cross_attn = None
 

@@ -3,6 +3,7 @@ intact one or a named one.
 
     RUN/config.gin, RUN/config.json, RUN/metrics.jsonl, RUN/logs/ (TensorBoard), RUN/samples/
     RUN/checkpoints/step_0000100/{model,ema}.safetensors, training_state.pt, rng_rank{r}.pt, manifest.json
+    (sharded, Trainer.strategy = 'fsdp': .metadata and __{r}_0.distcp instead of the safetensors; sprint_mm.sharded)
 
 The manifest lists every file of the checkpoint with its size and sha256, the step, the number of processes and a
 hash of the run's config.gin; it is written last, so a folder whose files do not match it is damaged (a truncated
@@ -20,6 +21,7 @@ from typing import Optional
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
 MANIFEST = "manifest.json"
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint's files (sprint_mm.sharded)
 
 
 class DamagedCheckpoint(ValueError):
@@ -66,7 +68,7 @@ def resolve_weights(source: str | os.PathLike, file: str = "ema.safetensors") ->
     source = Path(source)
     if source.is_file():
         return source
-    if (source / file).is_file():
+    if (source / file).is_file() or (source / DCP_METADATA).is_file():  # a sharded one consolidates on reading
         return verify_checkpoint(source) / file
     if source.is_dir():
         return verify_checkpoint(find_checkpoint(source)) / file
@@ -98,15 +100,29 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_manifest(folder: Path, step: int, world_size: int, config_text: str) -> None:
-    """Describe every file of a fully written checkpoint folder (before it is published)."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    manifest = {"step": step, "world_size": world_size,
-                "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(), "files": files}
+def file_entry(path: Path) -> dict[str, int | str]:
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def store_manifest(folder: Path, manifest: dict) -> None:
     tmp = folder / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, folder / MANIFEST)
+
+
+def write_manifest(folder: Path, step: int, world_size: int, config_text: str) -> None:
+    """Describe every file of a fully written checkpoint folder (before it is published)."""
+    files = {p.name: file_entry(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    store_manifest(folder, {"step": step, "world_size": world_size,
+                            "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(), "files": files})
+
+
+def add_to_manifest(folder: Path, names: list[str]) -> None:
+    """List files added to a published checkpoint (e.g. consolidated weights) in its manifest, if it has one."""
+    if (folder / MANIFEST).is_file():
+        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest["files"].update({name: file_entry(folder / name) for name in names})
+        store_manifest(folder, manifest)
 
 
 def checkpoint_problems(folder: Path) -> list[str]:

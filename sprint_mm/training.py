@@ -1,13 +1,11 @@
 """The two-stage trainer on accelerate: AdamW, warm-up, clipping, fp32 EMA, atomic checkpoints and exact resume.
 
-`TrainState` is everything a run resumes from, saved and restored in one place; `Trainer.run` is the loop.
+`Trainer.run` is the loop; `sprint_mm.train_state.TrainState` is everything a run resumes from.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
-import random
 import time
 import shutil
 from contextlib import nullcontext
@@ -16,14 +14,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import gin
-import numpy as np
 import torch
 from accelerate import Accelerator
+from torch.distributed.checkpoint import CheckpointException
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from sprint_mm.checkpoints import load_strict, read_state_dict, save_state_dict
+from sprint_mm.backbone import compile_blocks
 from sprint_mm.conditioning import build_conditioning
 from sprint_mm.data.faults import BAD_ITEMS, BadDataLedger, SkippingDataset
 from sprint_mm.data.stream import IndexStream
@@ -34,7 +32,8 @@ from sprint_mm.generation import Previewer
 from sprint_mm.latents import build_codec
 from sprint_mm.models import build_model
 from sprint_mm.preemption import DEFAULT_SIGNALS, Preempted, StopSignals, signal_numbers
-from sprint_mm.repa import RepaAlignment, check_no_projector
+from sprint_mm.repa import RepaAlignment
+from sprint_mm.sharded import STRATEGIES, ensure_process_group, precision_policy, shard
 from sprint_mm.runs import (
     DamagedCheckpoint,
     list_checkpoints,
@@ -45,43 +44,18 @@ from sprint_mm.runs import (
     write_manifest,
 )
 from sprint_mm.sprint import Sprint
+from sprint_mm.train_state import (
+    NonFiniteTraining,
+    TrainState,
+    check_finite,
+    ema_decay_at,
+    frozen_copy,
+    process_seed,
+    set_rng_state,
+    update_ema,
+)
 
 PRECISIONS = ("no", "fp16", "bf16")
-
-
-def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
-    """The EMA decay of update number `step` (0-based). With warm-up it is min(decay, (1 + step) / (10 + step)), so a
-    short run's EMA follows the model early instead of holding its random initial weights."""
-    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().float(), 1.0 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """An fp32 copy that never trains: the EMA."""
-    return copy.deepcopy(model).float().eval().requires_grad_(False)
 
 
 class Replicated(DistributedDataParallel):
@@ -90,59 +64,6 @@ class Replicated(DistributedDataParallel):
     @property
     def backbone(self) -> torch.nn.Module:
         return self.module.backbone
-
-
-class TrainState:
-    """What a run resumes from: model, EMA, optimizer, scheduler, step, elapsed time, the bad-data counts and the
-    REPA projector (the data position follows from the step); with every process's RNG, saved in one checkpoint
-    folder.
-
-        step_NNNNNNN/model.safetensors, ema.safetensors, [projector.safetensors], training_state.pt, rng_rank{r}.pt
-    """
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, alignment: Optional[RepaAlignment]) -> None:
-        self.model, self.optimizer, self.scheduler, self.alignment = model, optimizer, scheduler, alignment
-        self.ema = frozen_copy(model)
-        self.ledger = BadDataLedger()
-        self.step, self.elapsed = 0, 0.0
-
-    def save(self, staging: Path, data_position: int, process_index: int) -> None:
-        """Write this process's RNG and, from the main process, everything else into the staging folder."""
-        torch.save(rng_state(), staging / f"rng_rank{process_index}.pt")
-        if process_index != 0:
-            return
-        save_state_dict(self.model.state_dict(), staging / "model.safetensors")
-        save_state_dict(self.ema.state_dict(), staging / "ema.safetensors")
-        if self.alignment is not None:
-            self.alignment.save(staging)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "step": self.step, "elapsed": self.elapsed, "data_position": data_position,
-                    "bad_data": self.ledger.state_dict()},
-                   staging / "training_state.pt")
-
-    def restore(self, folder: Path, process_index: int) -> dict[str, Any]:
-        """Load a checkpoint of this run; returns this process's RNG state to set once training starts."""
-        load_strict(self.model, read_state_dict(folder / "model.safetensors"), f"checkpoint {folder}/model.safetensors")
-        load_strict(self.ema, read_state_dict(folder / "ema.safetensors"), f"checkpoint {folder}/ema.safetensors")
-        if self.alignment is None:
-            check_no_projector(folder)
-        else:
-            self.alignment.restore(folder, resuming=True)
-        state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.elapsed = state["step"], state["elapsed"]
-        if "bad_data" in state:  # checkpoints written before bad data was counted have none
-            self.ledger.load_state_dict(state["bad_data"])
-        return torch.load(folder / f"rng_rank{process_index}.pt", map_location="cpu", weights_only=False)
-
-    def start_from(self, weights: Path) -> Optional[str]:
-        """Stage 2: model and EMA from a stage-1 EMA file (strictly), the projector from beside it when there is one;
-        returns a line for the log about the projector, or None."""
-        load_strict(self.model, read_state_dict(weights), f"stage-1 weights {weights}")
-        self.ema.load_state_dict(self.model.state_dict())
-        return None if self.alignment is None else self.alignment.restore(weights.parent, resuming=False)
 
 
 @gin.configurable
@@ -166,6 +87,10 @@ class Trainer:
     logged; `max_bad_steps` of them in a row stop the run with the last good checkpoint intact. One of
     `stop_signals` finishes the step, writes a checkpoint and exits with status 75 (`preemption.EXIT_PREEMPTED`).
     Resume verifies the newest checkpoint against its manifest and falls back to the previous intact one.
+
+    `strategy` 'ddp' replicates the model (DDP); 'fsdp' shards model, EMA and optimizer over the processes (FSDP2, per
+    block and at the root; bf16 compute with fp32 reduction under precision 'bf16', `fsdp_cpu_offload` keeps the
+    shards in CPU memory) and writes sharded checkpoints that resume on any number of processes.
     """
 
     def __init__(
@@ -199,11 +124,25 @@ class Trainer:
         alignment: Optional[RepaAlignment] = None,
         max_bad_steps: int = 10,
         stop_signals: Sequence[str] = DEFAULT_SIGNALS,
+        compile: bool = False,
+        strategy: str = "ddp",
+        fsdp_cpu_offload: bool = False,
     ) -> None:
         if dataset is None:
             raise ValueError("Trainer.dataset is not bound: bind it in a .gin file, e.g. `Trainer.dataset = @DigitsDataset()`")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown Trainer.strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
+        if strategy == "fsdp":
+            for unsupported, what in ((precision == "fp16", "Trainer.precision = 'fp16' (use 'bf16')"),
+                                      (alignment is not None, "Trainer.alignment (REPA)"),
+                                      (preview_every > 0, "Trainer.preview_every > 0 (previews from a sharded EMA; "
+                                                          "set it to 0 and sample from the checkpoints)")):
+                if unsupported:
+                    raise ValueError(f"Trainer.strategy = 'fsdp' does not support {what} yet")
+        if fsdp_cpu_offload and strategy != "fsdp":
+            raise ValueError("Trainer.fsdp_cpu_offload = True needs Trainer.strategy = 'fsdp'")
         for name, value, low in (
             ("batch_size", batch_size, 1), ("grad_accum", grad_accum, 1), ("max_steps", max_steps, 1),
             ("checkpoint_every", checkpoint_every, 1), ("log_every", log_every, 1),
@@ -237,6 +176,8 @@ class Trainer:
         self.max_bad_steps = max_bad_steps
         signal_numbers(stop_signals)  # an unknown name fails now, not when the signal comes
         self.stop_signals = tuple(stop_signals)
+        self.strategy, self.fsdp_cpu_offload = strategy, fsdp_cpu_offload
+        self.compile = compile  # torch.compile each transformer block (regional compilation, see compile_blocks)
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -248,7 +189,7 @@ class Trainer:
         if resumed_rng is not None:
             set_rng_state(resumed_rng)
         else:  # each process draws its own noise, masks and drops
-            torch.manual_seed(self.seed * 7919 + self.accelerator.process_index + 1)
+            torch.manual_seed(process_seed(self.seed, self.state.step, self.accelerator.process_index))
         self.loader = self._batches()
         if self.accelerator.is_main_process:
             self._open_logs()
@@ -257,6 +198,8 @@ class Trainer:
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
         acc = self.accelerator = Accelerator(mixed_precision=self.precision)
+        if self.strategy == "fsdp":
+            ensure_process_group(acc.device)
         if self.batch_size % (acc.num_processes * self.grad_accum):
             raise ValueError(f"batch_size {self.batch_size} must be divisible by processes ({acc.num_processes}) x "
                              f"grad_accum ({self.grad_accum})")
@@ -266,6 +209,8 @@ class Trainer:
         """The model the configuration names, its conditioning, the optimizer and a fresh train state."""
         torch.manual_seed(self.seed)  # identical initialisation on every process
         model = build_model()
+        if self.compile:
+            compile_blocks(model)
         if self.objective.uses_middle_path and not isinstance(model, Sprint):
             raise ValueError(
                 "the objective drops tokens or paths but the model is a dense backbone: "
@@ -276,10 +221,18 @@ class Trainer:
         self.conditioning.prepare(model)
         # What the optimizer trains and DDP wraps: the model, or the model paired with the REPA projector.
         self.trained = model if self.alignment is None else self.alignment.attach(model)
+        ema = frozen_copy(model)
+        if self.strategy == "fsdp":  # before the optimizer, which must hold the sharded parameters
+            for module, precision in ((model, self.precision), (ema, "no")):
+                shard(module, self.accelerator.device, precision_policy(precision), self.fsdp_cpu_offload)
+        cuda = self.accelerator.device.type == "cuda"
+        if cuda:  # TF32 matmuls and convolutions for what runs in float32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         optimizer = torch.optim.AdamW([p for p in self.trained.parameters() if p.requires_grad], lr=self.lr,
-                                      betas=self.betas, eps=self.adam_eps, weight_decay=self.weight_decay)
+                                      betas=self.betas, eps=self.adam_eps, weight_decay=self.weight_decay,
+                                      fused=cuda or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._warmup_factor)
-        self.state = TrainState(model, optimizer, scheduler, self.alignment)
+        self.state = TrainState(model, ema, optimizer, scheduler, self.alignment, sharded=self.strategy == "fsdp")
 
     def _check_data_fits(self, model: torch.nn.Module) -> None:
         """Refuse data the model is not built for: items of another shape than the model samples (it would train at
@@ -299,16 +252,19 @@ class Trainer:
                              "and in_channels")
 
     def _distribute(self) -> None:
-        """Move everything to this process's device; with several processes, DDP over the trained module."""
+        """Move everything to this process's device; with several processes, DDP over the trained module. Sharded
+        modules are already placed (and not wrapped: FSDP reduces the gradients itself)."""
         acc = self.accelerator
-        self.trained.to(acc.device)
-        self.state.ema.to(acc.device)
+        if not self.state.sharded:
+            self.trained.to(acc.device)
+            self.state.ema.to(acc.device)
         if self.alignment is not None:
             self.alignment.to(acc.device)
         self.optimizer = acc.prepare(self.state.optimizer)
-        if acc.num_processes > 1:
+        if acc.num_processes > 1 and not self.state.sharded:
             device_ids = [acc.local_process_index] if acc.device.type == "cuda" else None
-            self.trained = Replicated(self.trained, device_ids=device_ids, find_unused_parameters=True)
+            # Every trained parameter is in every graph (see Sprint._middle): no scan for unused parameters.
+            self.trained = Replicated(self.trained, device_ids=device_ids, static_graph=True)
 
     def _open_logs(self) -> None:
         """Config files, TensorBoard and the preview writer (main process)."""
@@ -326,7 +282,9 @@ class Trainer:
         return self.warmup_start_factor + (1.0 - self.warmup_start_factor) * step / self.warmup_steps
 
     def _data_position(self) -> int:
-        """Dataset indices this process has consumed."""
+        """Dataset indices this process has consumed. Times the process count it is the global position, step x
+        batch_size, so a run resumed on another number of processes reads the same global sequence of samples (each
+        global batch split anew among the processes); the noise, times and masks differ, being drawn per process."""
         return self.state.step * self.grad_accum * self.micro_batch
 
     def _restore(self) -> Optional[dict[str, Any]]:
@@ -336,8 +294,13 @@ class Trainer:
         for line in damaged:
             self._log(f"{line}: falling back to the previous checkpoint")
         if folder is not None:
-            rng = self.state.restore(folder, self.accelerator.process_index)
+            rank = self.accelerator.process_index
+            rng = self.state.restore(folder, rank)
             self._log(f"resumed from {folder} at step {self.state.step}")
+            if rng is None:  # this process says so itself: the main process may have its file
+                tqdm.write(f"[sprint_mm] process {rank}: {folder.name} has no rng_rank{rank}.pt (written by fewer "
+                           f"processes); its random stream starts from the seed of (seed {self.seed}, step "
+                           f"{self.state.step}, rank {rank})")
             if self.accelerator.is_main_process:
                 self._forget_metrics_after(self.state.step)
             return rng
@@ -368,6 +331,7 @@ class Trainer:
             collate_fn=data.collate, drop_last=True,
             generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
             persistent_workers=self.num_workers > 0,
+            pin_memory=acc.device.type == "cuda",
         ))
 
     def _write_configs(self) -> None:
@@ -395,14 +359,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        """Every process writes into a hidden staging folder; the main process checks that every tensor is finite,
-        adds the manifest and renames the folder into place. A failing write stops the run and leaves the previous
-        checkpoint as it was."""
+        """Every process writes into a hidden staging folder; the main process (sharded: every process, its shards)
+        checks that every tensor is finite, the main process adds the manifest and renames the folder into place. A
+        failing write (DCP reports a process's failed write as a CheckpointException) stops the run and leaves the
+        previous checkpoint as it was."""
         acc, step = self.accelerator, self.state.step
         acc.wait_for_everyone()
         staging = self.run_dir / "checkpoints" / f".step_{step:07d}.partial"
-        if acc.is_main_process:
+        if acc.is_main_process or self.state.sharded:  # each process checks its own shards
             check_finite(self.state, step)
+        if acc.is_main_process:
             staging = staging_folder(self.run_dir, step)
         acc.wait_for_everyone()
         try:
@@ -411,7 +377,7 @@ class Trainer:
             if acc.is_main_process:
                 write_manifest(staging, step, acc.num_processes, (self.run_dir / "config.gin").read_text())
                 publish_checkpoint(staging, step, self.keep_checkpoints)
-        except OSError as err:
+        except (OSError, CheckpointException) as err:
             shutil.rmtree(staging, ignore_errors=True)
             intact = [p.name for p in list_checkpoints(self.run_dir)]
             raise CheckpointWriteError(f"could not write the checkpoint of step {step} in {staging.parent} ({err}); "
@@ -598,19 +564,5 @@ class StepResult:
     scaler_skipped: bool = False
 
 
-class NonFiniteTraining(RuntimeError):
-    """Too many steps in a row with a non-finite loss or gradient norm."""
-
-
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, permissions); the previous ones are intact."""
-
-
-def check_finite(state: TrainState, step: int) -> None:
-    """No checkpoint is ever published with a non-finite tensor."""
-    for name, module in (("model", state.model), ("EMA", state.ema)):
-        bad = [key for key, tensor in module.state_dict().items()
-               if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-        if bad:
-            raise NonFiniteTraining(f"the {name} has non-finite values at step {step} ({', '.join(bad[:5])}); "
-                                    "no checkpoint is written, the previous ones are intact")

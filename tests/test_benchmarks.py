@@ -1,13 +1,17 @@
 """Smoke tests of the benchmark scripts' core functions on tiny settings, and the digits judge's accuracy."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+
 import pytest
 import torch
 
 from sprint_mm.flops import TransformerShape
 from sprint_mm.sprint import Sprint
 from sprint_mm.video_demo import load_moving_digits_maker
-from tests.helpers import load_script
+from tests.helpers import BENCHMARKS, load_script
 
 # A SPRINT SiT small enough for seconds of CPU, at the judge's 16 px: 16 tokens, split 1/2/1.
 TINY = [
@@ -237,3 +241,27 @@ def test_fault_drill_rows_report_what_happened_and_compare_weights(tmp_path):
     # The comparison can fail: a run with another seed does not have the reference's weights.
     assert drill.train("other_seed", "Trainer.seed = 1").returncode == 0
     assert not drill.same_weights("other_seed", "reference")
+
+
+# ----------------------------------------------------------------------------------------------
+# gpu_suite.sh
+# ----------------------------------------------------------------------------------------------
+
+
+def test_gpu_suite_tiny_prints_one_table_of_training_and_sampling_steps(tmp_path):
+    out = tmp_path / "suite.json"
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh"), "--tiny", "--repeats", "1", "--warmup", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    table = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert [cells[0].strip() for cells in table] == ["step"] + ["training step"] * 4 + ["sampling step"] * 2
+    assert [cells[1].strip() for cells in table[1:]] == ["dense", "sprint", "dense compiled", "sprint compiled",
+                                                        "cfg", "pdg"]
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    for row in rows.values():
+        assert row["seconds"] > 0 and row["peak_bytes"] is None  # no CUDA peak on the CPU
+        assert row["tflops"] == pytest.approx(row["tflop"] / row["seconds"])
+        assert row["peak_fraction"] == pytest.approx(row["tflops"] / 989.0)
+    assert rows["sprint"]["tflop"] < rows["dense"]["tflop"] == rows["dense compiled"]["tflop"]
+    assert rows["pdg"]["tflop"] < rows["cfg"]["tflop"]

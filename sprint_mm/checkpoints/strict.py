@@ -24,6 +24,12 @@ def mismatch_report(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load every tensor or raise CheckpointMismatch naming what does not fit; never a partial, silent load."""
+    check_fits(module, state, source)
+    module.load_state_dict(state, strict=True)
+
+
+def check_fits(module: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointMismatch naming what of `state` does not fit `module` (sharded modules compare full shapes)."""
     missing, unexpected, shapes = mismatch_report(module, state)
     if missing or unexpected or shapes:
         def listing(title: str, items: list[str]) -> str:
@@ -33,4 +39,3 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str =
         parts = [listing("missing from the checkpoint", missing), listing("unexpected in the checkpoint", unexpected),
                  listing("shape mismatches", shapes)]
         raise CheckpointMismatch(f"{source} does not fit the model:\n" + "\n".join(p for p in parts if p))
-    module.load_state_dict(state, strict=True)
