@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from sprint_mm.checkpoints import atomic_write
+
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
 MANIFEST = "manifest.json"
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint's files (sprint_mm.sharded)
@@ -105,9 +107,7 @@ def file_entry(path: Path) -> dict[str, int | str]:
 
 
 def store_manifest(folder: Path, manifest: dict) -> None:
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, folder / MANIFEST)
+    atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
 
 
 def write_manifest(folder: Path, step: int, world_size: int, config_text: str) -> None:

@@ -34,7 +34,8 @@ class TokenPositions:
         return None if self.cos is None else (self.cos, self.sin)
 
     def _map(self, fn) -> TokenPositions:
-        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None})
+        present = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return replace(self, **{name: fn(tensor) for name, tensor in present.items()})
 
     def gather(self, ids: torch.Tensor) -> TokenPositions:
         """The positions of the tokens ids (B, M)."""
@@ -51,8 +52,6 @@ def select_rows(obj: Any, rows: torch.Tensor) -> Any:
         return None
     if isinstance(obj, torch.Tensor):
         return obj if obj.shape[0] == 1 else obj[rows]
-    if isinstance(obj, TokenPositions):
-        return obj.rows(rows)
     if isinstance(obj, dict):
         return {k: select_rows(v, rows) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from sprint_mm.backbone import compile_blocks
 from sprint_mm.conditioning import build_conditioning
-from sprint_mm.data.faults import BAD_ITEMS, BadDataLedger, SkippingDataset
+from sprint_mm.data.faults import BAD_ITEMS, SkippingDataset
 from sprint_mm.data.stream import IndexStream
 from sprint_mm.errors import check_number
 from sprint_mm.flops import sprint_step_ratio
@@ -209,8 +209,6 @@ class Trainer:
         """The model the configuration names, its conditioning, the optimizer and a fresh train state."""
         torch.manual_seed(self.seed)  # identical initialisation on every process
         model = build_model()
-        if self.compile:
-            compile_blocks(model)
         if self.objective.uses_middle_path and not isinstance(model, Sprint):
             raise ValueError(
                 "the objective drops tokens or paths but the model is a dense backbone: "
@@ -222,6 +220,8 @@ class Trainer:
         # What the optimizer trains and DDP wraps: the model, or the model paired with the REPA projector.
         self.trained = model if self.alignment is None else self.alignment.attach(model)
         ema = frozen_copy(model)
+        if self.compile:  # after the EMA's copy: the EMA runs only for previews and stays eager
+            compile_blocks(model)
         if self.strategy == "fsdp":  # before the optimizer, which must hold the sharded parameters
             for module, precision in ((model, self.precision), (ema, "no")):
                 shard(module, self.accelerator.device, precision_policy(precision), self.fsdp_cpu_offload)

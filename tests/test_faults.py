@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import sprint_mm.train_state as train_state
 import sprint_mm.training as training
-from sprint_mm.cli import sample_main, train_main
+from sprint_mm.cli import sample_main
 from sprint_mm.flow import FlowMatching
 from sprint_mm.preemption import EXIT_PREEMPTED, StopSignals
 from sprint_mm.runs import checkpoint_problems, list_checkpoints

@@ -7,7 +7,6 @@ import torch
 from registry import BACKBONES
 from sprint_mm.layers import Attention, apply_rope, grid_coordinates
 from sprint_mm.masking import TokenMasker, random_mask, structured_mask
-from sprint_mm.sampling import Guidance, guided_velocity
 from sprint_mm.sprint import Sprint
 from sprint_mm.tokens import gather_tokens
 from tests.helpers import randomize
