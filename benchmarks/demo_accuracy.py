@@ -35,6 +35,7 @@ from digits_classifier import (
 from sprint_mm.checkpoints import load_strict, read_state_dict
 from sprint_mm.conditioning import build_conditioning
 from sprint_mm.configs import parse_gin
+from sprint_mm.flow import trained_time_shift
 from sprint_mm.generation import generate
 from sprint_mm.latents import LatentCodec, build_codec
 from sprint_mm.runs import checkpoint_step, find_checkpoint
@@ -119,7 +120,8 @@ def guided_accuracy(
             continue
         started = time.perf_counter()
         samples = generate(run.model, labels, run.codec, noise, steps, solver, guidance, batch_size=batch_size,
-                           generator=torch.Generator().manual_seed(seed + 1), progress=progress)
+                           generator=torch.Generator().manual_seed(seed + 1), progress=progress,
+                           time_shift=trained_time_shift())
         seconds = time.perf_counter() - started
         if samples.dim() == 5:
             frame_reads = read_videos(classifier, samples)  # (N, T)

@@ -3,10 +3,29 @@
     python datasets/encode_videos.py --source ucf101 --dest data/ucf101-latents \
         --vae weights/sd-vae-ft-mse --resolution 256 --num-frames 16 --frame-stride 2
 
-Each `<source>/<class>/<name>` becomes `<dest>/<class>/<name>.safetensors` holding `mean` and `std`
-(C, T, h, w) of the VAE posterior, frame by frame, of ADM centre crops; `<dest>/index.jsonl` lists
-`{"path", "label"}` per video. Finished files are skipped on a rerun. Videos that cannot be decoded, or
-that have fewer than `--num-frames` frames, are skipped and named in a warning.
+    python datasets/encode_videos.py --vae-kind video --source ucf101 --dest data/ucf101-wan-latents \
+        --vae weights/wan2.1-vae --resolution 256 --num-frames 17 [--shard 0 --num-shards 4]
+
+Each `<source>/<class>/<name>` becomes `<dest>/<class>/<name>.safetensors` holding `mean` and `std` (C, T, h, w)
+of the VAE posterior of ADM centre crops; `<dest>/index.jsonl` lists `{"path", "label"}` per video in source order.
+
+`--vae-kind image` (default): a diffusers AutoencoderKL, frame by frame (T = --num-frames), moments of the raw
+latent z; train with `VideoLatentDataset.scale = <the VAE's scaling_factor>` (0.18215 for SD).
+`--vae-kind video`: a causal video VAE (`AutoencoderKLWan`, `AutoencoderKLCogVideoX`, `AutoencoderKLLTXVideo`,
+see `sprint_mm.latents.VideoVAECodec`); --num-frames must be 1 + r*k (r = 4 for Wan and CogVideoX, 8 for LTX) and
+gives T = 1 + k latent frames. The stored moments are those of the already normalised latent (each family's
+per-channel `(z - shift) * scale`: mean' = (mean - shift) * scale, std' = std * scale), so train with
+`VideoLatentDataset.scale = 1.0` and `VideoLatentDataset.shift = 0.0`. The files' safetensors metadata says which
+(`vae`, `normalised`).
+
+Finished files are skipped on a rerun and every file is written atomically, so a stopped run resumes where it stopped.
+Videos that cannot be decoded, or that have fewer than `--num-frames` frames, are skipped and named in a warning.
+
+Sharding: `--shard i --num-shards n` encodes the videos at positions i, i + n, i + 2n, ... of the sorted source
+listing, so n processes (any machines sharing `--dest`) split the work disjointly. Each shard writes
+`index.shard-<i>-of-<n>.jsonl` when it is done, then, if all n shard indexes are there, merges them into
+`index.jsonl` in source order; the last shard to finish therefore writes the full index (rerunning any one shard
+merges again).
 """
 from __future__ import annotations
 
@@ -14,7 +33,7 @@ import argparse
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +43,10 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from sprint_mm.data.latents import VIDEO_INDEX
-from sprint_mm.latents import VAECodec
+from sprint_mm.latents import FrozenVAECodec, VAECodec, VideoVAECodec
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+VAE_KINDS = ("image", "video")
 SHOWN = 5  # how many skipped videos the warning names
 
 
@@ -46,6 +66,41 @@ def read_frames(path: Path, resolution: int, num_frames: int | None = None, fram
     return np.stack(frames)
 
 
+def shard_index_name(shard: int, num_shards: int) -> str:
+    return f"index.shard-{shard}-of-{num_shards}.jsonl"
+
+
+def merge_shard_indexes(out: str | os.PathLike, num_shards: int) -> bool:
+    """Write `out/index.jsonl` from all `num_shards` shard indexes, in source order; False while one is missing."""
+    out = Path(out)
+    shards = [out / shard_index_name(shard, num_shards) for shard in range(num_shards)]
+    if not all(path.is_file() for path in shards):
+        return False
+    rows = [json.loads(line) for path in shards for line in path.read_text().splitlines()]
+    rows.sort(key=lambda row: row["item"])
+    items = [row["item"] for row in rows]
+    if len(set(items)) != len(items):
+        raise ValueError(f"the shard indexes under {str(out)!r} list a video twice; rerun the shards from one listing")
+    write_atomically(out / VIDEO_INDEX, _jsonl({"path": row["path"], "label": row["label"]} for row in rows))
+    return True
+
+
+def _jsonl(rows: Iterable[dict]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def _build_codec(vae_kind: str, vae_path: str, batch_size: int, num_frames: int | None) -> FrozenVAECodec:
+    if vae_kind == "image":
+        return VAECodec(vae_path, batch_size=batch_size)
+    codec = VideoVAECodec(vae_path)
+    if num_frames is None:
+        raise ValueError(
+            f"--vae-kind video needs --num-frames: {codec.vae_class} encodes clips of {codec.allowed_frames()}"
+        )
+    codec.latent_frames(num_frames)
+    return codec
+
+
 def encode_video_folder(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -56,8 +111,11 @@ def encode_video_folder(
     batch_size: int = 16,
     unlabeled: bool = False,
     device: str = "cpu",
+    vae_kind: str = "image",
+    shard: int = 0,
+    num_shards: int = 1,
 ) -> int:
-    """Encode every video under `src` into `out`; returns how many videos this call encoded."""
+    """Encode this shard's videos under `src` into `out`; returns how many videos this call encoded."""
     import av
 
     if resolution < 1 or frame_stride < 1 or (num_frames is not None and num_frames < 1):
@@ -65,11 +123,17 @@ def encode_video_folder(
             "resolution, frame_stride and num_frames must be positive, "
             f"got {resolution}, {frame_stride}, {num_frames}"
         )
-    items = list_class_folder(src, VIDEO_EXTENSIONS, unlabeled)
+    if vae_kind not in VAE_KINDS:
+        raise ValueError(f"vae_kind {vae_kind!r} is not one of {', '.join(VAE_KINDS)}")
+    if not (num_shards >= 1 and 0 <= shard < num_shards):
+        raise ValueError(f"shard {shard} of {num_shards}: need num_shards >= 1 and 0 <= shard < num_shards")
+    items = list(enumerate(list_class_folder(src, VIDEO_EXTENSIONS, unlabeled)))[shard::num_shards]
     src, out = Path(src), Path(out)
-    codec = VAECodec(vae_path, batch_size=batch_size).to(device)
+    codec = _build_codec(vae_kind, vae_path, batch_size, num_frames).to(device)
+    video_vae = isinstance(codec, VideoVAECodec)
+    metadata = {"vae": codec.vae_class if video_vae else "AutoencoderKL", "normalised": str(video_vae).lower()}
     index, skipped, encoded = [], [], 0
-    for path, label in tqdm(items, unit="video", desc="encoding videos"):
+    for item, (path, label) in tqdm(items, unit="video", desc=f"encoding videos (shard {shard} of {num_shards})"):
         member = path.relative_to(src).as_posix() + ".safetensors"
         target = out / member
         if not target.is_file():
@@ -79,12 +143,16 @@ def encode_video_folder(
                 skipped.append(f"{path} ({error})")
                 continue
             x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W)
-            mean, std = codec.moments(x)
+            mean, std = codec.normalised_moments(x) if video_vae else codec.moments(x)
             payload = {"mean": mean[0].float().contiguous(), "std": std[0].float().contiguous()}  # (C, T, h, w)
-            write_atomically(target, safetensors_bytes(payload))
+            write_atomically(target, safetensors_bytes(payload, metadata=metadata))
             encoded += 1
-        index.append({"path": member, "label": label})
-    write_atomically(out / VIDEO_INDEX, "".join(json.dumps(entry) + "\n" for entry in index).encode())
+        index.append({"item": item, "path": member, "label": label})
+    if num_shards == 1:
+        write_atomically(out / VIDEO_INDEX, _jsonl({"path": row["path"], "label": row["label"]} for row in index))
+    else:
+        write_atomically(out / shard_index_name(shard, num_shards), _jsonl(index))
+        merge_shard_indexes(out, num_shards)
     if skipped:
         more = f" and {len(skipped) - SHOWN} more" if len(skipped) > SHOWN else ""
         warnings.warn(f"skipped {len(skipped)} video(s): {'; '.join(skipped[:SHOWN])}{more}", stacklevel=2)
@@ -95,19 +163,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, help="video folder: <source>/<class>/<video>")
     parser.add_argument("--dest", required=True, help="output folder (resumes what is already there)")
-    parser.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder")
+    parser.add_argument("--vae", required=True, help="local diffusers VAE folder (config.json + weights)")
+    parser.add_argument("--vae-kind", choices=VAE_KINDS, default="image",
+                        help="image: AutoencoderKL frame by frame; video: a causal video VAE (Wan, CogVideoX, LTX)")
     parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--num-frames", type=int, default=None, help="frames per video (default: all)")
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="frames per video (default: all; --vae-kind video: required, 1 + r*k)")
     parser.add_argument("--frame-stride", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16, help="frames per VAE call")
+    parser.add_argument("--batch-size", type=int, default=16, help="frames per VAE call (--vae-kind image)")
     parser.add_argument("--unlabeled", action="store_true", help="take every video under --source, all class 0")
+    parser.add_argument("--shard", type=int, default=0, help="which share of the videos this process encodes")
+    parser.add_argument("--num-shards", type=int, default=1, help="how many processes share the videos")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     encoded = encode_video_folder(
         args.source, args.dest, args.vae, args.resolution, args.num_frames, args.frame_stride,
-        args.batch_size, args.unlabeled, args.device,
+        args.batch_size, args.unlabeled, args.device, args.vae_kind, args.shard, args.num_shards,
     )
     print(f"encoded {encoded} new video(s) into {args.dest}")
+    if args.num_shards > 1:
+        shards = [Path(args.dest) / shard_index_name(i, args.num_shards) for i in range(args.num_shards)]
+        waiting = [i for i, path in enumerate(shards) if not path.is_file()]
+        print(f"{VIDEO_INDEX} written from all {args.num_shards} shards" if not waiting
+              else f"{VIDEO_INDEX} is written when shard(s) {', '.join(map(str, waiting))} finish")
 
 
 if __name__ == "__main__":

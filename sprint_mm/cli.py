@@ -186,6 +186,7 @@ def write_samples(args: argparse.Namespace) -> Path:
 
     from sprint_mm.backbone import compile_blocks
     from sprint_mm.conditioning import build_conditioning, check_kind
+    from sprint_mm.flow import trained_time_shift
     from sprint_mm.generation import generate
     from sprint_mm.latents import build_codec
     from sprint_mm.models import build_model
@@ -199,6 +200,7 @@ def write_samples(args: argparse.Namespace) -> Path:
         raise FileNotFoundError(f"run folder {str(run)!r} has no config.gin")
     parse_gin([str(config)], args.gin_param)
     guidance = Guidance(args.guidance, args.scale, tuple(args.interval))
+    time_shift = trained_time_shift()
     accelerator = Accelerator()
     device = accelerator.device
     model = build_model()
@@ -233,7 +235,8 @@ def write_samples(args: argparse.Namespace) -> Path:
             cond = conditioning.from_request([labels[i] for i in rows] if labels else None,
                                              [prompts[i] for i in rows] if prompts else None, device)
             samples = generate(model, cond, codec, noise.to(device), args.steps, args.solver, guidance,
-                               batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(args.seed * 1_000_003 + s))
+                               batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(args.seed * 1_000_003 + s),
+                               time_shift=time_shift)
             packed = pack_uint8(samples)
             atomic_write(shards / f"{s:06d}.pt", lambda tmp: torch.save(packed, tmp))
     except BaseException:

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 import gin
 import torch
 
+from sprint_mm.errors import check_number
 from sprint_mm.masking import TokenMasker
 
 PATHS = ("linear", "cosine")
@@ -48,8 +49,38 @@ def score_from_velocity(path: str, x: torch.Tensor, v: torch.Tensor, t: torch.Te
 
 
 @gin.configurable
+@dataclass(frozen=True)
+class TimeShift:
+    """A timestep shift that grows with the token count (SD3's resolution-dependent shift; Open-Sora shifts by
+    resolution and frames alike): with s = (tokens / base_tokens) ** exponent, t -> s t / (1 + (s - 1) t).
+
+    Time 1 is noise; s > 1 moves time toward it, so larger samples spend more of training and sampling at the high
+    noise levels where their coarse layout forms (at a fixed noise level, more tokens keep more of the signal). s = 1
+    at `base_tokens`; the map fixes 0 and 1 and is monotone, so a sampling grid stays a grid.
+    """
+
+    base_tokens: int = 256
+    exponent: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_number("TimeShift.base_tokens", self.base_tokens, low=1, integer=True)
+        check_number("TimeShift.exponent", self.exponent, low=0)
+
+    def factor(self, tokens: int) -> float:
+        return (tokens / self.base_tokens) ** self.exponent
+
+    def __call__(self, t: torch.Tensor, tokens: int) -> torch.Tensor:
+        s = self.factor(tokens)
+        return s * t / (1 + (s - 1) * t)
+
+
+@gin.configurable
 class FlowMatching:
-    """The SPRINT objective: v-prediction MSE over all positions, with label dropout, token drop and path drop."""
+    """The SPRINT objective: v-prediction MSE over all positions, with label dropout, token drop and path drop.
+
+    `time_shift` (e.g. `@TimeShift()`) shifts the sampled times by the token count of each batch's grid; sampling reads
+    the same shift from the run's configuration (`trained_time_shift`).
+    """
 
     def __init__(
         self,
@@ -60,6 +91,7 @@ class FlowMatching:
         label_dropout: float = 0.1,
         path_drop: float = 0.1,
         masker: Optional[TokenMasker] = None,
+        time_shift: Optional[TimeShift] = None,
     ) -> None:
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}; allowed: {', '.join(PATHS)}")
@@ -75,6 +107,7 @@ class FlowMatching:
         self.label_dropout = label_dropout
         self.path_drop = path_drop
         self.masker = masker
+        self.time_shift = time_shift
 
     @property
     def uses_middle_path(self) -> bool:
@@ -98,17 +131,25 @@ class FlowMatching:
         the token grid and the null condition) on data x0 with condition `cond`."""
         backbone = model.backbone
         b, device = x0.shape[0], x0.device
+        grid = backbone.token_grid(tuple(x0.shape))
         t = self.sample_time(b, device, generator)
+        if self.time_shift is not None:
+            t = self.time_shift(t, math.prod(grid))
         eps = torch.randn(x0.shape, device=device, generator=generator, dtype=x0.dtype)
         x_t, target = self.interpolate(x0, eps, t)
         # Always through drop_condition, so that a learned null condition is in every graph (DDP needs no scan).
         cond = backbone.drop_condition(cond, torch.rand(b, device=device, generator=generator) < self.label_dropout)
         extra = {}
         if self.masker is not None:
-            extra["mask"] = self.masker(b, backbone.token_grid(tuple(x0.shape)), generator=generator, device=device)
+            extra["mask"] = self.masker(b, grid, generator=generator, device=device)
         if self.path_drop > 0:
             extra["skip_middle"] = torch.rand(b, device=device, generator=generator) < self.path_drop
         return mean_squared_error(model(x_t, t, cond, **extra), target)
+
+
+def trained_time_shift() -> Optional[TimeShift]:
+    """The time shift of the objective the parsed configuration trains with (None: no shift); samplers use it."""
+    return FlowMatching().time_shift
 
 
 def mean_squared_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

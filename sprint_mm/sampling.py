@@ -1,6 +1,7 @@
 """Samplers (Euler and Heun ODE, Euler-Maruyama SDE; time runs 1 -> 0) and guidance (none, CFG, PDG, interval)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -11,7 +12,7 @@ from tqdm.auto import tqdm
 from sprint_mm.errors import check_number
 from sprint_mm.tokens import batch_size_of, concat_rows
 from sprint_mm.flops import GUIDANCE_MODES as GUIDANCES
-from sprint_mm.flow import score_from_velocity
+from sprint_mm.flow import TimeShift, score_from_velocity
 
 SOLVERS = ("euler", "heun", "sde")
 
@@ -80,14 +81,19 @@ def sample(
     path: str = "linear",
     generator: Optional[torch.Generator] = None,
     progress: bool = False,
+    time_shift: Optional[TimeShift] = None,
 ) -> torch.Tensor:
-    """Integrate from noise at t = 1 to data at t = 0; the state is kept in float64 between steps."""
+    """Integrate from noise at t = 1 to data at t = 0; the state is kept in float64 between steps. `time_shift` (the
+    one the model trained with, `flow.trained_time_shift()`) warps the time grid by the noise's token count."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
     if batch_size_of(cond) != noise.shape[0]:
         raise ValueError(f"condition batch {batch_size_of(cond)} does not match noise batch {noise.shape[0]}")
     x = noise.double()
     grid = time_grid(solver, steps)
+    if time_shift is not None:
+        tokens = math.prod(model.backbone.token_grid(tuple(noise.shape)))
+        grid = time_shift(torch.tensor(grid, dtype=torch.float64), tokens).tolist()
     pairs = list(zip(grid[:-1], grid[1:]))
     for i, (t_cur, t_next) in enumerate(tqdm(pairs, desc=f"{solver} {guidance.kind}", disable=not progress, leave=False)):
         dt = t_next - t_cur

@@ -81,6 +81,7 @@ class TrainState:
         self.alignment, self.sharded = alignment, sharded
         self.ledger = BadDataLedger()
         self.step, self.elapsed = 0, 0.0
+        self.data_fingerprint: Optional[dict[str, Any]] = None  # what the data stream's position refers to (buckets)
 
     def save(self, staging: Path, data_position: int, process_index: int) -> None:
         """Write this process's RNG (and its shards) and, from the main process, everything else into the staging
@@ -91,7 +92,7 @@ class TrainState:
         if process_index != 0:
             return
         state = {"scheduler": self.scheduler.state_dict(), "step": self.step, "elapsed": self.elapsed,
-                 "data_position": data_position, "bad_data": self.ledger.state_dict()}
+                 "data_position": data_position, "bad_data": self.ledger.state_dict(), "data": self.data_fingerprint}
         if not self.sharded:
             save_state_dict(self.model.state_dict(), staging / "model.safetensors")
             save_state_dict(self.ema.state_dict(), staging / "ema.safetensors")
@@ -121,6 +122,7 @@ class TrainState:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.elapsed = state["step"], state["elapsed"]
+        self.data_fingerprint = state.get("data")  # checkpoints written before buckets have none
         if "bad_data" in state:  # checkpoints written before bad data was counted have none
             self.ledger.load_state_dict(state["bad_data"])
         rng = folder / f"rng_rank{process_index}.pt"

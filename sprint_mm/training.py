@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 
 from sprint_mm.backbone import compile_blocks
 from sprint_mm.conditioning import build_conditioning
+from sprint_mm.data.bucket_sampler import BucketBatchSampler
+from sprint_mm.data.buckets import BucketTable
 from sprint_mm.data.faults import BAD_ITEMS, SkippingDataset
 from sprint_mm.data.stream import IndexStream
 from sprint_mm.errors import check_number
@@ -88,6 +90,12 @@ class Trainer:
     `stop_signals` finishes the step, writes a checkpoint and exits with status 75 (`preemption.EXIT_PREEMPTED`).
     Resume verifies the newest checkpoint against its manifest and falls back to the previous intact one.
 
+    `buckets` (a `BucketTable`) trains on mixed sizes and durations: every item goes to its nearest bucket (resized
+    and cropped to it), every step is one bucket's global batch (`Bucket.batch_size`, which replaces `batch_size`),
+    and the sequence of batches depends only on (seed, step), so resume is exact on any number of processes; a run
+    whose dataset or table changed since its checkpoint refuses to resume. Images are one-frame items: a video model
+    whose temporal patch is 1 trains on image and video buckets in one run.
+
     `strategy` 'ddp' replicates the model (DDP); 'fsdp' shards model, EMA and optimizer over the processes (FSDP2, per
     block and at the root; bf16 compute with fp32 reduction under precision 'bf16', `fsdp_cpu_offload` keeps the
     shards in CPU memory) and writes sharded checkpoints that resume on any number of processes.
@@ -127,6 +135,7 @@ class Trainer:
         compile: bool = False,
         strategy: str = "ddp",
         fsdp_cpu_offload: bool = False,
+        buckets: Optional[BucketTable] = None,
     ) -> None:
         if dataset is None:
             raise ValueError("Trainer.dataset is not bound: bind it in a .gin file, e.g. `Trainer.dataset = @DigitsDataset()`")
@@ -178,13 +187,16 @@ class Trainer:
         self.stop_signals = tuple(stop_signals)
         self.strategy, self.fsdp_cpu_offload = strategy, fsdp_cpu_offload
         self.compile = compile  # torch.compile each transformer block (regional compilation, see compile_blocks)
+        self.buckets = buckets
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
         """Processes, the train state (resumed, or stage 2's start), the data stream and the logs."""
         self._start_processes()
+        self._index_data()
         self._build_state()
         resumed_rng = self._restore()
+        self._check_data_unchanged()
         self._distribute()
         if resumed_rng is not None:
             set_rng_state(resumed_rng)
@@ -200,10 +212,27 @@ class Trainer:
         acc = self.accelerator = Accelerator(mixed_precision=self.precision)
         if self.strategy == "fsdp":
             ensure_process_group(acc.device)
+        if self.buckets is not None:  # each bucket has its own batch size (the sampler checks it divides)
+            self.micro_batch = None
+            return
         if self.batch_size % (acc.num_processes * self.grad_accum):
             raise ValueError(f"batch_size {self.batch_size} must be divisible by processes ({acc.num_processes}) x "
                              f"grad_accum ({self.grad_accum})")
         self.micro_batch = self.batch_size // (acc.num_processes * self.grad_accum)
+
+    def _index_data(self) -> None:
+        """The data training reads: the dataset, or with buckets the dataset bucketed (the main process builds the
+        cached bucket index first, the others then read it) and the sampler's view of it."""
+        self.data = self.dataset
+        if self.buckets is None:
+            return
+        from sprint_mm.data.buckets import BucketedDataset  # TODO(lead): top-level once it exists
+
+        with self.accelerator.main_process_first():
+            self.data = BucketedDataset(self.dataset, self.buckets)
+        acc = self.accelerator
+        self.sampler = BucketBatchSampler(self.data.bucket_of, self.buckets, self.seed, acc.process_index,
+                                          acc.num_processes, self.grad_accum)
 
     def _build_state(self) -> None:
         """The model the configuration names, its conditioning, the optimizer and a fresh train state."""
@@ -239,17 +268,43 @@ class Trainer:
         one size and sample at another) and more classes than the model has (the extra ids would train as the null
         class). The first good item is read as training reads it, leaving the RNG as it was."""
         backbone = model.backbone
-        classes = getattr(self.dataset, "num_classes", None)
+        classes = getattr(self.data, "num_classes", None)
         if backbone.condition.kind == "class" and classes is not None and classes > backbone.condition.num_classes:
             raise ValueError(f"the dataset has {classes} classes but the model {backbone.condition.num_classes} "
                              f"(the backbone's num_classes), whose labels lie in [0, {backbone.condition.num_classes}): "
                              f"set num_classes to at least {classes}")
+        if self.buckets is not None:
+            self._check_buckets_fit(backbone)
+            return
         with torch.random.fork_rng(devices=[]):
             item = tuple(SkippingDataset(self.dataset)[0]["x"].shape)
         if item != tuple(backbone.sample_shape):
             raise ValueError(f"the dataset's items have shape {item} but the model takes {tuple(backbone.sample_shape)} "
                              "(C, [T,] H, W): make the dataset's size and channels match the backbone's input_size "
                              "and in_channels")
+
+    def _check_buckets_fit(self, backbone: torch.nn.Module) -> None:
+        """Every bucket that has items must be a shape the backbone takes: its patch divides it, an image model gets
+        one-frame buckets only, and the first item of the bucket reads at the bucket's shape with the model's
+        channels."""
+        channels, image_model = backbone.sample_shape[0], len(backbone.sample_shape) == 3
+        first_item = {}
+        for index, bucket in enumerate(self.data.bucket_of):
+            if bucket is not None:
+                first_item.setdefault(bucket, index)
+        for number, index in sorted(first_item.items()):
+            bucket = self.buckets[number]
+            if image_model and bucket.frames != 1:
+                raise ValueError(f"bucket {number} {bucket.shape} has {bucket.frames} frames but the model takes images "
+                                 f"{tuple(backbone.sample_shape)}: use a video backbone or one-frame buckets")
+            shape = (channels, *bucket.shape[1:]) if bucket.frames == 1 else (channels, *bucket.shape)
+            backbone.token_grid((1, *shape))  # a size the patch does not divide is refused here, naming the patch
+            with torch.random.fork_rng(devices=[]):
+                item = tuple(SkippingDataset(self.data)[index]["x"].shape)
+            if item not in (shape, (channels, *bucket.shape)):
+                raise ValueError(f"bucket {number} {bucket.shape} gives items of shape {item}, but the model takes "
+                                 f"{shape} (C, [T,] H, W) there: make the dataset's channels match the backbone's "
+                                 f"in_channels ({channels})")
 
     def _distribute(self) -> None:
         """Move everything to this process's device; with several processes, DDP over the trained module. Sharded
@@ -285,6 +340,8 @@ class Trainer:
         """Dataset indices this process has consumed. Times the process count it is the global position, step x
         batch_size, so a run resumed on another number of processes reads the same global sequence of samples (each
         global batch split anew among the processes); the noise, times and masks differ, being drawn per process."""
+        if self.buckets is not None:
+            return self.state.step  # global batches consumed: one per step
         return self.state.step * self.grad_accum * self.micro_batch
 
     def _restore(self) -> Optional[dict[str, Any]]:
@@ -314,6 +371,20 @@ class Trainer:
                 self._log(note)
         return None
 
+    def _check_data_unchanged(self) -> None:
+        """A resumed run's data position counts batches of the bucketed data it was written with: refuse to resume on
+        another dataset or bucket table (or with buckets switched on or off), where it would point at other items."""
+        saved = self.state.data_fingerprint if self.state.step > 0 else None
+        now = None if self.buckets is None else self.sampler.fingerprint()
+        if self.state.step > 0 and (saved is None) != (now is None):
+            was, is_ = ("without", "with") if saved is None else ("with", "without")
+            raise ValueError(f"run {self.run_dir} was trained {was} Trainer.buckets up to step {self.state.step} and "
+                             f"now resumes {is_} them, which would read other items: keep its configuration, or start a "
+                             f"new run with Trainer.init_from = {str(self.run_dir)!r}")
+        if saved is not None:
+            self.sampler.check_resumable(saved)
+        self.state.data_fingerprint = now
+
     def _forget_metrics_after(self, step: int) -> None:
         """metrics.jsonl keeps the lines up to the resumed step: the steps after it are trained again."""
         path = self.run_dir / "metrics.jsonl"
@@ -324,11 +395,15 @@ class Trainer:
     def _batches(self):
         """The endless stream of micro-batches of this process, from the data position of the current step."""
         acc = self.accelerator
-        data = SkippingDataset(self.dataset)  # a bad item is replaced by the next good one, and reported
-        sampler = IndexStream(len(data), self.seed, acc.process_index, acc.num_processes, start=self._data_position())
+        data = SkippingDataset(self.data)  # a bad item is replaced by the next good one, and reported
+        if self.buckets is not None:
+            self.sampler.start = self._data_position()
+            batching = {"batch_sampler": self.sampler}
+        else:
+            batching = {"batch_size": self.micro_batch, "drop_last": True, "sampler": IndexStream(
+                len(data), self.seed, acc.process_index, acc.num_processes, start=self._data_position())}
         return iter(DataLoader(
-            data, batch_size=self.micro_batch, sampler=sampler, num_workers=self.num_workers,
-            collate_fn=data.collate, drop_last=True,
+            data, **batching, num_workers=self.num_workers, collate_fn=data.collate,
             generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
             persistent_workers=self.num_workers > 0,
             pin_memory=acc.device.type == "cuda",
@@ -343,8 +418,9 @@ class Trainer:
             "model": type(model).__name__,
             "backbone": type(model.backbone).__name__,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "batch_size": self.batch_size,
+            "batch_size": self.batch_size if self.buckets is None else None,
             "micro_batch": self.micro_batch,
+            "buckets": None if self.buckets is None else self.buckets.to_list(),
             "processes": self.accelerator.num_processes,
             "max_steps": self.max_steps,
             "lr": self.lr,
@@ -420,7 +496,8 @@ class Trainer:
             update_ema(state.ema, state.model, ema_decay_at(state.step, self.ema_decay, self.ema_warmup))
         self.optimizer.zero_grad(set_to_none=True)
         scaler_skipped = problem is None and self.precision == "fp16" and acc.optimizer_step_was_skipped
-        return StepResult(totals, grad_norm, tokens, problem, scaler_skipped)
+        bucket = None if self.buckets is None else "x".join(map(str, self.buckets[self.sampler.bucket_at(state.step)].shape))
+        return StepResult(totals, grad_norm, tokens, problem, scaler_skipped, bucket)
 
     def _agreed_problem(self, loss: float, grad_norm: float) -> Optional[str]:
         """What was not finite in this step on any process (every process takes the same decision), or None."""
@@ -527,12 +604,13 @@ class Trainer:
 
 
 class Window:
-    """Losses, steps, skipped steps and tokens since the last log line."""
+    """Losses (also per bucket), steps, skipped steps and tokens since the last log line."""
 
     def __init__(self) -> None:
         self.losses: dict[str, float] = {}
         self.steps, self.good_steps, self.tokens, self.start = 0, 0, 0, time.perf_counter()
         self.skipped, self.scaler_skipped = 0, 0
+        self.bucket_losses: dict[str, list[float]] = {}
 
     def add(self, result: StepResult) -> None:
         self.steps, self.tokens = self.steps + 1, self.tokens + result.tokens
@@ -542,12 +620,15 @@ class Window:
             self.good_steps += 1
             for name, value in result.losses.items():
                 self.losses[name] = self.losses.get(name, 0.0) + value
+            if result.bucket is not None:
+                self.bucket_losses.setdefault(result.bucket, []).append(result.losses["loss"])
 
     def means(self, processes: int) -> dict[str, float]:
         """Mean losses of the steps that trained, the rates of the window (tokens over all processes) and the
         counts of skipped steps (non-finite; fp16 loss-scaler skips)."""
         seconds = time.perf_counter() - self.start
         return {**{name: total / self.good_steps for name, total in self.losses.items()},
+                **{f"loss/{bucket}": sum(losses) / len(losses) for bucket, losses in self.bucket_losses.items()},
                 "steps_per_s": self.steps / seconds, "tokens_per_s": self.tokens * processes / seconds,
                 "skipped_steps": self.skipped, "fp16_skipped_steps": self.scaler_skipped}
 
@@ -555,13 +636,14 @@ class Window:
 @dataclass
 class StepResult:
     """What one optimizer step reports: mean losses, gradient norm, tokens of this process, what was not finite
-    (None: the step trained) and whether fp16's loss scaler skipped it."""
+    (None: the step trained), whether fp16's loss scaler skipped it and the bucket it trained on."""
 
     losses: dict[str, float]
     grad_norm: float
     tokens: int
     problem: Optional[str] = None
     scaler_skipped: bool = False
+    bucket: Optional[str] = None  # the bucket of the step's batch (runs with buckets)
 
 
 class CheckpointWriteError(RuntimeError):

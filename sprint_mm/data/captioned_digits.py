@@ -12,7 +12,8 @@ import gin
 import torch
 from torch.utils.data import Dataset
 
-from sprint_mm.data.digits import DigitsDataset
+from sprint_mm.data.buckets import Shape
+from sprint_mm.data.digits import NATIVE, DigitsDataset
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # `{word}` becomes "seven", `{numeral}` becomes "7".
@@ -70,6 +71,7 @@ class CaptionedDigitsDataset(Dataset):
     With `frames` the item is a short video `(channels, frames, resolution, resolution)`: the digit drifts by one
     pixel per frame in a per-item direction (wrapping at the border), under the same caption. `captions` lists
     every distinct caption, template by template, so its first ten are the digits 0..9 (preview order).
+    In buckets (`load`) an item has the bucket's frames and size; a set of images (`frames` None) loads 1 frame.
     """
 
     num_classes = 10
@@ -102,11 +104,28 @@ class CaptionedDigitsDataset(Dataset):
         return digit_caption(self.templates[int(self.template_ids[index])], label)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
-        item = self.digits[index]
+        resolution = self.digits.resolution
+        return self._item(index, self.frames, (resolution, resolution))
+
+    def load(self, index: int, shape: Shape) -> dict[str, torch.Tensor | str | int]:
+        """Item `index` at bucket shape (frames, height, width); a set of images needs frames 1."""
+        if self.frames is None and shape[0] != 1:
+            raise ValueError(f"these digits are images of 1 frame, not {shape[0]}: set frames for videos")
+        return self._item(index, None if self.frames is None else shape[0], tuple(shape[1:]))
+
+    def _item(self, index: int, frames: Optional[int], size: tuple[int, int]) -> dict[str, torch.Tensor | str | int]:
+        item = self.digits.load(index, (1, *size))
         x = item["x"]  # (C, H, W)
-        if self.frames is not None:
+        if frames is not None:
             dy, dx = self.directions[index].tolist()
             x = torch.stack(
-                [torch.roll(x, shifts=(t * dy, t * dx), dims=(-2, -1)) for t in range(self.frames)], dim=1
+                [torch.roll(x, shifts=(t * dy, t * dx), dims=(-2, -1)) for t in range(frames)], dim=1
             )  # (C, T, H, W)
         return {"x": x, "caption": self.caption(index), "label": item["label"]}
+
+    def item_size(self, index: int) -> Shape:
+        return (1 if self.frames is None else self.frames, NATIVE, NATIVE)
+
+    def cache_key(self) -> None:
+        """Sizes cost nothing to read: no cache."""
+        return None

@@ -8,10 +8,12 @@ import gin
 import torch
 from safetensors import SafetensorError
 
+from sprint_mm.data.buckets import Shape, file_entries, fingerprint
 from sprint_mm.data.faults import BadItem
-from sprint_mm.data.images import read_rgb
+from sprint_mm.data.images import image_size, read_rgb
 from sprint_mm.data.index import read_index
 from sprint_mm.data.transforms import resize_center_crop
+from sprint_mm.data.video import clip_frame_indices, video_size
 from sprint_mm.text import TEXT_KEYS, EmbeddingCache
 
 MEDIA = ("image", "video")
@@ -77,6 +79,10 @@ class CaptionDataset(torch.utils.data.Dataset):
     returns as anything but a finite float (C, T, H, W) tensor, raises `BadItem("caption", media path, reason)`
     (`SkippingDataset` replaces it by the next good row); so does a cached text embedding that cannot be read. A
     media file that does not exist is an error of the index and raises FileNotFoundError.
+
+    Buckets: `item_size` reads an image's header, or a video's container metadata with `video_size(path) ->
+    (frames, height, width)` (default: PyAV's stream info, `sprint_mm.data.video.video_size`); `load(i, shape)`
+    takes shape[0] consecutive frames from the middle of a video and resizes to cover shape[1:], then crops.
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         cache_dir: str | None = None,
         encoder_identity: str | None = None,
         video_reader: Callable[[str], torch.Tensor] | None = None,
+        video_size: Callable[[str], Shape] = video_size,
     ) -> None:
         if media not in MEDIA:
             raise ValueError(f"media {media!r} is not one of {MEDIA}")
@@ -99,19 +106,34 @@ class CaptionDataset(torch.utils.data.Dataset):
                 "cache_dir and encoder_identity go together (the cache key depends on the encoder); "
                 f"got cache_dir={cache_dir!r}, encoder_identity={encoder_identity!r}"
             )
+        self.index = Path(index)
         self.records = read_caption_index(index)
         self.resolution = resolution
         self.media = media
         self.video_reader = video_reader
+        self.video_size = video_size
         self.cache = None if cache_dir is None else EmbeddingCache(cache_dir, encoder_identity)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
+        return self._item(i, None, (self.resolution, self.resolution))
+
+    def load(self, i: int, shape: Shape) -> dict:
+        """Row `i` at bucket shape (frames, height, width): an image needs 1 frame; a video gives (C, frames, H, W)."""
+        if self.media == "image" and shape[0] != 1:
+            raise ValueError(f"an image has 1 frame, not {shape[0]}: CaptionDataset of images loads shape (1, H, W)")
+        return self._item(i, None if self.media == "image" else shape[0], tuple(shape[1:]))
+
+    def _item(self, i: int, frames: int | None, size: tuple[int, int]) -> dict:
+        """Row `i` resized to cover `size` and centre-cropped; a video cut to its middle `frames` frames (None:
+        all)."""
         path, caption = self.records[i]
         x = read_image(path) if self.media == "image" else self.read_video(path)
-        item = {"x": resize_center_crop(x, self.resolution, "bicubic", clamp=(-1.0, 1.0)), "caption": caption}
+        if frames is not None:
+            x = x[:, clip_frame_indices(x.shape[1], frames, 1, random_start=False)]
+        item = {"x": resize_center_crop(x, size, "bicubic", clamp=(-1.0, 1.0)), "caption": caption}
         cached = self.cached_text(caption)
         if cached is not None:
             item.update(cached)
@@ -136,6 +158,24 @@ class CaptionDataset(torch.utils.data.Dataset):
         else:
             return cached
         raise BadItem("caption", where, f"the cached text embedding {problem}")
+
+    def item_size(self, i: int) -> Shape:
+        """(frames, height, width) of row `i`'s media from its header (an image has 1 frame)."""
+        path = self.records[i].path
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.media} file {str(path)!r} listed in the caption index does not exist")
+        if self.media == "image":
+            return image_size("caption", path)
+        try:
+            return tuple(self.video_size(str(path)))
+        except ImportError:
+            raise
+        except Exception as error:  # a file the size reader fails on is a bad row, as when reading it
+            raise BadItem("caption", path, f"cannot read the video size: {type(error).__name__}: {error}") from error
+
+    def cache_key(self) -> tuple[Path, str]:
+        """The index file and the fingerprint of the media it lists."""
+        return self.index, fingerprint(file_entries([record.path for record in self.records], self.index.parent))
 
     @staticmethod
     def collate(items: list[dict]) -> dict:

@@ -73,6 +73,9 @@ class SkippingDataset(Dataset):
     one would. Items must be dicts. Batch with `collate`: it batches the items with the dataset's own `collate` if it
     has one (else torch's default) and joins the records of the batch into one list. A dataset with no good item at
     all raises `BadDataError` after trying every index.
+
+    A dataset may choose the substitutes itself: `dataset.substitutes(i)` gives the indices to try, in order, from
+    i itself (`BucketedDataset` keeps the substitute in i's bucket, so a batch keeps one shape).
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -85,10 +88,12 @@ class SkippingDataset(Dataset):
         count = len(self.dataset)
         if not 0 <= index < count:  # also ends a plain `for item in dataset` loop
             raise IndexError(f"index {index} is out of range for {count} items")
+        substitutes = getattr(self.dataset, "substitutes", None)
+        order = substitutes(index) if substitutes is not None else ((index + step) % count for step in range(count))
         records: list[BadRecord] = []
-        for offset in range(count):
+        for offset, candidate in enumerate(order):
             try:
-                item = self.dataset[(index + offset) % count]
+                item = self.dataset[candidate]
             except BadItem as bad:
                 records.append(BadRecord(bad.kind, bad.path, bad.reason, offset))
                 continue
@@ -96,7 +101,9 @@ class SkippingDataset(Dataset):
                 raise TypeError(f"SkippingDataset needs dict items, {type(self.dataset).__name__} gave a "
                                 f"{type(item).__name__}")
             return {**item, BAD_ITEMS: records}
-        raise BadDataError(f"no item of the {count} in {type(self.dataset).__name__} can be read: {describe(records)}")
+        among = "" if substitutes is None else f" that may replace item {index}"
+        raise BadDataError(f"no item of the {len(records)} in {type(self.dataset).__name__}{among} can be read: "
+                           f"{describe(records)}")
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch_items = getattr(self.dataset, "collate", None) or default_collate

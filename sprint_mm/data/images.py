@@ -1,4 +1,4 @@
-"""Class-labelled images from a folder tree `root/<class>/<image>`, centre-cropped to a square."""
+"""Class-labelled images from a folder tree `root/<class>/<image>`, centre-cropped to a square or a bucket's size."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from sprint_mm.data.buckets import Shape, file_entries, fingerprint
 from sprint_mm.data.faults import BadItem
 from sprint_mm.data.transforms import resize_center_crop
 
@@ -36,6 +37,17 @@ def read_rgb(kind: str, path: str | os.PathLike, data: bytes | None = None) -> n
             return np.array(image.convert("RGB"))
     except IMAGE_ERRORS as error:
         raise BadItem(kind, path, f"cannot decode image: {type(error).__name__}: {error}") from error
+
+
+def image_size(kind: str, path: str | os.PathLike) -> Shape:
+    """(1, height, width) of the image file `path` from its header (no pixels are decoded); `BadItem` if PIL cannot
+    read the header."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except IMAGE_ERRORS as error:
+        raise BadItem(kind, path, f"cannot read the image header: {type(error).__name__}: {error}") from error
+    return (1, height, width)
 
 
 @gin.configurable
@@ -84,11 +96,27 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        return self.load(index, (1, self.resolution, self.resolution))
+
+    def load(self, index: int, shape: Shape) -> dict[str, torch.Tensor | int]:
+        """Item `index` resized to cover (height, width) = shape[1:] and centre-cropped; shape[0] must be 1."""
+        if shape[0] != 1:
+            raise ValueError(f"an image has 1 frame, not {shape[0]}: {type(self).__name__} loads shape (1, H, W)")
         path, label = self.samples[index]
-        x = self._load_square(path).float() / 127.5 - 1.0  # (3, H, W) in [-1, 1]
+        rgb = torch.from_numpy(read_rgb("image", path)).permute(2, 0, 1)  # (3, H, W) uint8
+        x = resize_center_crop(rgb, tuple(shape[1:]), Image.Resampling.BICUBIC).float() / 127.5 - 1.0  # [-1, 1]
         if self.flip and torch.rand(()) < 0.5:
             x = torch.flip(x, dims=[-1])
         return {"x": x, "label": label}
+
+    def item_size(self, index: int) -> Shape:
+        """(1, height, width) of image `index`, from its header."""
+        return image_size("image", self.samples[index][0])
+
+    def cache_key(self) -> tuple[Path, str]:
+        """The folder the item sizes are cached beside, and the fingerprint of the image list."""
+        paths = [path for path, _ in self.samples]
+        return self.root, fingerprint(file_entries(paths, self.root))
 
     def _scan(self) -> tuple[list[str], list[tuple[Path, int]], list[Path]]:
         """Find class folders and their images; return classes, (path, label) pairs and skips."""
@@ -98,7 +126,8 @@ class ImageFolderDataset(Dataset):
             )
         entries = sorted(self.root.iterdir())
         class_dirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
-        skipped = [p for p in entries if p.is_file()]  # files at the root have no class
+        # Files at the root have no class; hidden ones (the item size cache, .DS_Store) are not data.
+        skipped = [p for p in entries if p.is_file() and not p.name.startswith(".")]
         samples = []
         for label, class_dir in enumerate(class_dirs):
             for folder, dir_names, file_names in os.walk(class_dir):
@@ -115,9 +144,3 @@ class ImageFolderDataset(Dataset):
                 f"expected {LAYOUT}"
             )
         return [p.name for p in class_dirs], samples, skipped
-
-    def _load_square(self, path: Path) -> torch.Tensor:
-        """Read `path` as RGB, resize its shorter side to the resolution (PIL bicubic), crop the centre square:
-        uint8 (3, resolution, resolution)."""
-        rgb = torch.from_numpy(read_rgb("image", path)).permute(2, 0, 1)  # (3, H, W) uint8
-        return resize_center_crop(rgb, self.resolution, Image.Resampling.BICUBIC)

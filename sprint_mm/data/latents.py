@@ -12,6 +12,11 @@ line, each path a safetensors file holding `mean` and `std` of shape (C, T, h, w
 
 Every item draws a fresh posterior sample `z = mean + std * eps` from torch's RNG and returns
 `(z - shift) * scale`.
+
+Buckets: latents of several sizes may share a dataset. `item_size` reads a latent's size from the file header
+(.npy header, safetensors JSON header) without its data; `load(i, shape)` centre-crops the latent (and, with
+images, the image region it encodes) to the bucket's latent size, never resizing. Both datasets are `crop_only`: an
+item only goes to buckets no larger than itself.
 """
 from __future__ import annotations
 
@@ -19,11 +24,13 @@ import io
 import json
 import os
 import re
+import struct
 import zipfile
 import zlib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 import gin
 import numpy as np
@@ -32,9 +39,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import Dataset
 
+from sprint_mm.data.buckets import Shape, file_entries, fingerprint
 from sprint_mm.data.faults import BadDataError, BadItem, describe
 from sprint_mm.data.images import read_rgb
 from sprint_mm.data.index import jsonl_rows
+from sprint_mm.data.transforms import center_crop
 
 IMAGES_TREE = "images"
 LATENTS_TREE = "vae-sd"
@@ -45,6 +54,8 @@ IMAGE_NAME = re.compile(r"img(\d{8})\.png")
 LATENT_NAME = re.compile(r"img-mean-std-(\d{8})\.npy")
 SHOWN = 5  # how many offending names an error lists
 SHAPE_SAMPLES = 5  # how many evenly spaced items set the shapes every item must have
+NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+MAX_SAFETENSORS_HEADER = 100_000_000  # the format's own limit on its JSON header
 
 
 def image_member(index: int) -> str:
@@ -90,9 +101,23 @@ class Tree:
     def read(self, name: str) -> bytes:
         if not self.is_zip:
             return (self.location / name).read_bytes()
+        return self._archive().read(name)
+
+    def open(self, name: str) -> IO[bytes]:
+        """A binary stream of member `name`, to read its header without the rest."""
+        return self._archive().open(name) if self.is_zip else open(self.location / name, "rb")
+
+    def _archive(self) -> zipfile.ZipFile:
         if self._zip is None or self._zip_pid != os.getpid():
             self._zip, self._zip_pid = zipfile.ZipFile(self.location), os.getpid()
-        return self._zip.read(name)
+        return self._zip
+
+    def fingerprint(self, names: list[str]) -> str:
+        """Changes when a member is added, removed or rewritten: names with size and mtime, or CRC in an archive."""
+        if not self.is_zip:
+            return fingerprint(file_entries([self.location / name for name in names], self.location))
+        archive = self._archive()
+        return fingerprint([(name, archive.getinfo(name).file_size, archive.getinfo(name).CRC) for name in names])
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_zip": None, "_zip_pid": None}
@@ -195,6 +220,70 @@ def _check_shapes(loaded: list[Loaded], shapes: list[tuple[int, ...]]) -> None:
             raise BadItem("latent", where, f"shape {tuple(tensor.shape)}, but the dataset's items have {shape}")
 
 
+def _check_channels(loaded: list[Loaded], shapes: list[tuple[int, ...]], sized: int) -> None:
+    """In buckets the last `sized` dimensions (the size) may differ between items; the others must be the
+    dataset's."""
+    for (where, tensor), shape in zip(loaded, shapes):
+        if tensor.dim() != len(shape) or tuple(tensor.shape[:-sized]) != shape[:-sized]:
+            raise BadItem("latent", where, f"shape {tuple(tensor.shape)}, but the dataset's items have "
+                          f"{shape[:-sized]} before their last {sized} dimensions")
+
+
+def _crop_latent(where: str, moments: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """The centre `size` (the trailing dimensions) of moments (..., *size-dims), never resized; a latent smaller
+    than `size` (its file changed since the sizes were indexed) is a bad item."""
+    have = tuple(moments.shape[-len(size):])
+    if any(got < want for got, want in zip(have, size)):
+        raise BadItem("latent", where, f"latent size {have} is smaller than its bucket's {tuple(size)} (changed "
+                      "since the item sizes were read?)")
+    for dim, (got, want) in enumerate(zip(have, size), start=moments.dim() - len(size)):
+        moments = moments.narrow(dim, (got - want) // 2, want)
+    return moments
+
+
+def _crop_image(where: str, image: torch.Tensor, latent: tuple[int, int], crop: tuple[int, int]) -> torch.Tensor:
+    """The region of `image` (3, H, W) that the centre `crop` of a latent of size `latent` encodes: the image must
+    be a whole multiple f of the latent, the same in height and width."""
+    if tuple(crop) == tuple(latent):
+        return image
+    (height, width), (h, w) = image.shape[-2:], latent
+    factor = height // h
+    if height != factor * h or width != factor * w:
+        raise BadItem("latent", where, f"image {height}x{width} is not one whole multiple of its latent {h}x{w}, so "
+                      "it cannot be cropped with it")
+    top, left = (h - crop[0]) // 2 * factor, (w - crop[1]) // 2 * factor
+    return image[:, top:top + crop[0] * factor, left:left + crop[1] * factor]
+
+
+def _npy_shape(tree: Tree, name: str) -> tuple[int, ...]:
+    """The array shape in the header of .npy member `name`, without reading its data."""
+    where = f"{tree}/{name}"
+    try:
+        with tree.open(name) as file:
+            version = np.lib.format.read_magic(file)
+            if version not in NPY_HEADERS:
+                raise ValueError(f"unknown .npy format version {version}")
+            return tuple(NPY_HEADERS[version](file)[0])
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        raise BadItem("latent", where, f"cannot read the .npy header: {error}") from error
+
+
+def _safetensors_shapes(tree: Tree, name: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the JSON header of safetensors member `name` (8-byte little-endian length, then
+    JSON), without reading the tensors."""
+    where = f"{tree}/{name}"
+    try:
+        with tree.open(name) as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            if length > MAX_SAFETENSORS_HEADER:
+                raise ValueError(f"header length {length} exceeds {MAX_SAFETENSORS_HEADER}")
+            header = json.loads(file.read(length))
+        return {key: tuple(entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
+    except (OSError, EOFError, ValueError, KeyError, TypeError, struct.error, zipfile.BadZipFile,
+            zlib.error) as error:
+        raise BadItem("latent", where, f"cannot read the safetensors header: {error}") from error
+
+
 # ----------------------------------------------------------------------------------------------
 # The datasets
 # ----------------------------------------------------------------------------------------------
@@ -209,8 +298,11 @@ class LatentDataset(Dataset):
 
     An item whose files cannot be decoded, whose moments are not finite (or have a negative std), or whose shapes
     differ from the dataset's (the most common among a few evenly spaced items, read at construction: `shapes`)
-    raises `BadItem("latent", file, reason)`; `SkippingDataset` replaces it by the next good item.
+    raises `BadItem("latent", file, reason)`; `SkippingDataset` replaces it by the next good item. Loaded at a
+    bucket's shape (`load`), an item may have another height and width (it is centre-cropped, with its image).
     """
+
+    crop_only = True  # latents are cropped to a bucket, never resized
 
     def __init__(self, path: str, with_images: bool = False, scale: float = 0.18215, shift: float = 0.0) -> None:
         self.scale, self.shift = scale, shift
@@ -261,13 +353,42 @@ class LatentDataset(Dataset):
         return loaded
 
     def __getitem__(self, item: int) -> dict:
+        return self._item(item, None)
+
+    def load(self, item: int, shape: Shape) -> dict:
+        """Item `item` with its latent centre-cropped to (h, w) = shape[1:] (and its image to the region that
+        encodes); shape[0] must be 1."""
+        if shape[0] != 1:
+            raise ValueError(f"an image latent has 1 frame, not {shape[0]}: LatentDataset loads shape (1, h, w)")
+        return self._item(item, tuple(shape[1:]))
+
+    def _item(self, item: int, size: tuple[int, int] | None) -> dict:
+        """The item at the dataset's one shape (size None), or cropped to `size`."""
         loaded = self._read(item)
-        _check_shapes(loaded, self.shapes)
-        mean, std = loaded[0][1].chunk(2)
+        (where, moments), latent = loaded[0], tuple(loaded[0][1].shape[-2:])
+        if size is None:
+            _check_shapes(loaded, self.shapes)
+        else:
+            _check_channels(loaded, self.shapes, sized=2)
+            moments = _crop_latent(where, moments, size)
+        mean, std = moments.chunk(2)
         out = {"x": _posterior_sample(mean, std, self.scale, self.shift), "label": self.labels[item]}
         if self.images is not None:
-            out["image"] = loaded[1][1]
+            where, image = loaded[1]
+            out["image"] = image if size is None else _crop_image(where, image, latent, size)
         return out
+
+    def item_size(self, item: int) -> Shape:
+        """(1, h, w) of the latent of `item`, from its .npy header."""
+        shape = _npy_shape(self.latents, self.latent_names[item])
+        if len(shape) != 3:
+            raise BadItem("latent", f"{self.latents}/{self.latent_names[item]}", f"expected (2C, h, w) moments, got "
+                          f"shape {shape}")
+        return (1, shape[1], shape[2])
+
+    def cache_key(self) -> tuple[Path, str]:
+        """The latents tree (folder or archive) and the fingerprint of its latent files."""
+        return self.latents.location, self.latents.fingerprint(self.latent_names)
 
 
 @gin.configurable
@@ -275,8 +396,11 @@ class VideoLatentDataset(Dataset):
     """Per-video latent files listed in `index.jsonl`: items `{"x": (C, T, h, w) float32, "label": int}`.
 
     Bad files raise `BadItem` as in `LatentDataset`: undecodable, without float `mean` and `std` of one (C, T, h, w)
-    shape, non-finite, or of another shape than the dataset's.
+    shape, non-finite, or of another shape than the dataset's. Loaded at a bucket's shape (`load`), an item may have
+    other (T, h, w) (it is centre-cropped in all three).
     """
+
+    crop_only = True  # latents are cropped to a bucket, never resized
 
     def __init__(self, path: str, scale: float = 0.18215, shift: float = 0.0) -> None:
         self.scale, self.shift = scale, shift
@@ -320,7 +444,32 @@ class VideoLatentDataset(Dataset):
         return [(where, torch.stack([mean, std]))]
 
     def __getitem__(self, item: int) -> dict:
+        return self._item(item, None)
+
+    def load(self, item: int, shape: Shape) -> dict:
+        """Item `item` with its latent centre-cropped to (T, h, w) = `shape`."""
+        return self._item(item, tuple(shape))
+
+    def _item(self, item: int, size: tuple[int, int, int] | None) -> dict:
+        """The item at the dataset's one shape (size None), or cropped to `size`."""
         loaded = self._read(item)
-        _check_shapes(loaded, self.shapes)
-        mean, std = loaded[0][1]
+        where, moments = loaded[0]
+        if size is None:
+            _check_shapes(loaded, self.shapes)
+        else:
+            _check_channels(loaded, self.shapes, sized=3)
+            moments = _crop_latent(where, moments, size)
+        mean, std = moments
         return {"x": _posterior_sample(mean, std, self.scale, self.shift), "label": self.entries[item][1]}
+
+    def item_size(self, item: int) -> Shape:
+        """(T, h, w) of the latent of `item`, from its safetensors header."""
+        name = self.entries[item][0]
+        shape = _safetensors_shapes(self.tree, name).get("mean")
+        if shape is None or len(shape) != 4:
+            raise BadItem("latent", f"{self.tree}/{name}", f"expected a (C, T, h, w) 'mean', got {shape}")
+        return shape[1:]
+
+    def cache_key(self) -> tuple[Path, str]:
+        """The tree (folder or archive) and the fingerprint of the files its index lists."""
+        return self.tree.location, self.tree.fingerprint([name for name, _ in self.entries])

@@ -1,4 +1,4 @@
-"""Resize so the shorter side is the resolution, then cut the centre square: the one crop every dataset uses."""
+"""Resize to cover the target size, then cut its centre: the one crop every dataset uses."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,27 +11,37 @@ TORCH_INTERPOLATIONS = ("bilinear", "bicubic")
 
 def resize_center_crop(
     x: torch.Tensor,
-    resolution: int,
+    size: int | tuple[int, int],
     interpolation: str | Image.Resampling,
     clamp: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """Resize (..., H, W) so its shorter side is `resolution`, then crop the centre square (offsets rounded down).
+    """Resize (..., H, W) to the smallest size that covers `size` (an int n: (n, n); else (height, width)) keeping
+    its aspect ratio, then crop the centre (offsets rounded down). For a square `size` that is: the shorter side
+    becomes n, then the centre square.
 
     `interpolation` is a torch mode of TORCH_INTERPOLATIONS (antialiased; the result is float32) or a PIL filter
     such as `Image.Resampling.BICUBIC`, which resizes uint8 RGB (3, H, W). `clamp` bounds the resized values
-    (bicubic overshoots). A square input already at `resolution` comes back untouched.
+    (bicubic overshoots). An input already of `size` comes back untouched.
     """
+    target_height, target_width = (size, size) if isinstance(size, int) else size
     height, width = x.shape[-2:]
-    if (height, width) != (resolution, resolution):
-        scale = resolution / min(height, width)
-        size = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
+    if (height, width) != (target_height, target_width):
+        scale = max(target_height / height, target_width / width)
+        covering = (max(target_height, round(height * scale)), max(target_width, round(width * scale)))
         resize = _resize_torch if isinstance(interpolation, str) else _resize_pil
-        x = resize(x, size, interpolation)
+        x = resize(x, covering, interpolation)
         if clamp is not None:
             x = x.clamp(*clamp)
-        height, width = size
-    top, left = (height - resolution) // 2, (width - resolution) // 2
-    return x[..., top : top + resolution, left : left + resolution]
+    return center_crop(x, (target_height, target_width))
+
+
+def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The centre (height, width) of (..., H, W), offsets rounded down; the input must be at least that large."""
+    (height, width), (target_height, target_width) = x.shape[-2:], size
+    if height < target_height or width < target_width:
+        raise ValueError(f"cannot crop {target_height}x{target_width} from {height}x{width}: the input is smaller")
+    top, left = (height - target_height) // 2, (width - target_width) // 2
+    return x[..., top : top + target_height, left : left + target_width]
 
 
 def _resize_torch(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:

@@ -4,6 +4,8 @@ Decoding is robust by design: a reader (decord or PyAV) is created inside `__get
 before it returns, because a decord reader that crosses a DataLoader fork can deadlock; a file the
 reader fails on is retried with a fallback reader; a file that no reader decodes, or whose decode hangs
 past a timeout, raises `BadItem`, which `sprint_mm.data.faults.SkippingDataset` skips, counts and reports.
+For buckets, `item_size` reads a file's frame count and frame size from its container metadata (PyAV stream info;
+decord, which must decode one frame for the size, only when PyAV is not a configured reader), under the same rules.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from sprint_mm.data.buckets import Shape, file_entries, fingerprint
 from sprint_mm.data.faults import BadItem, call_with_timeout
 from sprint_mm.data.index import read_index
 from sprint_mm.data.transforms import resize_center_crop
@@ -69,17 +72,24 @@ def _read_with_decord(path: Path, pick: Callable[[int], list[int]]) -> np.ndarra
         del reader
 
 
+def _pyav_video_stream(container):
+    """The first video stream of an open PyAV container and its frame count (counted from the packets, without
+    decoding, when the container does not record it; the container is rewound after)."""
+    if not container.streams.video:
+        raise ValueError("the file has no video stream")
+    stream = container.streams.video[0]
+    frame_count = stream.frames
+    if frame_count == 0:
+        frame_count = sum(1 for packet in container.demux(stream) if packet.size)
+        container.seek(0)
+    return stream, frame_count
+
+
 def _read_with_pyav(path: Path, pick: Callable[[int], list[int]]) -> np.ndarray:
     av = _import_reader_module("pyav")
     with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError("the file has no video stream")
-        stream = container.streams.video[0]
+        stream, frame_count = _pyav_video_stream(container)
         stream.thread_type = "AUTO"
-        frame_count = stream.frames
-        if frame_count == 0:  # the container does not record it: count the packets, then rewind
-            frame_count = sum(1 for packet in container.demux(stream) if packet.size)
-            container.seek(0)
         indices = pick(frame_count)
         wanted = set(indices)
         decoded: dict[int, np.ndarray] = {}
@@ -93,7 +103,26 @@ def _read_with_pyav(path: Path, pick: Callable[[int], list[int]]) -> np.ndarray:
     return np.stack([decoded[index] for index in indices])
 
 
+def _size_with_decord(path: Path) -> Shape:
+    decord = _import_reader_module("decord")
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    try:
+        height, width = reader[0].shape[:2]  # decord exposes the frame size only through a frame
+        return (len(reader), height, width)
+    finally:
+        del reader
+
+
+def video_size(path: str | os.PathLike) -> Shape:
+    """(frames, height, width) of a video file from its container metadata, without decoding a frame."""
+    av = _import_reader_module("pyav")
+    with av.open(str(path)) as container:
+        stream, frame_count = _pyav_video_stream(container)
+        return (frame_count, stream.codec_context.height, stream.codec_context.width)
+
+
 _READERS = {"decord": _read_with_decord, "pyav": _read_with_pyav}
+_SIZERS = {"decord": _size_with_decord, "pyav": video_size}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,46 +270,78 @@ class VideoFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _decode(self, path: Path, pick: Callable[[int], list[int]], length: int | None) -> np.ndarray:
-        """`_decode_now` within `decode_timeout` seconds; `BadItem` once the time is spent."""
+    def _timed(self, path: Path, what: str, work: Callable[[], object]):
+        """`work()` within `decode_timeout` seconds; `BadItem` once the time is spent."""
         try:
-            return call_with_timeout(partial(self._decode_now, path, pick, length), self.decode_timeout)
-        except TimeoutError:  # a reader's own TimeoutError is a reader failure inside `_decode_now`
-            raise BadItem("video", path, f"decode timed out after {self.decode_timeout:g} s") from None
+            return call_with_timeout(work, self.decode_timeout)
+        except TimeoutError:  # a reader's own TimeoutError is a reader failure inside `work`
+            raise BadItem("video", path, f"{what} timed out after {self.decode_timeout:g} s") from None
 
-    def _decode_now(self, path: Path, pick: Callable[[int], list[int]], length: int | None) -> np.ndarray:
-        """(T, H, W, 3) uint8 frames at `pick(frame_count)` from the first reader that succeeds; T must be `length`
-        unless that is None."""
+    def _first_reader(self, path: Path, readers: list[str], what: str, attempt: Callable[[str], object]):
+        """`attempt(reader)` for the first of `readers` that succeeds; `BadItem` naming every failure when none
+        does. A missing reader package is an ImportError, never a bad file."""
         failures = []
-        for name in self.readers:
+        for name in readers:
             try:
-                frames = _READERS[name](path, pick)
-                if frames.ndim != 4 or frames.shape[-1] != 3 or length not in (None, frames.shape[0]):
-                    raise ValueError(f"got frames of shape {frames.shape}")
-                return frames
+                return attempt(name)
             except ImportError:
                 raise
             except Exception as error:  # decoders raise many types; none may stop a run
                 reason = (str(error).strip().splitlines() or [""])[0][:200]
                 failures.append(f"{name}: {type(error).__name__}: {reason}")
-        raise BadItem("video", path, "no reader decodes it: " + "; ".join(failures))
+        raise BadItem("video", path, f"no reader {what}: " + "; ".join(failures))
 
-    def _clip_frames(self, path: Path, pick: Callable[[int], list[int]]) -> np.ndarray:
-        """(clip_length, H, W, 3) uint8: decoded now, or cut from the file's cached frames."""
+    def _decode(self, path: Path, pick: Callable[[int], list[int]], length: int | None) -> np.ndarray:
+        """(T, H, W, 3) uint8 frames at `pick(frame_count)` from the first reader that succeeds within
+        `decode_timeout`; T must be `length` unless that is None."""
+
+        def attempt(name: str) -> np.ndarray:
+            frames = _READERS[name](path, pick)
+            if frames.ndim != 4 or frames.shape[-1] != 3 or length not in (None, frames.shape[0]):
+                raise ValueError(f"got frames of shape {frames.shape}")
+            return frames
+
+        return self._timed(path, "decode", partial(self._first_reader, path, self.readers, "decodes it", attempt))
+
+    def _clip_frames(self, path: Path, pick: Callable[[int], list[int]], length: int) -> np.ndarray:
+        """(length, H, W, 3) uint8: decoded now, or cut from the file's cached frames."""
         if not self.cache_frames:
-            return self._decode(path, pick, self.clip_length)
+            return self._decode(path, pick, length)
         if path not in self._frame_cache:
             self._frame_cache[path] = self._decode(path, lambda count: list(range(count)), None)
         frames = self._frame_cache[path]
         return frames[pick(len(frames))]
 
-    def _load_clip(self, path: Path, pick: Callable[[int], list[int]]) -> torch.Tensor:
-        clip = torch.from_numpy(self._clip_frames(path, pick)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
-        if self.resolution is not None:
-            clip = resize_center_crop(clip, self.resolution, "bilinear")
+    def _load_clip(self, path: Path, pick: Callable[[int], list[int]], length: int,
+                   size: tuple[int, int] | None) -> torch.Tensor:
+        clip = torch.from_numpy(self._clip_frames(path, pick, length)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+        if size is not None:
+            clip = resize_center_crop(clip, size, "bilinear")
         return (clip / 127.5 - 1.0).clamp(-1.0, 1.0).transpose(0, 1).contiguous()  # (3, T, H, W)
 
+    def item_size(self, index: int) -> Shape:
+        """(frames, height, width) of video `index` from its container metadata, without decoding (PyAV; decord
+        decodes one frame, and is used only when PyAV is not one of the readers)."""
+        path = self.samples[index][0]
+        readers = sorted(self.readers, key=lambda name: name != "pyav")
+        return self._timed(path, "reading the size", partial(
+            self._first_reader, path, readers, "reads its size", lambda name: _SIZERS[name](path)))
+
+    def cache_key(self) -> tuple[Path, str]:
+        """The data's location (the class folder root or the index file) and the fingerprint of its video list."""
+        folder = self.root if self.root.is_dir() else self.root.parent
+        return self.root, fingerprint(file_entries([path for path, _ in self.samples], folder))
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        size = None if self.resolution is None else (self.resolution, self.resolution)
+        return self._item(index, self.clip_length, size)
+
+    def load(self, index: int, shape: Shape) -> dict[str, torch.Tensor | int]:
+        """Item `index` as a clip of shape[0] frames (`frame_stride` apart where the video is long enough),
+        resized to cover (height, width) = shape[1:] and centre-cropped: x is (3, shape[0], height, width)."""
+        return self._item(index, shape[0], tuple(shape[1:]))
+
+    def _item(self, index: int, length: int, size: tuple[int, int] | None) -> dict[str, torch.Tensor | int]:
         path, label = self.samples[index]
         # One draw from torch's RNG per item, good or bad, remembered or not, so the stream does not depend on what
         # this process saw before; the clip start then comes from a generator of its own, because a decode abandoned
@@ -288,12 +349,12 @@ class VideoFolderDataset(Dataset):
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
 
         def pick(frame_count: int) -> list[int]:
-            return clip_frame_indices(frame_count, self.clip_length, self.frame_stride, self.random_crop_time, generator)
+            return clip_frame_indices(frame_count, length, self.frame_stride, self.random_crop_time, generator)
 
         if path in self._failed:
             raise self._failed[path].with_traceback(None)
         try:
-            return {"x": self._load_clip(path, pick), "label": label}
+            return {"x": self._load_clip(path, pick, length, size), "label": label}
         except BadItem as bad:
             self._failed[path] = bad
             raise

@@ -1,0 +1,287 @@
+"""Quality against training time on the digits, dense vs SPRINT, at a chosen token count.
+
+For every seed, a dense run and a SPRINT stage-1 run advance to each budget point B in turn (dense to B, stage 1 to
+(1 - s) B, both resumed exactly between points), and each SPRINT point gets its own short stage 2 of s B started from
+the stage-1 checkpoint of that point (s = `--stage2-share`, 0.25 by default: the split of equal_wallclock.py). A
+SPRINT point's training time is its stage-1 time plus its stage-2 time, so both arms have a point at every B.
+
+Training time is the CPU time of the training steps alone (no set-up, checkpoints or evaluation): the trainer's step
+clock is switched to `time.process_time` (see `cpu_step_clock`) and runs use one thread, so on an otherwise idle
+core it equals wall-clock, and on a shared machine it is not inflated by other processes. The trainer's time budget
+then counts CPU seconds too.
+
+Every point is judged the same way: `--per-class` class-conditional samples per digit from one fixed noise batch
+(Euler, `--steps`), CFG at `--scale` for both arms and PDG for SPRINT; the digits classifier gives the accuracy, and
+the Frechet distance compares the classifier's penultimate features of the samples with those of the real test
+digits (`frechet_floor`: the distance of as many real train digits, what a perfect generator would score).
+
+The token count sets the patch: patch = resolution / sqrt(tokens) (16 px: 16 -> patch 4, 64 -> 2, 256 -> 1).
+
+    python benchmarks/quality_curves.py --tokens 64 [--budgets 1.5 3 6] [--seeds 0 1] [--batch 32] [--stage2-share 0.25]
+        [--per-class 20] [--steps 20] [--scale 1.5] [--resolution 16] [--root runs/quality_curves]
+        [--gin_param 'sit.hidden_size = 64' ...]
+
+Writes benchmarks/results/quality_curves_<tokens>.json after every point (a cut-short run leaves partial curves),
+then redraws benchmarks/results/quality_curves.png and the TensorBoard curves from every quality_curves_*.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+import sprint_mm.training
+from curve_plots import curve, draw_quality_figures, time_to_reach
+from demo_accuracy import LoadedRun, class_major_labels, load_run
+from digits_classifier import (
+    RESULTS,
+    DigitsClassifier,
+    digits_tensors,
+    markdown_table,
+    test_split_accuracy,
+    to_working_resolution,
+    torch_threads,
+    write_result,
+)
+from equal_wallclock import NO_STEP_LIMIT, STAGE1, STAGE2, DENSE, training_record
+from sprint_mm.cli import run_training
+from sprint_mm.evaluation.frechet import FeatureStats, frechet_distance
+from sprint_mm.generation import generate
+from sprint_mm.runs import find_checkpoint
+from sprint_mm.sampling import Guidance
+from sprint_mm.sprint import Sprint
+
+STAGE2_SHARE = 0.25
+
+
+# ----------------------------------------------------------------------------------------------
+# The judge: accuracy and Frechet distance on the digits classifier's features
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Judge:
+    """The digits classifier and the statistics of its features on the real test digits."""
+
+    classifier: DigitsClassifier
+    real: FeatureStats
+
+    @classmethod
+    def train(cls, resolution: int, channels: int = 1) -> Judge:
+        classifier = DigitsClassifier.train(resolution, channels)
+        images, _ = digits_tensors("test", resolution, channels)
+        return cls(classifier, FeatureStats.from_features(judge_features(classifier, images)))
+
+    def frechet(self, images: torch.Tensor) -> float:
+        """Frechet distance between the features of `images` and of the real test digits."""
+        stats = FeatureStats.from_features(judge_features(self.classifier, images))
+        return frechet_distance(stats.mu, stats.sigma, self.real.mu, self.real.sigma)
+
+    def frechet_floor(self, count: int, seed: int = 0) -> float:
+        """The distance of `count` real train digits (drawn with `seed`) to the real test digits."""
+        images, _ = digits_tensors("train", self.classifier.resolution, self.classifier.channels)
+        rows = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+        return self.frechet(images[rows])
+
+
+@torch.no_grad()
+def judge_features(classifier: DigitsClassifier, images: torch.Tensor) -> np.ndarray:
+    """(N, F) penultimate features (after global pooling, before the class layer) of images in [-1, 1]."""
+    inputs = to_working_resolution(images.detach().float().cpu().clamp(-1, 1))
+    with torch_threads(1):
+        return classifier.network[:-1](inputs).double().numpy()
+
+
+def sample_quality(run: LoadedRun, judge: Judge, guidance: Guidance, per_class: int, steps: int,
+                   seed: int = 0) -> dict:
+    """Accuracy, Frechet distance and sampling CPU seconds of `per_class` samples per class under `guidance`
+    (noise from `seed`: the same for every run and guidance of one sample shape)."""
+    labels = class_major_labels(run.num_classes, per_class)
+    noise = torch.randn((len(labels), *run.model.backbone.sample_shape), generator=torch.Generator().manual_seed(seed))
+    started = time.process_time()
+    samples = generate(run.model, labels, run.codec, noise, steps, "euler", guidance, batch_size=len(labels))
+    seconds = time.process_time() - started
+    return {"guidance": guidance.kind, "scale": guidance.scale, "interval": list(guidance.interval),
+            "accuracy": judge.classifier.score(samples, labels), "frechet": judge.frechet(samples),
+            "sample_cpu_s": seconds}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training on the CPU clock
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def cpu_step_clock() -> Iterator[None]:
+    """Within the block, the trainer times its steps (and its time budget) with `time.process_time`.
+
+    The trainer reads its clock as `time.perf_counter` of the module `sprint_mm.training`; this swaps that module's
+    `time` for a namespace whose `perf_counter` is the process CPU clock, and restores it after."""
+    module = sprint_mm.training
+    original = module.time
+    module.time = types.SimpleNamespace(perf_counter=time.process_time)
+    try:
+        yield
+    finally:
+        module.time = original
+
+
+def patch_for(tokens: int, resolution: int) -> int:
+    """The patch side that cuts a resolution x resolution image into `tokens` tokens."""
+    side = math.isqrt(tokens)
+    if tokens < 1 or side * side != tokens or resolution % side:
+        raise ValueError(f"tokens must be a square number whose side divides the resolution {resolution}, got {tokens}")
+    return resolution // side
+
+
+def model_bindings(tokens: int, resolution: int, batch: int, seed: int, extra: Sequence[str]) -> list[str]:
+    """The digits config at `tokens` tokens: one thread, no previews, time-limited, every checkpoint kept."""
+    return [
+        f"sit.patch_size = {patch_for(tokens, resolution)}",
+        f"sit.input_size = {resolution}",
+        f"DigitsDataset.resolution = {resolution}",
+        f"Trainer.batch_size = {batch}",
+        f"Trainer.seed = {seed}",
+        "Trainer.num_threads = 1",
+        "Trainer.preview_every = 0",
+        "Trainer.progress = False",
+        f"Trainer.max_steps = {NO_STEP_LIMIT}",
+        f"Trainer.checkpoint_every = {NO_STEP_LIMIT}",
+        "Trainer.keep_checkpoints = 0",
+        *extra,
+    ]
+
+
+def train_until(files: Sequence[str], run_dir: Path, minutes: float, bindings: Sequence[str],
+                init_from: Optional[Path] = None) -> dict:
+    """Train (or resume) `run_dir` until `minutes` of step CPU time; its newest checkpoint's steps and seconds."""
+    params = [*bindings, f"Trainer.run_dir = {str(run_dir)!r}", f"Trainer.time_budget_minutes = {minutes!r}"]
+    if init_from is not None:
+        params.append(f"Trainer.init_from = {str(init_from)!r}")
+    with cpu_step_clock():
+        run_training(files, params)
+    return training_record(run_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# The grid
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate_point(run_dir: Path, judge: Judge, args: argparse.Namespace) -> list[dict]:
+    """CFG (and PDG for a SPRINT run) quality of the newest checkpoint of `run_dir`."""
+    run = load_run(run_dir)
+    kinds = ["cfg", "pdg"] if isinstance(run.model, Sprint) else ["cfg"]
+    return [sample_quality(run, judge, Guidance(kind, args.scale), args.per_class, args.steps, args.sample_seed)
+            for kind in kinds]
+
+
+def run_seed(seed: int, root: Path, judge: Judge, args: argparse.Namespace, result: dict, out: Path) -> None:
+    """Every budget point of one seed, both arms; the result file is rewritten after each point."""
+    bindings = model_bindings(args.tokens, args.resolution, args.batch, seed, args.gin_param)
+    folder = root / f"seed{seed}"
+    for budget in args.budgets:
+        dense = train_until([STAGE1, DENSE], folder / "dense", budget, bindings)
+        stage1 = train_until([STAGE1], folder / "stage1", (1 - args.stage2_share) * budget, bindings)
+        stage2_dir = folder / f"stage2_at_{budget:g}min"
+        stage2 = train_until([STAGE2], stage2_dir, args.stage2_share * budget, bindings,
+                             init_from=find_checkpoint(folder / "stage1"))
+        points = [
+            {"arm": "dense", "seed": seed, "budget_min": budget, "train_s": dense["train_s"],
+             "steps": dense["steps"], "quality": evaluate_point(folder / "dense", judge, args)},
+            {"arm": "sprint", "seed": seed, "budget_min": budget, "train_s": stage1["train_s"] + stage2["train_s"],
+             "stage1_s": stage1["train_s"], "stage2_s": stage2["train_s"], "stage1_steps": stage1["steps"],
+             "stage2_steps": stage2["steps"], "quality": evaluate_point(stage2_dir, judge, args)},
+        ]
+        result["points"] += points
+        result["summary"] = summarize(result["points"], args.accuracy_levels, args.frechet_levels)
+        write_result(result, out)
+        for point in points:
+            cells = ", ".join(f"{q['guidance']} acc {q['accuracy']:.3f} fd {q['frechet']:.2f}" for q in point["quality"])
+            print(f"[{args.tokens} tokens] seed {seed} {point['arm']} at {budget:g} min "
+                  f"({point['train_s']:.0f} CPU s): {cells}", flush=True)
+
+
+def summarize(points: Sequence[dict], accuracy_levels: Sequence[float], frechet_levels: Sequence[float]) -> list[dict]:
+    """Training seconds each arm needs to reach each level on its seed-mean curve (CFG for both, and SPRINT with
+    PDG), and dense / SPRINT; None where a curve never reaches the level within its budgets."""
+    rows = []
+    for metric, levels, higher_is_better in (("accuracy", accuracy_levels, True), ("frechet", frechet_levels, False)):
+        for level in levels:
+            dense = time_to_reach(*curve(points, "dense", "cfg", metric), level, higher_is_better)
+            for guidance in ("cfg", "pdg"):
+                sprint = time_to_reach(*curve(points, "sprint", guidance, metric), level, higher_is_better)
+                ratio = None if dense is None or sprint is None else dense / sprint
+                rows.append({"metric": metric, "level": level, "sprint_guidance": guidance,
+                             "dense_s": dense, "sprint_s": sprint, "dense_over_sprint": ratio})
+    return rows
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Digits quality against training CPU time, dense vs SPRINT.")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per image (a square; its side divides "
+                                                                 "the resolution)")
+    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.5, 3.0, 6.0],
+                        help="training CPU minutes of each point (both arms)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--stage2-share", type=float, default=STAGE2_SHARE,
+                        help="fraction of a SPRINT point's budget spent in stage 2")
+    parser.add_argument("--per-class", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="Euler sampling steps")
+    parser.add_argument("--scale", type=float, default=1.5, help="CFG and PDG scale")
+    parser.add_argument("--sample-seed", type=int, default=0, help="seed of the judged samples' noise")
+    parser.add_argument("--accuracy-levels", type=float, nargs="+", default=[0.6, 0.8, 0.9])
+    parser.add_argument("--frechet-levels", type=float, nargs="+", default=[20.0, 10.0, 5.0])
+    parser.add_argument("--root", default="runs/quality_curves", help="folder for the runs (<root>/<tokens>tok "
+                                                                      "must not exist)")
+    parser.add_argument("--gin_param", action="append", default=[], help="extra binding for every run (repeatable)")
+    parser.add_argument("--out", help="result JSON (default benchmarks/results/quality_curves_<tokens>.json)")
+    args = parser.parse_args(argv)
+    if not 0 < args.stage2_share < 1:
+        parser.error(f"--stage2-share must be in (0, 1), got {args.stage2_share}")
+    if sorted(args.budgets) != args.budgets or args.budgets[0] <= 0:
+        parser.error(f"--budgets must be positive and increasing, got {args.budgets}")
+    patch_for(args.tokens, args.resolution)
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    root = Path(args.root) / f"{args.tokens}tok"
+    if root.exists():
+        raise ValueError(f"{str(root)!r} exists; give a fresh --root (the runs would resume, not start over)")
+    out = Path(args.out or RESULTS / f"quality_curves_{args.tokens}.json")
+    judge = Judge.train(args.resolution)
+    samples = 10 * args.per_class
+    result = {
+        "tokens": args.tokens, "resolution": args.resolution, "patch": patch_for(args.tokens, args.resolution),
+        "batch": args.batch, "budgets_min": args.budgets, "seeds": args.seeds, "stage2_share": args.stage2_share,
+        "gin_params": args.gin_param, "clock": "process CPU time of the training steps, 1 thread",
+        "per_class": args.per_class, "steps": args.steps, "scale": args.scale, "sample_seed": args.sample_seed,
+        "judge_test_accuracy": test_split_accuracy(judge.classifier),
+        "frechet_floor": judge.frechet_floor(samples), "points": [], "summary": [],
+    }
+    started = time.perf_counter()
+    for seed in args.seeds:
+        run_seed(seed, root, judge, args, result, out)
+    result["wall_s"] = time.perf_counter() - started
+    write_result(result, out)
+    rows = [[r["metric"], r["level"], r["sprint_guidance"], r["dense_s"] or "not reached",
+             r["sprint_s"] or "not reached", r["dense_over_sprint"] or "-"] for r in result["summary"]]
+    print(markdown_table(["metric", "level", "SPRINT guidance", "dense s", "SPRINT s", "dense / SPRINT"], rows))
+    draw_quality_figures(sorted(out.parent.glob("quality_curves_*.json")), out.parent)
+    return result
+
+
+if __name__ == "__main__":
+    main()
