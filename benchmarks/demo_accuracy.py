@@ -105,13 +105,16 @@ def guided_accuracy(
     seed: int = 0,
     batch_size: int = 200,
     progress: bool = True,
+    shape: Optional[Sequence[int]] = None,
 ) -> list[dict]:
-    """One row per guidance: accuracy overall and per class, on samples from the same seeded noise.
+    """One row per guidance: accuracy overall and per class, on samples from the same seeded noise, of `shape`
+    (C, [T,] H, W; default the model's sample shape).
 
     PDG needs a SPRINT model: on a dense model its rows say so instead of a number.
     """
     labels = class_major_labels(run.num_classes, per_class)
-    noise = torch.randn((len(labels), *run.model.backbone.sample_shape), generator=torch.Generator().manual_seed(seed))
+    shape = tuple(shape or run.model.backbone.sample_shape)
+    noise = torch.randn((len(labels), *shape), generator=torch.Generator().manual_seed(seed))
     rows = []
     for guidance in guidances:
         row = {"guidance": guidance.kind, "scale": guidance.scale if guidance.kind != "none" else None}
@@ -137,10 +140,12 @@ def guided_accuracy(
     return rows
 
 
-def judge_for(run: LoadedRun, digit_fraction: float = DIGIT_FRACTION) -> DigitsClassifier:
-    """A judge at the resolution of the run's images, or of the digit inside its video frames."""
-    shape = run.model.backbone.sample_shape
-    if len(shape) == 4:  # (C, T, H, W): the moving digit covers digit_fraction of the frame side
+def judge_for(run: LoadedRun, digit_fraction: Optional[float] = DIGIT_FRACTION,
+              shape: Optional[Sequence[int]] = None) -> DigitsClassifier:
+    """A judge at the resolution of the run's images (of `shape`, default the model's sample shape), or of the digit
+    inside its video frames; `digit_fraction` None: the digit fills the frame (stills from a video model)."""
+    shape = tuple(shape or run.model.backbone.sample_shape)
+    if len(shape) == 4 and digit_fraction is not None:  # (C, T, H, W): the moving digit covers digit_fraction
         resolution = load_moving_digits_maker().digit_side(min(shape[-2:]), digit_fraction)
     else:
         resolution = shape[-1]

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from sprint_mm.backbone import compile_blocks
 from sprint_mm.conditioning import build_conditioning
 from sprint_mm.data.bucket_sampler import BucketBatchSampler
-from sprint_mm.data.buckets import BucketTable
+from sprint_mm.data.buckets import BucketedDataset, BucketTable
 from sprint_mm.data.faults import BAD_ITEMS, SkippingDataset
 from sprint_mm.data.stream import IndexStream
 from sprint_mm.errors import check_number
@@ -150,6 +150,9 @@ class Trainer:
                                                           "set it to 0 and sample from the checkpoints)")):
                 if unsupported:
                     raise ValueError(f"Trainer.strategy = 'fsdp' does not support {what} yet")
+        if buckets is not None and alignment is not None:
+            raise ValueError("Trainer.buckets with Trainer.alignment (REPA) is not supported yet: the alignment "
+                             "targets are computed for one image size; train REPA runs at one size")
         if fsdp_cpu_offload and strategy != "fsdp":
             raise ValueError("Trainer.fsdp_cpu_offload = True needs Trainer.strategy = 'fsdp'")
         for name, value, low in (
@@ -226,8 +229,6 @@ class Trainer:
         self.data = self.dataset
         if self.buckets is None:
             return
-        from sprint_mm.data.buckets import BucketedDataset  # TODO(lead): top-level once it exists
-
         with self.accelerator.main_process_first():
             self.data = BucketedDataset(self.dataset, self.buckets)
         acc = self.accelerator

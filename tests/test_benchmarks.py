@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 import torch
@@ -265,3 +266,98 @@ def test_gpu_suite_tiny_prints_one_table_of_training_and_sampling_steps(tmp_path
         assert row["peak_fraction"] == pytest.approx(row["tflops"] / 989.0)
     assert rows["sprint"]["tflop"] < rows["dense"]["tflop"] == rows["dense compiled"]["tflop"]
     assert rows["pdg"]["tflop"] < rows["cfg"]["tflop"]
+
+
+# ----------------------------------------------------------------------------------------------
+# quality_curves.py, guidance_pareto.py and curve_plots.py
+# ----------------------------------------------------------------------------------------------
+
+
+def test_time_to_reach_interpolates_the_first_crossing():
+    plots = load_script("curve_plots")
+    seconds, accuracy = [10.0, 20.0, 40.0], [0.2, 0.6, 0.5]
+    assert plots.time_to_reach(seconds, accuracy, 0.4, True) == pytest.approx(15.0)
+    assert plots.time_to_reach(seconds, accuracy, 0.1, True) == 10.0  # already there at the first point
+    assert plots.time_to_reach(seconds, accuracy, 0.7, True) is None
+    # lower is better: the first time the distance falls to the level
+    assert plots.time_to_reach(seconds, [30.0, 10.0, 5.0], 7.5, False) == pytest.approx(30.0)
+
+
+def test_pareto_front_keeps_exactly_the_undominated_settings():
+    plots = load_script("curve_plots")
+    generator = torch.Generator().manual_seed(0)
+    points = [{"sample_cpu_s": float(c), "accuracy": float(a), "frechet": float(f)}
+              for c, a, f in torch.rand(40, 3, generator=generator)]
+    for metric, sign in (("accuracy", 1), ("frechet", -1)):
+        front = plots.pareto_front(points, metric, sign > 0)
+        dominated = [p for p in points if any(q["sample_cpu_s"] <= p["sample_cpu_s"] and sign * q[metric] > sign * p[metric]
+                                              for q in points)]
+        assert sorted(map(id, front)) == sorted(id(p) for p in points if p not in dominated)
+        assert [p["sample_cpu_s"] for p in front] == sorted(p["sample_cpu_s"] for p in front)
+
+
+def test_quality_point_trains_on_the_cpu_clock_and_judges_both_arms(tmp_path, judge):
+    import sprint_mm.training
+
+    curves = load_script("quality_curves")
+    real, _ = load_script("digits_classifier").digits_tensors("test", 16, 1)
+    stats = curves.FeatureStats.from_features(curves.judge_features(judge, real))
+    quality_judge = curves.Judge(judge, stats)
+    assert quality_judge.frechet(real) == pytest.approx(0.0, abs=1e-6)  # the real digits against themselves
+    wall_clock = sprint_mm.training.time
+    with curves.cpu_step_clock():
+        assert sprint_mm.training.time.perf_counter is time.process_time
+    assert sprint_mm.training.time is wall_clock
+    args = curves.parse_args(["--tokens", "16", "--budgets", "0.004", "--seeds", "0", "--per-class", "1",
+                              "--steps", "2", "--root", str(tmp_path)])
+    args.gin_param = TINY
+    result = {"points": [], "summary": []}
+    curves.run_seed(0, tmp_path, quality_judge, args, result, tmp_path / "quality_curves_16.json")
+    dense, sprint = result["points"]
+    assert (dense["arm"], sprint["arm"]) == ("dense", "sprint")
+    assert dense["train_s"] >= 0.004 * 60 and sprint["stage1_s"] >= 0.75 * 0.004 * 60
+    assert sprint["train_s"] == pytest.approx(sprint["stage1_s"] + sprint["stage2_s"])
+    assert [q["guidance"] for q in dense["quality"]] == ["cfg"]
+    assert [q["guidance"] for q in sprint["quality"]] == ["cfg", "pdg"]
+    assert all(0 <= q["accuracy"] <= 1 and q["frechet"] > 0 for q in dense["quality"] + sprint["quality"])
+    assert json.loads((tmp_path / "quality_curves_16.json").read_text())["points"] == result["points"]
+    with pytest.raises(ValueError, match="square"):
+        curves.patch_for(48, 16)
+
+
+def test_guidance_interval_outside_the_solver_grid_is_no_guidance(tmp_path, judge):
+    wallclock = load_script("equal_wallclock")
+    curves = load_script("quality_curves")
+    pareto = load_script("guidance_pareto")
+    run_dir = wallclock.train_arms(tmp_path, minutes=0.002, rounds=1, extra=TINY)["sprint"]
+    run = load_script("demo_accuracy").load_run(run_dir)
+    real, _ = load_script("digits_classifier").digits_tensors("test", 16, 1)
+    quality_judge = curves.Judge(judge, curves.FeatureStats.from_features(curves.judge_features(judge, real)))
+    grid = pareto.settings(["pdg"], [3.0], [pareto.parse_interval("0:0"), (0.0, 1.0)])
+    rows = [curves.sample_quality(run, quality_judge, g, per_class=2, steps=2) for g in grid]
+    # Euler evaluates t = 1 and 0.5 only: an interval [0, 0] never guides, so it draws the unguided samples
+    assert (rows[1]["accuracy"], rows[1]["frechet"]) == (rows[0]["accuracy"], rows[0]["frechet"])
+    assert rows[2]["frechet"] != rows[0]["frechet"]
+    with pytest.raises(Exception, match="interval"):
+        pareto.parse_interval("0.5")
+
+
+def test_figures_and_tensorboard_curves_are_drawn_once(tmp_path):
+    plots = load_script("curve_plots")
+    points = [{"arm": arm, "seed": seed, "budget_min": budget, "train_s": 60.0 * budget + seed,
+               "quality": [{"guidance": g, "accuracy": 0.3 * budget + 0.01 * seed, "frechet": 10.0 / budget}
+                           for g in (["cfg"] if arm == "dense" else ["cfg", "pdg"])]}
+              for seed in (0, 1) for budget in (1.0, 2.0) for arm in ("dense", "sprint")]
+    assert plots.curve(points, "sprint", "pdg", "accuracy") == (pytest.approx([60.5, 120.5]), pytest.approx([0.305, 0.605]))
+    result = {"tokens": 64, "patch": 2, "seeds": [0, 1], "frechet_floor": 1.0, "points": points}
+    (tmp_path / "quality_curves_64.json").write_text(json.dumps(result))
+    settings = [{"guidance": g, "scale": 2.0, "interval": [0.0, 1.0], "sample_cpu_s": c, "accuracy": a, "frechet": f}
+                for g, c, a, f in (("none", 1.0, 0.5, 9.0), ("cfg", 2.0, 0.9, 4.0), ("pdg", 1.5, 0.8, 5.0))]
+    (tmp_path / "guidance_pareto.json").write_text(json.dumps(
+        {"run": "r", "samples": 200, "steps": 20, "settings": settings}))
+    for _ in range(2):  # a redraw replaces the TensorBoard curves instead of adding to them
+        drawn = plots.main(["--results", str(tmp_path)])
+    assert [p.name for p in drawn] == ["quality_curves.png", "guidance_pareto.png"]
+    assert all(p.stat().st_size > 10_000 for p in drawn)
+    events = sorted(p.parent.name for p in (tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events == ["cfg", "dense_cfg", "none", "pdg", "sprint_cfg", "sprint_pdg"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def test_size_cache_is_reused_while_the_files_are_unchanged_and_rebuilt_when_one
     monkeypatch.setattr(ImageFolderDataset, "item_size", lambda self, i: reads.append(i) or original(self, i))
     first = bucket_index(ImageFolderDataset(image_root, resolution=16), IMAGE_TABLE)
     assert len(reads) == len(IMAGES)
-    cache = list(image_root.glob(f"{CACHE_PREFIX}-ImageFolderDataset-*.json"))
+    cache = list(image_root.glob(f"{CACHE_PREFIX}-ImageFolderDataset.json"))
     assert len(cache) == 1 and len(json.loads(cache[0].read_text())["sizes"]) == len(IMAGES)
     assert not list(image_root.glob("*.tmp"))  # written through a temporary file renamed into place
     reads.clear()
@@ -120,6 +121,11 @@ def test_size_cache_is_reused_while_the_files_are_unchanged_and_rebuilt_when_one
     _image(60, 20, 7).save(image_root / "b" / "wider.png")
     assert bucket_index(ImageFolderDataset(image_root, resolution=16), IMAGE_TABLE, cache_dir=image_root.parent)
     assert len(reads) == len(IMAGES) + 1 and list(image_root.parent.glob(f"{CACHE_PREFIX}-*.json"))
+    # The cache beside the data moves with it.
+    bucket_index(ImageFolderDataset(image_root, resolution=16), IMAGE_TABLE)
+    moved = image_root.rename(image_root.parent / "moved")
+    reads.clear()
+    assert bucket_index(ImageFolderDataset(moved, resolution=16), IMAGE_TABLE) == index[:-1] + [2] and reads == []
 
 
 def test_unreadable_headers_and_items_no_bucket_takes_are_left_out_and_reported_once(image_root):
@@ -138,6 +144,9 @@ def test_unreadable_headers_and_items_no_bucket_takes_are_left_out_and_reported_
     assert {names[i] for i, bucket in enumerate(bucketed.bucket_of) if bucket is None} == {"broken", "square1"}
     with pytest.raises(ValueError, match="is in no bucket"):
         bucketed[names.index("broken")]
+    with pytest.warns(UserWarning) as again:  # from the cache: the same report, the bad file still named
+        BucketedDataset(ImageFolderDataset(image_root, resolution=16), table, crop_only=True)
+    assert [str(warning.message) for warning in again] == messages
 
 
 # ------------------------------------------------------------------------------------------------ videos
@@ -207,13 +216,13 @@ def test_caption_dataset_sizes_and_loads_images_and_videos(image_root, tmp_path)
         torch.testing.assert_close(item["x"], expected, rtol=0, atol=1e-6)
     assert bucketed.collate is images.collate
     # Videos: sizes from the injected size reader, the middle frames of the clip at the bucket's size.
-    clips = {str(path): torch.rand(3, 10, 12, 20, generator=torch.Generator().manual_seed(1)) for path in paths}
+    clips = {str(path): torch.rand(3, 10, 24, 40, generator=torch.Generator().manual_seed(1)) for path in paths}
     videos = CaptionDataset(str(index), resolution=8, media="video", video_reader=clips.__getitem__,
                             video_size=lambda path: tuple(clips[path].shape[1:]))
-    bucketed = BucketedDataset(videos, BucketTable([(4, 12, 20, 2), (4, 6, 10, 2)]))
-    assert bucketed.bucket_of == [1] * len(paths)  # same aspect; the nearer area (an exact fit) wins
+    bucketed = BucketedDataset(videos, BucketTable([(8, 12, 20, 2), (4, 12, 20, 2), (4, 6, 10, 2)]))
+    assert bucketed.bucket_of == [0] * len(paths)  # the most frames; same aspect, then the nearer area
     item = bucketed[1]
-    torch.testing.assert_close(item["x"], resize_center_crop(clips[str(paths[1])][:, 3:7], (6, 10), "bicubic",
+    torch.testing.assert_close(item["x"], resize_center_crop(clips[str(paths[1])][:, 1:9], (12, 20), "bicubic",
                                                              clamp=(-1.0, 1.0)))
 
 
@@ -259,7 +268,12 @@ def test_latents_are_sized_from_headers_cropped_never_resized_and_never_grown(tm
         assert image.shape == (3, 8, 8)
         assert torch.equal(image[0, ::2, 0], torch.arange(top, top + 4, dtype=torch.uint8))
         assert torch.equal(image[1, 0, ::2], torch.arange(left, left + 4, dtype=torch.uint8))
-    with pytest.raises(BadItem, match=r"smaller than its bucket's \(4, 4\)"):
+    # The same sizes from a zipped tree, read from the member headers.
+    archive = tmp_path / "zipped" / "vae-sd"
+    shutil.make_archive(str(archive), "zip", tmp_path / "vae-sd")
+    zipped = LatentDataset(str(tmp_path / "zipped"))
+    assert zipped.latents.is_zip and bucket_index(zipped, table) == bucketed.bucket_of
+    with pytest.raises(BadItem, match=r"cannot crop 4x4 from 3x3"):
         dataset.load(3, (1, 4, 4))
     with pytest.raises(BadItem, match="shape"):
         dataset[1]  # without buckets every item must have the dataset's one shape, as before
@@ -335,7 +349,8 @@ def test_a_loader_over_bucketed_data_gives_batches_of_one_bucket_shape_each():
 # ------------------------------------------------------------------------------------------------ joint
 def test_joint_images_and_videos_batch_by_kind_and_pass_everything_through(image_root, video_root):
     images = ImageFolderDataset(image_root, resolution=16)
-    videos = VideoFolderDataset(video_root, clip_length=4, reader="pyav", fallback_reader=None)
+    videos = VideoFolderDataset(video_root, clip_length=4, reader="pyav", fallback_reader=None,
+                                random_crop_time=False)
     joint = JointDataset([images, videos])
     assert len(joint) == len(images) + len(videos) and joint.num_classes == 2
     assert joint.item_size(len(images) + 2) == videos.item_size(2)

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Optional, Protocol, Union
 
 import gin
 from torch.utils.data import Dataset
@@ -189,7 +189,6 @@ def propose_batch_sizes(shapes: Sequence[Sequence[int]], tokens_per_step: int, p
 # The bucket index: each item's native size, read from headers once and cached beside the data
 # ----------------------------------------------------------------------------------------------------------------
 
-@runtime_checkable
 class SizedItems(Protocol):
     """What a dataset offers for bucketing. `item_size(i)` reads item i's native (frames, height, width) without
     decoding pixels (an image has 1 frame); `load(i, shape)` reads it at bucket size `shape` (`__getitem__` is
@@ -223,12 +222,14 @@ def file_entries(paths: Sequence[Path], root: Path) -> list[tuple[str, int, int]
 
 
 def cache_path(dataset: SizedItems, location: Path, cache_dir: str | os.PathLike | None) -> Path:
-    """Where the sizes of `dataset` at `location` are cached: `cache_dir`, else beside the data (in the folder, or
-    beside the index file), named by dataset class, location name and a hash of the full location."""
+    """Where the sizes of `dataset` at `location` are cached: in the data's folder (named by dataset class, and
+    by the index file's name when the location is one), so the cache moves with the data; or in `cache_dir`, named
+    also by a hash of the full location, as one folder may hold the caches of many datasets."""
     location = Path(location)
-    tag = hashlib.sha256(str(location.absolute()).encode()).hexdigest()[:12]
-    folder = cache_dir if cache_dir is not None else (location if location.is_dir() else location.parent)
-    return Path(folder) / f"{CACHE_PREFIX}-{type(dataset).__name__}-{location.name}-{tag}.json"
+    name = f"{CACHE_PREFIX}-{type(dataset).__name__}" + ("" if location.is_dir() else f"-{location.name}")
+    if cache_dir is None:
+        return (location if location.is_dir() else location.parent) / f"{name}.json"
+    return Path(cache_dir) / f"{name}-{hashlib.sha256(str(location.absolute()).encode()).hexdigest()[:12]}.json"
 
 
 def item_sizes(dataset: SizedItems, cache_dir: str | os.PathLike | None = None) -> list[Optional[Shape]]:
@@ -243,14 +244,29 @@ def item_sizes(dataset: SizedItems, cache_dir: str | os.PathLike | None = None) 
         return [size for part in parts for size in item_sizes(part, cache_dir)]
     key = dataset.cache_key()
     path = None if key is None else cache_path(dataset, key[0], cache_dir)
-    if path is not None:
-        cached = _read_cache(path, key[1], len(dataset))
-        if cached is not None:
-            return cached
+    cached = None if path is None else _read_cache(path, key[1], len(dataset))
+    if cached is not None:
+        sizes, unreadable = cached
+    else:
+        sizes, unreadable = _read_sizes(dataset)
+        if path is not None:
+            _write_cache(path, {"fingerprint": key[1], "sizes": sizes, "unreadable": unreadable})
+    missing = sum(size is None for size in sizes)
+    if missing == len(sizes):
+        raise BadDataError(f"no item of the {len(sizes)} in {type(dataset).__name__} has a readable size: "
+                           f"{unreadable}")
+    if missing:
+        warnings.warn(f"{missing} of {len(sizes)} items of {type(dataset).__name__} have no readable size and are "
+                      f"left out: {unreadable}", stacklevel=2)
+    return sizes
+
+
+def _read_sizes(dataset: SizedItems) -> tuple[list[Optional[Shape]], str]:
+    """Every item's size from `item_size` (None where it raises `BadItem`) and the description of those bad items."""
     sizes: list[Optional[Shape]] = []
     bad = []
     for index in tqdm(range(len(dataset)), desc=f"reading item sizes of {type(dataset).__name__}", unit="item",
-                      disable=len(dataset) < PROGRESS_FROM):
+                      disable=len(dataset) < PROGRESS_FROM, delay=2.0):  # a bar only when it takes a while
         try:
             size = tuple(int(value) for value in dataset.item_size(index))
         except BadItem as error:
@@ -261,32 +277,25 @@ def item_sizes(dataset: SizedItems, cache_dir: str | os.PathLike | None = None) 
             raise ValueError(f"{type(dataset).__name__}.item_size({index}) must be a positive (frames, height, "
                              f"width), got {size}")
         sizes.append(size)  # type: ignore[arg-type]
-    if len(bad) == len(sizes):
-        raise BadDataError(f"no item of the {len(sizes)} in {type(dataset).__name__} has a readable size: "
-                           f"{describe(bad)}")
-    if bad:
-        warnings.warn(f"{len(bad)} of {len(sizes)} items of {type(dataset).__name__} have no readable size and are "
-                      f"left out: {describe(bad)}", stacklevel=2)
-    if path is not None:
-        _write_cache(path, key[1], sizes)
-    return sizes
+    return sizes, describe(bad)
 
 
-def _read_cache(path: Path, print_: str, count: int) -> Optional[list[Optional[Shape]]]:
+def _read_cache(path: Path, print_: str, count: int) -> Optional[tuple[list[Optional[Shape]], str]]:
+    """The cached sizes and description of unreadable items, None when there is no cache for this item list."""
     try:
         content = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(content, dict) or content.get("fingerprint") != print_ or len(content.get("sizes", ())) != count:
         return None
-    return [None if size is None else tuple(size) for size in content["sizes"]]
+    return [None if size is None else tuple(size) for size in content["sizes"]], content.get("unreadable", "")
 
 
-def _write_cache(path: Path, print_: str, sizes: list[Optional[Shape]]) -> None:
+def _write_cache(path: Path, content: dict[str, Any]) -> None:
     """Write atomically (a temporary file renamed into place), so a reader never sees half a file."""
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_text(json.dumps({"fingerprint": print_, "sizes": sizes}))
+        temporary.write_text(json.dumps(content))
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)
@@ -374,13 +383,13 @@ class BucketedDataset(Dataset):
 
 def _report_left_out(dataset: SizedItems, sizes: Sequence[Optional[Shape]], bucket_of: Sequence[Optional[int]],
                      table: BucketTable, crop_only: bool) -> None:
-    """One warning: how many items fit no bucket, with examples of their sizes (unreadable ones were named when
-    their sizes were read)."""
+    """One warning: how many items fit no bucket, with examples of their sizes (`item_sizes` names the unreadable
+    ones)."""
     unfit = [index for index, (size, bucket) in enumerate(zip(sizes, bucket_of)) if size is not None and bucket is None]
     if not unfit:
         return
     examples = ", ".join(f"item {index} ({'x'.join(map(str, sizes[index]))})" for index in unfit[:SHOWN])
-    rule = "at most its frames" + (" and no larger than itself (latents are cropped, never resized)" if crop_only else "")
+    rule = "at most its frames" + (" and no larger than itself (latents are cropped, not resized)" if crop_only else "")
     warnings.warn(
         f"{len(unfit)} of {len(sizes)} items of {type(dataset).__name__} fit no bucket and are left out, e.g. "
         f"{examples}{' ...' if len(unfit) > SHOWN else ''} (frames x height x width); an item needs a bucket with "

@@ -174,8 +174,9 @@ class CaptionDataset(torch.utils.data.Dataset):
             raise BadItem("caption", path, f"cannot read the video size: {type(error).__name__}: {error}") from error
 
     def cache_key(self) -> tuple[Path, str]:
-        """The index file and the fingerprint of the media it lists."""
-        return self.index, fingerprint(file_entries([record.path for record in self.records], self.index.parent))
+        """The index file and the fingerprint of the media it lists (and of how their sizes are read)."""
+        entries = file_entries([record.path for record in self.records], self.index.parent)
+        return self.index, fingerprint([self.media, *entries])
 
     @staticmethod
     def collate(items: list[dict]) -> dict:

@@ -230,15 +230,13 @@ def _check_channels(loaded: list[Loaded], shapes: list[tuple[int, ...]], sized: 
 
 
 def _crop_latent(where: str, moments: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """The centre `size` (the trailing dimensions) of moments (..., *size-dims), never resized; a latent smaller
-    than `size` (its file changed since the sizes were indexed) is a bad item."""
-    have = tuple(moments.shape[-len(size):])
-    if any(got < want for got, want in zip(have, size)):
-        raise BadItem("latent", where, f"latent size {have} is smaller than its bucket's {tuple(size)} (changed "
-                      "since the item sizes were read?)")
-    for dim, (got, want) in enumerate(zip(have, size), start=moments.dim() - len(size)):
-        moments = moments.narrow(dim, (got - want) // 2, want)
-    return moments
+    """The centre `size` (the trailing dimensions) of the moments, never resized; a latent smaller than `size`
+    (its file changed since the sizes were indexed) is a bad item."""
+    try:
+        return center_crop(moments, size)
+    except ValueError as error:
+        raise BadItem("latent", where, f"{error} (a bucket larger than the latent: did the file change since the "
+                      "item sizes were read?)") from None
 
 
 def _crop_image(where: str, image: torch.Tensor, latent: tuple[int, int], crop: tuple[int, int]) -> torch.Tensor:

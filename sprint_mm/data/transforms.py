@@ -35,13 +35,16 @@ def resize_center_crop(
     return center_crop(x, (target_height, target_width))
 
 
-def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The centre (height, width) of (..., H, W), offsets rounded down; the input must be at least that large."""
-    (height, width), (target_height, target_width) = x.shape[-2:], size
-    if height < target_height or width < target_width:
-        raise ValueError(f"cannot crop {target_height}x{target_width} from {height}x{width}: the input is smaller")
-    top, left = (height - target_height) // 2, (width - target_width) // 2
-    return x[..., top : top + target_height, left : left + target_width]
+def center_crop(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """The centre `size` of the trailing len(size) dimensions of x (e.g. (height, width)), offsets rounded down;
+    x must be at least that large."""
+    have = tuple(x.shape[x.dim() - len(size):])
+    if any(got < want for got, want in zip(have, size)):
+        raise ValueError(f"cannot crop {'x'.join(map(str, size))} from {'x'.join(map(str, have))}: the input is "
+                         "smaller")
+    for dim, (got, want) in enumerate(zip(have, size), start=x.dim() - len(size)):
+        x = x.narrow(dim, (got - want) // 2, want)
+    return x
 
 
 def _resize_torch(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
