@@ -29,7 +29,9 @@ from sprint_mm.flow import FlowMatching  # noqa: E402
 from sprint_mm.masking import TokenMasker  # noqa: E402
 from digits_classifier import markdown_table, write_result  # noqa: E402
 from train_speed import median_seconds, time_interleaved  # noqa: E402
-from video_speed import CHANNELS, NUM_CLASSES, PATCH, build_models, flop_ratios, training_step  # noqa: E402
+from video_speed import (  # noqa: E402
+    CHANNELS, NUM_CLASSES, PATCH, add_model_and_timing_options, build_models, flop_ratios, training_step,
+)
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "bucket_speed.json"
 DEFAULT_BUCKETS = ("1:32:32", "1:24:40", "5:16:16", "9:16:16", "17:16:16")
@@ -117,16 +119,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--buckets", nargs="+", default=list(DEFAULT_BUCKETS), help="frames:height:width in latent units")
     p.add_argument("--tokens-per-step", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--encoder_depth", type=int, default=2)
-    p.add_argument("--decoder_depth", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    return p
+    return add_model_and_timing_options(p, RESULTS)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

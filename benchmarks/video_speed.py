@@ -200,21 +200,26 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--frames", type=int, default=16, help="latent frames (= temporal tokens with patch 1x2x2)")
-    p.add_argument("--grid", type=int, default=8, help="spatial tokens per side")
+def add_model_and_timing_options(p: argparse.ArgumentParser, out: Path) -> argparse.ArgumentParser:
+    """The VideoDiT size, the interleaved timing and the result file: options shared with bucket_speed.py."""
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--encoder_depth", type=int, default=2)
     p.add_argument("--decoder_depth", type=int, default=2)
-    p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=out)
     return p
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--frames", type=int, default=16, help="latent frames (= temporal tokens with patch 1x2x2)")
+    p.add_argument("--grid", type=int, default=8, help="spatial tokens per side")
+    p.add_argument("--batch", type=int, default=2)
+    return add_model_and_timing_options(p, RESULTS)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -32,7 +32,7 @@ from sprint_mm.layers import (
     wan_axis_split,
 )
 from sprint_mm.text import TEXT_KEYS, drop_captions
-from sprint_mm.tokens import TokenPositions
+from sprint_mm.tokens import TokenPositions, as_patch
 
 # size -> (hidden, depth, heads); depths follow the original SiT/DiT family (XL: 28 = SPRINT's 2/24/2)
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -54,16 +54,6 @@ def resolve_preset(size: str, hidden_size: Optional[int], depth: Optional[int], 
     hidden, layers, heads = PRESETS[size]
     return (hidden if hidden_size is None else hidden_size, layers if depth is None else depth,
             heads if num_heads is None else num_heads)
-
-
-def as_patch(value: int | tuple[int, ...]) -> tuple[int, int, int]:
-    """(pt, ph, pw) from an int p (= (1, p, p)), an (ph, pw) pair (temporal 1) or a triple."""
-    patch = (1, value, value) if isinstance(value, int) else tuple(value)
-    if len(patch) == 2:
-        patch = (1, *patch)
-    if len(patch) != 3 or any(not isinstance(p, int) or p <= 0 for p in patch):
-        raise ValueError(f"patch_size must be a positive int, an (H, W) pair or a (T, H, W) triple, got {value!r}")
-    return patch  # type: ignore[return-value]
 
 
 def as_sample_size(value: int | tuple[int, ...]) -> tuple[int, ...]:

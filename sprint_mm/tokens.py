@@ -3,7 +3,7 @@ that select, join and size conditions (a tensor, or a dict / tuple of tensors, b
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -80,3 +80,13 @@ def batch_size_of(cond: Any) -> int:
 def device_of(cond: Any) -> torch.device:
     """Device of a condition: a tensor or a dict of tensors."""
     return cond.device if isinstance(cond, torch.Tensor) else device_of(next(iter(cond.values())))
+
+
+def as_patch(value: int | Sequence[int]) -> tuple[int, int, int]:
+    """(pt, ph, pw) from an int p (= (1, p, p)), an (ph, pw) pair (temporal 1) or a triple."""
+    patch = (1, value, value) if isinstance(value, int) else tuple(value)
+    if len(patch) == 2:
+        patch = (1, *patch)
+    if len(patch) != 3 or any(isinstance(p, bool) or not isinstance(p, int) or p <= 0 for p in patch):
+        raise ValueError(f"patch_size must be a positive int, an (H, W) pair or a (T, H, W) triple, got {value!r}")
+    return patch  # type: ignore[return-value]

@@ -312,7 +312,8 @@ def test_latent_draws_have_the_scaled_posterior_statistics(tmp_path):
 # ---------------------------------------------------------------------------------------- videos
 
 
-def _write_video(path: Path, frames: np.ndarray) -> None:
+def write_test_video(path: Path, frames: np.ndarray) -> None:
+    """frames (T, H, W, 3) uint8 as an mpeg4 file that PyAV and decord read."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=8)
@@ -328,8 +329,8 @@ def _write_video(path: Path, frames: np.ndarray) -> None:
 def test_video_encoding_is_per_frame_encoding(vae_dir, tmp_path):
     rng = np.random.default_rng(4)
     source, out = tmp_path / "videos", tmp_path / "latents"
-    _write_video(source / "jump" / "a.mp4", rng.integers(0, 256, (5, 20, 24, 3), dtype=np.uint8))
-    _write_video(source / "run" / "b.mp4", rng.integers(0, 256, (4, RESOLUTION, RESOLUTION, 3), dtype=np.uint8))
+    write_test_video(source / "jump" / "a.mp4", rng.integers(0, 256, (5, 20, 24, 3), dtype=np.uint8))
+    write_test_video(source / "run" / "b.mp4", rng.integers(0, 256, (4, RESOLUTION, RESOLUTION, 3), dtype=np.uint8))
     (source / "run" / "broken.mp4").write_bytes(b"not a video")
     with pytest.warns(UserWarning, match="broken.mp4"):
         count = encode_videos.encode_video_folder(source, out, vae_dir, RESOLUTION, num_frames=4, batch_size=3)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from sprint_mm.configs import parse_gin
 from sprint_mm.data.latents import VideoLatentDataset
 from sprint_mm.latents import VIDEO_VAES, VideoVAECodec, build_codec
+from tests.test_latents import write_test_video
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
 import encode_images  # noqa: E402
@@ -180,26 +181,13 @@ def test_wan_gin_file_builds_the_codec_it_names(vae_dirs):
 # ---------------------------------------------------------------------------------------- encode_videos.py
 
 
-def _write_video(path: Path, frames: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 @pytest.fixture(scope="module")
 def video_source(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("videos")
     rng = np.random.default_rng(0)
     for name in ("jump/a.mp4", "jump/b.mp4", "run/c.mp4", "walk/d.mp4", "walk/e.mp4"):
-        _write_video(root / name, rng.integers(0, 256, (6, SIDE, 20, 3), dtype=np.uint8))
-    _write_video(root / "run" / "short.mp4", rng.integers(0, 256, (3, SIDE, SIDE, 3), dtype=np.uint8))
+        write_test_video(root / name, rng.integers(0, 256, (6, SIDE, 20, 3), dtype=np.uint8))
+    write_test_video(root / "run" / "short.mp4", rng.integers(0, 256, (3, SIDE, SIDE, 3), dtype=np.uint8))
     return root
 
 

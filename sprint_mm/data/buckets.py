@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from sprint_mm.data.faults import BadDataError, BadItem, describe
+from sprint_mm.tokens import as_patch
 
 Shape = tuple[int, int, int]  # (frames, height, width)
 SHOWN = 5  # how many examples a report names
@@ -153,17 +154,9 @@ def _as_bucket(entry: BucketLike, number: int) -> Bucket:
         raise ValueError(f"bucket {number}: {error}") from None
 
 
-def _as_patch(patch_size: int | Sequence[int]) -> Shape:
-    """(pt, ph, pw) from an int p (= (1, p, p)) or a (pt, ph, pw) triple."""
-    patch = (1, patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
-    if len(patch) != 3 or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in patch):
-        raise ValueError(f"patch_size must be a positive int or a (T, H, W) triple of them, got {patch_size!r}")
-    return patch  # type: ignore[return-value]
-
-
 def tokens_per_sample(shape: Sequence[int], patch_size: int | Sequence[int]) -> int:
     """Tokens of a (T, H, W) sample cut into (pt, ph, pw) patches: ceil(T / pt) * (H / ph) * (W / pw)."""
-    (frames, height, width), (pt, ph, pw) = shape, _as_patch(patch_size)
+    (frames, height, width), (pt, ph, pw) = shape, as_patch(patch_size)
     if height % ph or width % pw:
         raise ValueError(f"a {frames}x{height}x{width} sample does not split into {ph}x{pw} patches: "
                          "height and width must be multiples of the patch size")
