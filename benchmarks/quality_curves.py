@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import time
 import types
@@ -185,10 +186,13 @@ def evaluate_point(run_dir: Path, judge: Judge, args: argparse.Namespace) -> lis
 
 
 def run_seed(seed: int, root: Path, judge: Judge, args: argparse.Namespace, result: dict, out: Path) -> None:
-    """Every budget point of one seed, both arms; the result file is rewritten after each point."""
+    """Every budget point of one seed not yet in `result`, both arms; the result file is rewritten after each point."""
     bindings = model_bindings(args.tokens, args.resolution, args.batch, seed, args.gin_param)
     folder = root / f"seed{seed}"
+    measured = {point["budget_min"] for point in result["points"] if point["seed"] == seed}
     for budget in args.budgets:
+        if budget in measured:
+            continue
         dense = train_until([STAGE1, DENSE], folder / "dense", budget, bindings)
         stage1 = train_until([STAGE1], folder / "stage1", (1 - args.stage2_share) * budget, bindings)
         stage2_dir = folder / f"stage2_at_{budget:g}min"
@@ -225,6 +229,17 @@ def summarize(points: Sequence[dict], accuracy_levels: Sequence[float], frechet_
     return rows
 
 
+def extended(settings: dict, out: Path) -> dict:
+    """The earlier result in `out`, which must have been measured with the same `settings`."""
+    if not out.is_file():
+        raise FileNotFoundError(f"--extend continues the result {str(out)!r}, which does not exist")
+    earlier = json.loads(out.read_text())
+    differ = {key: (earlier.get(key), value) for key, value in settings.items() if earlier.get(key) != value}
+    if differ:
+        raise ValueError(f"--extend needs the settings of {str(out)!r}; these differ (earlier, now): {differ}")
+    return earlier
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Digits quality against training CPU time, dense vs SPRINT.")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per image (a square; its side divides "
@@ -244,6 +259,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--frechet-levels", type=float, nargs="+", default=[20.0, 10.0, 5.0])
     parser.add_argument("--root", default="runs/quality_curves", help="folder for the runs (<root>/<tokens>tok "
                                                                       "must not exist)")
+    parser.add_argument("--extend", action="store_true", help="continue the runs under --root and the result file: "
+                        "measured points are kept, new budgets or seeds are trained (runs resume) and judged")
     parser.add_argument("--gin_param", action="append", default=[], help="extra binding for every run (repeatable)")
     parser.add_argument("--out", help="result JSON (default benchmarks/results/quality_curves_<tokens>.json)")
     args = parser.parse_args(argv)
@@ -258,23 +275,28 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     root = Path(args.root) / f"{args.tokens}tok"
-    if root.exists():
-        raise ValueError(f"{str(root)!r} exists; give a fresh --root (the runs would resume, not start over)")
     out = Path(args.out or RESULTS / f"quality_curves_{args.tokens}.json")
+    if root.exists() and not args.extend:
+        raise ValueError(f"{str(root)!r} exists; give a fresh --root (the runs would resume, not start over), "
+                         "or --extend to add budgets or seeds to its result")
     judge = Judge.train(args.resolution)
     samples = 10 * args.per_class
     result = {
         "tokens": args.tokens, "resolution": args.resolution, "patch": patch_for(args.tokens, args.resolution),
-        "batch": args.batch, "budgets_min": args.budgets, "seeds": args.seeds, "stage2_share": args.stage2_share,
-        "gin_params": args.gin_param, "clock": "process CPU time of the training steps, 1 thread",
-        "per_class": args.per_class, "steps": args.steps, "scale": args.scale, "sample_seed": args.sample_seed,
-        "judge_test_accuracy": test_split_accuracy(judge.classifier),
-        "frechet_floor": judge.frechet_floor(samples), "points": [], "summary": [],
+        "batch": args.batch, "stage2_share": args.stage2_share, "gin_params": args.gin_param,
+        "clock": "process CPU time of the training steps, 1 thread", "per_class": args.per_class,
+        "steps": args.steps, "scale": args.scale, "sample_seed": args.sample_seed,
     }
+    if args.extend:
+        result = extended(result, out)
+    result["budgets_min"] = sorted({*result.get("budgets_min", []), *args.budgets})
+    result["seeds"] = sorted({*result.get("seeds", []), *args.seeds})
+    result.update(judge_test_accuracy=test_split_accuracy(judge.classifier), frechet_floor=judge.frechet_floor(samples))
+    result.setdefault("points", [])
     started = time.perf_counter()
     for seed in args.seeds:
         run_seed(seed, root, judge, args, result, out)
-    result["wall_s"] = time.perf_counter() - started
+    result["wall_s"] = result.get("wall_s", 0.0) + time.perf_counter() - started  # summed over extensions
     write_result(result, out)
     rows = [[r["metric"], r["level"], r["sprint_guidance"], r["dense_s"] or "not reached",
              r["sprint_s"] or "not reached", r["dense_over_sprint"] or "-"] for r in result["summary"]]

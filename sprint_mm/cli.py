@@ -219,7 +219,7 @@ def write_samples(args: argparse.Namespace) -> Path:
     check_output_suffix(out, is_video=len(trained_shape) == 4)
     shape = requested_sample_shape(model, args.frames, args.size)
     if shape != trained_shape:
-        print(f"[sprint_mm] sampling at {shape}; the model was trained at {trained_shape}")
+        print(f"[sprint_mm] sampling at {shape}; its configured input_size gives {trained_shape}")
     shards = out.with_name(f".{out.name}.shards")
     settings = f"{checkpoint.name}/{args.weights} {args.guidance} {args.scale} {tuple(args.interval)} {args.solver} {args.steps} seed {args.seed} n {total} bs {args.batch_size} {args.gin_param} shape {shape}"
     if accelerator.is_main_process:

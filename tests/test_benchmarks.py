@@ -320,7 +320,16 @@ def test_quality_point_trains_on_the_cpu_clock_and_judges_both_arms(tmp_path, ju
     assert [q["guidance"] for q in dense["quality"]] == ["cfg"]
     assert [q["guidance"] for q in sprint["quality"]] == ["cfg", "pdg"]
     assert all(0 <= q["accuracy"] <= 1 and q["frechet"] > 0 for q in dense["quality"] + sprint["quality"])
-    assert json.loads((tmp_path / "quality_curves_16.json").read_text())["points"] == result["points"]
+    out = tmp_path / "quality_curves_16.json"
+    assert json.loads(out.read_text())["points"] == result["points"]
+    # --extend keeps the measured points and skips them; it refuses a result measured with other settings
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"batch": 8, "points": []}))
+    assert curves.extended({"batch": 8}, other) == {"batch": 8, "points": []}
+    with pytest.raises(ValueError, match="batch"):
+        curves.extended({"batch": 16}, other)
+    curves.run_seed(0, tmp_path, quality_judge, args, result, out)
+    assert len(result["points"]) == 2
     with pytest.raises(ValueError, match="square"):
         curves.patch_for(48, 16)
 
