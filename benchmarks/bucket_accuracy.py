@@ -1,7 +1,7 @@
 """The bucket demo's quality per bucket: how often the digits judge reads a PDG sample at each bucket's shape as the
 digit asked for (videos frame by frame, as demo_accuracy.py reads them; stills whole).
 
-    python benchmarks/bucket_accuracy.py [--run runs/moving_digits_buckets/stage2] [--per-class 20] [--scale 4]
+    python benchmarks/bucket_accuracy.py [--run runs/moving_digits_buckets/stage2] [--per-class 20] [--scale 6]
 
 Samples every shape of `sprint_mm.bucket_demo.BUCKET_SHAPES` from one run, judges it with a digits classifier
 trained at that shape's digit size, prints one row per bucket and writes benchmarks/results/bucket_demo_accuracy.json.
@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from demo_accuracy import guided_accuracy, judge_for, load_run
 from digits_classifier import RESULTS, markdown_table, test_split_accuracy, write_result
-from sprint_mm.bucket_demo import BUCKET_RUN, BUCKET_SHAPES
+from sprint_mm.bucket_demo import BUCKET_RUN, BUCKET_SCALE, BUCKET_SHAPES
 from sprint_mm.sampling import SOLVERS, Guidance
 from sprint_mm.video_demo import DIGIT_FRACTION
 
@@ -22,7 +22,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Per-bucket class-conditional accuracy of the bucket demo.")
     parser.add_argument("--run", default=f"{BUCKET_RUN}/stage2", help="run folder (config.gin + checkpoints)")
     parser.add_argument("--per-class", type=int, default=20, help="samples per class and bucket")
-    parser.add_argument("--scale", type=float, default=4.0, help="PDG scale")
+    parser.add_argument("--scale", type=float, default=BUCKET_SCALE, help="PDG scale")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--solver", choices=SOLVERS, default="euler")
     parser.add_argument("--seed", type=int, default=0)

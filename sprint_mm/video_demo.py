@@ -82,7 +82,7 @@ def video_demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", default=VIDEO_RUN, help="folder for the videos, both stages and the samples")
     parser.add_argument("--minutes", type=float, help="training time of both stages (default: 4.5 + 1.5 minutes)")
     parser.add_argument("--gin_param", action="append", default=[], help="a gin binding applied to both stages")
-    parser.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="PDG guidance scale")
+    parser.add_argument("--scale", type=float, help=f"PDG guidance scale (default {DEFAULT_SCALE}; --buckets: 6)")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
     parser.add_argument("--buckets", action="store_true",
                         help="the bucket demo instead: one model on 8-frame 16 px and 4-frame 24 px clips plus 16 and "
@@ -93,8 +93,10 @@ def video_demo_parser() -> argparse.ArgumentParser:
 def video_demo_main(argv: Optional[Sequence[str]] = None) -> int:
     args = video_demo_parser().parse_args(argv)
     if args.buckets:
-        from sprint_mm.bucket_demo import BUCKET_RUN, run_bucket_demo  # it imports this module
+        from sprint_mm.bucket_demo import BUCKET_RUN, BUCKET_SCALE, run_bucket_demo  # it imports this module
 
         root = BUCKET_RUN if args.root == VIDEO_RUN else args.root
-        return report_training(run_bucket_demo, root, args.minutes, args.gin_param, args.scale, args.steps)
-    return report_training(run_video_demo, args.root, args.minutes, args.gin_param, args.scale, args.steps)
+        scale = BUCKET_SCALE if args.scale is None else args.scale
+        return report_training(run_bucket_demo, root, args.minutes, args.gin_param, scale, args.steps)
+    scale = DEFAULT_SCALE if args.scale is None else args.scale
+    return report_training(run_video_demo, args.root, args.minutes, args.gin_param, scale, args.steps)

@@ -171,3 +171,16 @@ def test_two_processes_over_mixed_buckets_killed_and_resumed_end_bit_identical(m
     assert resumed.returncode == 0, err[-3000:]
     assert "resumed" in out + err
     assert_same_weights(tmp_path / "straight", tmp_path / "killed")
+
+
+def test_the_bucket_demo_samples_exactly_the_buckets_of_its_configuration():
+    import gin
+
+    from sprint_mm.bucket_demo import BUCKET_SHAPES
+    from sprint_mm.configs import parse_gin
+
+    parse_gin([STAGE1], [])
+    try:
+        assert tuple(bucket.shape for bucket in BucketTable()) == BUCKET_SHAPES
+    finally:
+        gin.clear_config()
