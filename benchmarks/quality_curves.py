@@ -209,7 +209,8 @@ def run_seed(seed: int, root: Path, judge: Judge, args: argparse.Namespace, resu
         result["summary"] = summarize(result["points"], args.accuracy_levels, args.frechet_levels)
         write_result(result, out)
         for point in points:
-            cells = ", ".join(f"{q['guidance']} acc {q['accuracy']:.3f} fd {q['frechet']:.2f}" for q in point["quality"])
+            cells = ", ".join(f"{q['guidance']} acc {q['accuracy']:.3f} fd {q['frechet']:.2f}"
+                              for q in point["quality"])
             print(f"[{args.tokens} tokens] seed {seed} {point['arm']} at {budget:g} min "
                   f"({point['train_s']:.0f} CPU s): {cells}", flush=True)
 
@@ -296,6 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     started = time.perf_counter()
     for seed in args.seeds:
         run_seed(seed, root, judge, args, result, out)
+    result["summary"] = summarize(result["points"], args.accuracy_levels, args.frechet_levels)  # --extend: new levels
     result["wall_s"] = result.get("wall_s", 0.0) + time.perf_counter() - started  # summed over extensions
     write_result(result, out)
     rows = [[r["metric"], r["level"], r["sprint_guidance"], r["dense_s"] or "not reached",

@@ -71,6 +71,7 @@ def run_bucket_demo(
     gin_params: Sequence[str] = (),
     scale: float = BUCKET_SCALE,
     steps: int = 50,
+    solver: str = "euler",
 ) -> list[Path]:
     """Write the data if absent, train both stages over the four buckets, then sample one PDG sample per digit 0..9
     at every bucket's shape (`sample.py --frames/--size`). Returns the .mp4 per bucket (a .png strip lies beside)."""
@@ -85,7 +86,8 @@ def run_bucket_demo(
     for shape in BUCKET_SHAPES:
         out = sample_path(folder, shape)
         argv = ["--run", stage2, "--out", str(out), "--guidance", "pdg", "--scale", str(scale), "--steps", str(steps),
-                "--frames", str(shape[0]), "--size", str(shape[1]), str(shape[2]), "--labels", *map(str, range(10))]
+                "--solver", solver, "--frames", str(shape[0]), "--size", str(shape[1]), str(shape[2]),
+                "--labels", *map(str, range(10))]
         if sample_main(argv) != 0:
             raise ValueError(f"sampling failed: sample.py {' '.join(argv)}")
         outputs.append(out)
