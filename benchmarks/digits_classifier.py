@@ -172,6 +172,14 @@ class DigitsClassifier:
         with torch_threads(1):
             return torch.cat([self.network(chunk).argmax(1) for chunk in samples.split(batch_size)])
 
+    @torch.no_grad()
+    def features(self, samples: torch.Tensor) -> torch.Tensor:
+        """(N, F) penultimate features (after global pooling, before the class layer) of images (N, C, H, W) in
+        [-1, 1]: what a Frechet distance on the judge compares."""
+        samples = self._check(samples)
+        with torch_threads(1):
+            return self.network[:-1](samples)
+
     def score(self, samples: torch.Tensor, labels: torch.Tensor | Sequence[int]) -> float:
         """Accuracy: the fraction of samples read as their label."""
         labels = torch.as_tensor(labels, dtype=torch.long).cpu()

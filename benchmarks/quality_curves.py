@@ -6,7 +6,7 @@ the stage-1 checkpoint of that point (s = `--stage2-share`, 0.25 by default: the
 SPRINT point's training time is its stage-1 time plus its stage-2 time, so both arms have a point at every B.
 
 Training time is the CPU time of the training steps alone (no set-up, checkpoints or evaluation): the trainer's step
-clock is switched to `time.process_time` (see `cpu_step_clock`) and runs use one thread, so on an otherwise idle
+clock is the process CPU clock (`Trainer.clock = 'cpu'`) and runs use one thread, so on an otherwise idle
 core it equals wall-clock, and on a shared machine it is not inflated by other processes. The trainer's time budget
 then counts CPU seconds too.
 
@@ -27,19 +27,16 @@ then redraws benchmarks/results/quality_curves.png and the TensorBoard curves fr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-import sprint_mm.training
 from curve_plots import curve, draw_quality_figures, time_to_reach
 from demo_accuracy import LoadedRun, class_major_labels, load_run
 from digits_classifier import (
@@ -48,8 +45,6 @@ from digits_classifier import (
     digits_tensors,
     markdown_table,
     test_split_accuracy,
-    to_working_resolution,
-    torch_threads,
     write_result,
 )
 from equal_wallclock import NO_STEP_LIMIT, STAGE1, STAGE2, DENSE, training_record
@@ -93,12 +88,9 @@ class Judge:
         return self.frechet(images[rows])
 
 
-@torch.no_grad()
 def judge_features(classifier: DigitsClassifier, images: torch.Tensor) -> np.ndarray:
-    """(N, F) penultimate features (after global pooling, before the class layer) of images in [-1, 1]."""
-    inputs = to_working_resolution(images.detach().float().cpu().clamp(-1, 1))
-    with torch_threads(1):
-        return classifier.network[:-1](inputs).double().numpy()
+    """(N, F) penultimate features of the judge, as float64 for the Frechet statistics."""
+    return classifier.features(images).double().numpy()
 
 
 def sample_quality(run: LoadedRun, judge: Judge, guidance: Guidance, per_class: int, steps: int,
@@ -118,21 +110,6 @@ def sample_quality(run: LoadedRun, judge: Judge, guidance: Guidance, per_class: 
 # ----------------------------------------------------------------------------------------------
 # Training on the CPU clock
 # ----------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def cpu_step_clock() -> Iterator[None]:
-    """Within the block, the trainer times its steps (and its time budget) with `time.process_time`.
-
-    The trainer reads its clock as `time.perf_counter` of the module `sprint_mm.training`; this swaps that module's
-    `time` for a namespace whose `perf_counter` is the process CPU clock, and restores it after."""
-    module = sprint_mm.training
-    original = module.time
-    module.time = types.SimpleNamespace(perf_counter=time.process_time)
-    try:
-        yield
-    finally:
-        module.time = original
 
 
 def patch_for(tokens: int, resolution: int) -> int:
@@ -167,8 +144,7 @@ def train_until(files: Sequence[str], run_dir: Path, minutes: float, bindings: S
     params = [*bindings, f"Trainer.run_dir = {str(run_dir)!r}", f"Trainer.time_budget_minutes = {minutes!r}"]
     if init_from is not None:
         params.append(f"Trainer.init_from = {str(init_from)!r}")
-    with cpu_step_clock():
-        run_training(files, params)
+    run_training(files, [*params, "Trainer.clock = 'cpu'"])
     return training_record(run_dir)
 
 

@@ -58,6 +58,9 @@ from sprint_mm.train_state import (
 )
 
 PRECISIONS = ("no", "fp16", "bf16")
+# What the time budget and `elapsed_s` count: wall-clock, or this process's CPU time (with one thread on an otherwise
+# idle core the two agree; on a shared machine CPU time is not inflated by the other jobs).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 class Replicated(DistributedDataParallel):
@@ -84,6 +87,9 @@ class Trainer:
     `alignment` (e.g. `@RepaAlignment()`) adds the REPA auxiliary loss, which owns its projector and its file
     (`projector.safetensors` beside the weights, not in the EMA). A stage 2 with alignment starts its projector from
     the stage-1 checkpoint's projector file when there is one.
+
+    `clock` 'wall' times the steps (for `time_budget_minutes` and `elapsed_s`) by wall-clock, 'cpu' by this process's
+    CPU time: comparisons of training time on a shared machine.
 
     Faults: a step whose loss or gradient norm is not finite is skipped (optimizer, scheduler and EMA untouched) and
     logged; `max_bad_steps` of them in a row stop the run with the last good checkpoint intact. One of
@@ -136,6 +142,7 @@ class Trainer:
         strategy: str = "ddp",
         fsdp_cpu_offload: bool = False,
         buckets: Optional[BucketTable] = None,
+        clock: str = "wall",
     ) -> None:
         if dataset is None:
             raise ValueError("Trainer.dataset is not bound: bind it in a .gin file, e.g. `Trainer.dataset = @DigitsDataset()`")
@@ -153,6 +160,8 @@ class Trainer:
         if buckets is not None and alignment is not None:
             raise ValueError("Trainer.buckets with Trainer.alignment (REPA) is not supported yet: the alignment "
                              "targets are computed for one image size; train REPA runs at one size")
+        if clock not in CLOCKS:
+            raise ValueError(f"unknown Trainer.clock {clock!r}; allowed: {', '.join(CLOCKS)}")
         if fsdp_cpu_offload and strategy != "fsdp":
             raise ValueError("Trainer.fsdp_cpu_offload = True needs Trainer.strategy = 'fsdp'")
         for name, value, low in (
@@ -191,6 +200,7 @@ class Trainer:
         self.strategy, self.fsdp_cpu_offload = strategy, fsdp_cpu_offload
         self.compile = compile  # torch.compile each transformer block (regional compilation, see compile_blocks)
         self.buckets = buckets
+        self.clock = CLOCKS[clock]
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -533,10 +543,10 @@ class Trainer:
         state.model.train()
         with StopSignals(self.stop_signals, self._log) as signals:
             while state.step < self.max_steps:
-                started = time.perf_counter()
+                started = self.clock()
                 result = self._train_step()
                 state.step += 1
-                state.elapsed += time.perf_counter() - started
+                state.elapsed += self.clock() - started
                 window.add(result)
                 bar.update(1)
                 bad_in_a_row = bad_in_a_row + 1 if result.problem else 0

@@ -79,6 +79,7 @@ MISTAKES = [
     ("train", train("Trainer.buckets = @BucketTable()", "BucketTable.buckets = [(4, 8, 8, 8)]"),
      r"no item of the \d+ fits a bucket"),
     ("train", train("Trainer.buckets = @BucketTable()", "BucketTable.buckets = [(1, 8)]"), r"bucket"),
+    ("train", train("Trainer.clock = 'gpu'"), r"unknown Trainer\.clock 'gpu'; allowed: wall, cpu"),
     ("train", train("FlowMatching.time_shift = @TimeShift()", "TimeShift.base_tokens = 0"),
      r"TimeShift\.base_tokens must be an integer >= 1, got 0"),
     ("train", train("Trainer.dataset = @ImageFolderDataset()"),

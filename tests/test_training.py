@@ -217,3 +217,26 @@ def test_num_threads_sets_torch_threads_and_is_checked(tmp_path):
     finally:
         torch.set_num_threads(previous)
     assert train(tmp_path / "bad", 1, "Trainer.num_threads = 0") == 2
+
+
+def test_the_cpu_clock_does_not_count_time_the_process_spends_waiting(tmp_path, monkeypatch):
+    """Trainer.clock 'cpu' times steps by process CPU time: a step that also waits 0.2 s (another job holding the
+    core, here a sleep) adds the wait to the wall clock's elapsed time and not to the CPU clock's."""
+    import time
+
+    from sprint_mm.training import Trainer
+
+    step = Trainer._train_step
+
+    def waiting_step(self):
+        result = step(self)
+        time.sleep(0.2)
+        return result
+
+    monkeypatch.setattr(Trainer, "_train_step", waiting_step)
+    elapsed = {}
+    for clock in ("wall", "cpu"):
+        assert train(tmp_path / clock, 3, f"Trainer.clock = {clock!r}", "Trainer.log_every = 3") == 0
+        elapsed[clock] = json.loads((tmp_path / clock / "metrics.jsonl").read_text().splitlines()[-1])["elapsed_s"]
+    assert elapsed["wall"] >= 0.6  # the three waits count on the wall clock
+    assert elapsed["cpu"] < elapsed["wall"] - 0.5  # and not on the CPU clock
