@@ -183,6 +183,7 @@ class Trainer:
             check_number("Trainer.betas", beta, 0, 1, below_high=True)
         self.run_dir = Path(run_dir)
         self.dataset = dataset
+        self.data = dataset  # what training reads: with buckets, `_index_data` wraps the dataset
         self.objective = objective or FlowMatching()
         self.batch_size = batch_size
         self.max_steps = max_steps
@@ -236,7 +237,6 @@ class Trainer:
     def _index_data(self) -> None:
         """The data training reads: the dataset, or with buckets the dataset bucketed (the main process builds the
         cached bucket index first, the others then read it) and the sampler's view of it."""
-        self.data = self.dataset
         if self.buckets is None:
             return
         with self.accelerator.main_process_first():

@@ -115,9 +115,14 @@ def test_tokens_per_sample_and_batch_size_proposal_match_a_direct_computation():
         assert size == 2 or abs(size - exact) <= 1
 
 
+def test_a_patch_pair_is_height_and_width_with_temporal_patch_one_as_in_the_dit():
+    assert tokens_per_sample((3, 16, 16), (2, 4)) == 3 * 8 * 4
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: tokens_per_sample((1, 18, 16), 4), "1x18x16 sample does not split into 4x4 patches"),
-    (lambda: tokens_per_sample((1, 16, 16), (2, 2)), "patch_size must be a positive int or a"),
+    (lambda: tokens_per_sample((1, 16, 16), (2, 2, 2, 2)), r"patch_size must be a positive int, an \(H, W\) pair"),
+    (lambda: tokens_per_sample((1, 16, 16), (1, 0, 2)), r"patch_size must be a positive int, an \(H, W\) pair"),
     (lambda: propose_batch_sizes([(1, 16, 16)], 0, 2), "tokens_per_step must be a positive int, got 0"),
     (lambda: propose_batch_sizes([(1, 16, 16)], 64, 2, multiple_of=0), "multiple_of must be a positive int"),
 ])

@@ -30,7 +30,10 @@ def bound(name: str, default):
 def is_sprint_stage1(path: str) -> bool:
     """SPRINT (build_model.sprint, True unless bound otherwise) with a token drop: not a dense or stage-2 file."""
     parse_gin([path], [])
-    return bound("build_model.sprint", True) and bound("TokenMasker.ratio", 0.0) > 0
+    try:
+        return bound("build_model.sprint", True) and bound("TokenMasker.ratio", 0.0) > 0
+    finally:
+        gin.clear_config()  # runs at collection, outside the per-test clean-up: leave no binding behind
 
 
 def twin_of(path: str) -> str:
