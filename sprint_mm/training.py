@@ -299,19 +299,16 @@ class Trainer:
         one-frame buckets only, and the first item of the bucket reads at the bucket's shape with the model's
         channels."""
         channels, image_model = backbone.sample_shape[0], len(backbone.sample_shape) == 3
-        first_item = {}
-        for index, bucket in enumerate(self.data.bucket_of):
-            if bucket is not None:
-                first_item.setdefault(bucket, index)
-        for number, index in sorted(first_item.items()):
-            bucket = self.buckets[number]
+        for number, (bucket, members) in enumerate(zip(self.buckets, self.data.members)):
+            if not members:
+                continue
             if image_model and bucket.frames != 1:
                 raise ValueError(f"bucket {number} {bucket.shape} has {bucket.frames} frames but the model takes images "
                                  f"{tuple(backbone.sample_shape)}: use a video backbone or one-frame buckets")
             shape = (channels, *bucket.shape[1:]) if bucket.frames == 1 else (channels, *bucket.shape)
             backbone.token_grid((1, *shape))  # a size the patch does not divide is refused here, naming the patch
             with torch.random.fork_rng(devices=[]):
-                item = tuple(SkippingDataset(self.data)[index]["x"].shape)
+                item = tuple(SkippingDataset(self.data)[members[0]]["x"].shape)
             if item not in (shape, (channels, *bucket.shape)):
                 raise ValueError(f"bucket {number} {bucket.shape} gives items of shape {item}, but the model takes "
                                  f"{shape} (C, [T,] H, W) there: make the dataset's channels match the backbone's "

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from sprint_mm.bucket_demo import write_still_digits
 from sprint_mm.cli import sample_main, train_main
@@ -23,6 +22,8 @@ from sprint_mm.data.joint import JointDataset
 from sprint_mm.data.video import VideoFolderDataset
 from sprint_mm.runs import list_checkpoints
 from sprint_mm.video_demo import load_moving_digits_maker
+from tests.test_faults import assert_same_weights, metrics
+from tests.test_training import weights
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1 = "gin/video/moving_digits_buckets_stage1.gin"
@@ -68,20 +69,6 @@ def train(run: Path, media: Path, steps: int, *extra: str) -> int:
     return train_main(argv)
 
 
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(list_checkpoints(run)[-1] / "model.safetensors"))
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    first, second = weights(a), weights(b)
-    assert first.keys() == second.keys()
-    assert all(torch.equal(first[k], second[k]) for k in first)
-
-
-def logged(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_joint_image_and_video_training_follows_the_sampler_and_resumes_exactly(media, tmp_path):
     steps = 8  # one epoch: 2 batches per bucket
     assert train(tmp_path / "straight", media, steps) == 0
@@ -93,12 +80,12 @@ def test_joint_image_and_video_training_follows_the_sampler_and_resumes_exactly(
     assert train(tmp_path / "resumed", media, 5) == 0  # checkpoints at 3 and 5
     assert train(tmp_path / "resumed", media, steps) == 0
     assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
-    assert [line["step"] for line in logged(tmp_path / "resumed")] == list(range(1, steps + 1))
+    assert [line["step"] for line in metrics(tmp_path / "resumed")] == list(range(1, steps + 1))
 
 
 def trained_buckets(run: Path) -> list[str]:
     """The bucket each logged step trained on (its per-bucket loss key)."""
-    return [next(key.split("/")[1] for key in line if key.startswith("loss/")) for line in logged(run)]
+    return [next(key.split("/")[1] for key in line if key.startswith("loss/")) for line in metrics(run)]
 
 
 def test_each_step_trains_the_bucket_the_sampler_schedules(media, tmp_path):
