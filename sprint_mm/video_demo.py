@@ -21,7 +21,7 @@ FRAMES = 8
 SIZE = 16
 DIGIT_FRACTION = 0.75  # a 12 px digit on 16 px frames: large enough to read, with 4 px to travel
 STAGE1_SHARE = 0.75  # of the time budget; stage 2 gets the rest
-DEFAULT_SCALE = 4.0  # 0.83 of PDG videos read as their digit (benchmarks/README.md); scale 2 judged lower
+DEFAULT_SCALE = 4.0  # 0.82 of PDG frames read as their digit (README, the video demo); scale 3 read fewer
 # The stochastic sampler read more frames as the digit asked for than Euler or Heun at every scale tried (README).
 SOLVER = "sde"
 

@@ -365,3 +365,33 @@ def test_figures_and_tensorboard_curves_are_drawn_once(tmp_path):
     assert all(p.stat().st_size > 10_000 for p in drawn)
     events = sorted(p.parent.name for p in (tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
     assert events == ["cfg", "dense_cfg", "none", "pdg", "sprint_cfg", "sprint_pdg"]
+
+
+# ----------------------------------------------------------------------------------------------
+# video_demo_variants.py
+# ----------------------------------------------------------------------------------------------
+
+
+def test_video_variant_spec_parses_steps_and_bindings():
+    variants = load_script("video_demo_variants")
+    v = variants.parse_variant("narrow:300:80:video_dit.mlp_ratio = 0.5; Trainer.lr = 1e-3")
+    assert (v.name, v.stage1_steps, v.stage2_steps) == ("narrow", 300, 80)
+    assert v.bindings == ("video_dit.mlp_ratio = 0.5", "Trainer.lr = 1e-3")
+    assert variants.parse_variant("base:10:5").bindings == ()
+    for bad in ("base:10", "base:ten:5", ":10:5", "base:0:5"):
+        with pytest.raises(ValueError, match="variant"):
+            variants.parse_variant(bad)
+
+
+def test_video_variant_trains_both_stages_for_its_steps_with_its_bindings(tmp_path):
+    variants = load_script("video_demo_variants")
+    videos = tmp_path / "videos"
+    load_moving_digits_maker().write_moving_digits(videos, 10, 8, 16, digit_fraction=0.75)
+    variant = variants.parse_variant("narrow:3:2:video_dit.mlp_ratio = 0.5; Trainer.batch_size = 4")
+    stage2, seconds = variants.train_variant(variant, videos, tmp_path / "runs")
+    assert seconds > 0
+    for stage, steps in (("stage1", 3), ("stage2", 2)):
+        run = tmp_path / "runs" / "narrow" / stage
+        assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == steps
+    model = load_script("demo_accuracy").load_run(stage2).model
+    assert model.backbone.blocks[0].mlp.fc1.out_features == 64  # hidden 128 x ratio 0.5

@@ -1,0 +1,100 @@
+"""Which video-demo configuration reads best in the same training time: each variant trains both stages for a fixed
+number of steps (set so that every variant costs about the same CPU time), then the digits judge reads its PDG
+videos frame by frame as demo_accuracy.py does.
+
+The demo is step-bound (its budget is minutes, not steps), so a cheaper step can beat a larger model: give each
+variant the step counts its own step time affords (measure them with the trainer's steps_per_s, one thread, on an idle
+machine).
+
+    python benchmarks/video_demo_variants.py \
+        --variant "mlp4:1600:450" \
+        --variant "mlp0.5:3100:850:video_dit.mlp_ratio = 0.5" [--per-class 20] [--scale 4] [--solver sde]
+
+A variant is NAME:STAGE1_STEPS:STAGE2_STEPS[:BINDING[;BINDING...]] (gin bindings applied to both stages). Runs go to
+runs/video_demo_variants/NAME; the rows go to benchmarks/results/video_demo_variants.json.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from demo_accuracy import guided_accuracy, judge_for, load_run
+from digits_classifier import RESULTS, markdown_table, write_result
+from sprint_mm.cli import train_two_stages
+from sprint_mm.sampling import SOLVERS, Guidance
+from sprint_mm.video_demo import DEFAULT_SCALE, SOLVER, VIDEO_RUN, VIDEO_STAGES, ensure_videos
+
+RUNS = Path("runs/video_demo_variants")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    stage1_steps: int
+    stage2_steps: int
+    bindings: tuple[str, ...]
+
+
+def parse_variant(text: str) -> Variant:
+    """NAME:STAGE1_STEPS:STAGE2_STEPS[:BINDING[;BINDING...]]."""
+    parts = text.split(":", 3)
+    if len(parts) < 3 or not parts[0] or not parts[1].isdigit() or not parts[2].isdigit():
+        raise ValueError(f"variant {text!r} is not NAME:STAGE1_STEPS:STAGE2_STEPS[:BINDING[;BINDING...]] "
+                         "(e.g. 'mlp0.5:3100:850:video_dit.mlp_ratio = 0.5')")
+    bindings = tuple(b.strip() for b in parts[3].split(";") if b.strip()) if len(parts) == 4 else ()
+    if int(parts[1]) < 1 or int(parts[2]) < 1:
+        raise ValueError(f"variant {text!r}: both stages need at least one step")
+    return Variant(parts[0], int(parts[1]), int(parts[2]), bindings)
+
+
+def train_variant(variant: Variant, videos: Path, root: Path = RUNS) -> tuple[str, float]:
+    """Both stages at fixed step counts (no time budget, one thread) into root/NAME; returns the stage-2 run and the
+    training seconds."""
+    shared = [f"VideoFolderDataset.root = {str(videos)!r}", "Trainer.time_budget_minutes = None",
+              "Trainer.num_threads = 1", *variant.bindings]
+    steps = ([f"Trainer.max_steps = {variant.stage1_steps}"], [f"Trainer.max_steps = {variant.stage2_steps}"])
+    started = time.perf_counter()
+    stage2 = train_two_stages(VIDEO_STAGES, root / variant.name, shared, steps)
+    return stage2, time.perf_counter() - started
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Video-demo variants at fixed step counts, judged frame by frame.")
+    parser.add_argument("--variant", action="append", required=True, type=parse_variant,
+                        help="NAME:STAGE1_STEPS:STAGE2_STEPS[:BINDING[;BINDING...]] (repeatable)")
+    parser.add_argument("--per-class", type=int, default=20, help="PDG videos per digit")
+    parser.add_argument("--scale", type=float, default=DEFAULT_SCALE)
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps")
+    parser.add_argument("--solver", choices=SOLVERS, default=SOLVER)
+    parser.add_argument("--out", default=str(RESULTS / "video_demo_variants.json"))
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    videos = ensure_videos(Path(VIDEO_RUN) / "videos")
+    rows = []
+    for variant in args.variant:
+        stage2, seconds = train_variant(variant, videos)
+        run = load_run(stage2)
+        row, = guided_accuracy(run, judge_for(run), [Guidance("pdg", args.scale)], args.per_class, args.steps,
+                               args.solver)
+        rows.append({"variant": variant.name, "bindings": list(variant.bindings), "stage1_steps": variant.stage1_steps,
+                     "stage2_steps": variant.stage2_steps, "training_s": seconds,
+                     "frame_accuracy": row["frame_accuracy"], "video_accuracy": row["accuracy"],
+                     "per_class": row["per_class"]})
+        print(f"{variant.name}: {row['frame_accuracy']:.3f} of frames, {row['accuracy']:.3f} of videos", flush=True)
+    result = {"per_class": args.per_class, "scale": args.scale, "steps": args.steps, "solver": args.solver,
+              "rows": rows}
+    print(markdown_table(["variant", "stage 1 / 2 steps", "frames read as the digit", "videos", "worst digit"],
+                         [[r["variant"], f"{r['stage1_steps']} / {r['stage2_steps']}", r["frame_accuracy"],
+                           r["video_accuracy"], min(range(10), key=r["per_class"].__getitem__)] for r in rows]))
+    write_result(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
