@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from demo_accuracy import guided_accuracy, judge_for, load_run
 from digits_classifier import RESULTS, markdown_table, test_split_accuracy, write_result
-from sprint_mm.bucket_demo import BUCKET_RUN, BUCKET_SCALE, BUCKET_SHAPES
+from sprint_mm.bucket_demo import BUCKET_RUN, BUCKET_SCALE, BUCKET_SHAPES, BUCKET_SOLVER
 from sprint_mm.sampling import SOLVERS, Guidance
 from sprint_mm.video_demo import DIGIT_FRACTION
 
@@ -24,7 +24,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--per-class", type=int, default=20, help="samples per class and bucket")
     parser.add_argument("--scale", type=float, default=BUCKET_SCALE, help="PDG scale")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--solver", choices=SOLVERS, default="euler")
+    parser.add_argument("--solver", choices=SOLVERS, default=BUCKET_SOLVER)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "bucket_demo_accuracy.json"))
     return parser.parse_args(argv)

@@ -27,6 +27,7 @@ BUCKET_SHAPES = ((8, 16, 16), (4, 24, 24), (1, 16, 16), (1, 24, 24))
 # PDG scale: judged at 2, 4 and 7 on one run (benchmarks/bucket_accuracy.py), 7 read the stills and the 24 px clips
 # best and 4 the 16 px clips; 6 sits between.
 BUCKET_SCALE = 6.0
+BUCKET_SOLVER = "euler"
 
 
 def clip_folder(root: Path, frames: int, size: int) -> Path:
@@ -71,7 +72,7 @@ def run_bucket_demo(
     gin_params: Sequence[str] = (),
     scale: float = BUCKET_SCALE,
     steps: int = 50,
-    solver: str = "euler",
+    solver: str = BUCKET_SOLVER,
 ) -> list[Path]:
     """Write the data if absent, train both stages over the four buckets, then sample one PDG sample per digit 0..9
     at every bucket's shape (`sample.py --frames/--size`). Returns the .mp4 per bucket (a .png strip lies beside)."""

@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Optional, Sequence
 
 from sprint_mm.cli import report_training, sample_main, train_two_stages
+from sprint_mm.sampling import SOLVERS
 
 VIDEO_STAGES = ("gin/video/moving_digits_stage1.gin", "gin/video/moving_digits_stage2.gin")
 VIDEO_RUN = "runs/moving_digits"
@@ -85,9 +86,10 @@ def video_demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", default=VIDEO_RUN, help="folder for the videos, both stages and the samples")
     parser.add_argument("--minutes", type=float, help="training time of both stages (default: 4.5 + 1.5 minutes)")
     parser.add_argument("--gin_param", action="append", default=[], help="a gin binding applied to both stages")
-    parser.add_argument("--scale", type=float, help=f"PDG guidance scale (default {DEFAULT_SCALE}; --buckets: 6)")
+    parser.add_argument("--scale", type=float,
+                        help=f"PDG guidance scale (default {DEFAULT_SCALE}; --buckets: the bucket demo's own)")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
-    parser.add_argument("--solver", choices=("euler", "heun", "sde"), help=f"sampler (default {SOLVER}; --buckets: euler)")
+    parser.add_argument("--solver", choices=SOLVERS, help=f"sampler (default {SOLVER}; --buckets: the bucket demo's own)")
     parser.add_argument("--buckets", action="store_true",
                         help="the bucket demo instead: one model on 8-frame 16 px and 4-frame 24 px clips plus 16 and "
                              "24 px stills, sampled at every bucket (gin/video/moving_digits_buckets_stage1.gin)")
@@ -97,12 +99,12 @@ def video_demo_parser() -> argparse.ArgumentParser:
 def video_demo_main(argv: Optional[Sequence[str]] = None) -> int:
     args = video_demo_parser().parse_args(argv)
     if args.buckets:
-        from sprint_mm.bucket_demo import BUCKET_RUN, BUCKET_SCALE, run_bucket_demo  # it imports this module
+        from sprint_mm.bucket_demo import BUCKET_RUN, BUCKET_SCALE, BUCKET_SOLVER, run_bucket_demo  # it imports this module
 
         root = BUCKET_RUN if args.root == VIDEO_RUN else args.root
         scale = BUCKET_SCALE if args.scale is None else args.scale
         return report_training(run_bucket_demo, root, args.minutes, args.gin_param, scale, args.steps,
-                               args.solver or "euler")
+                               args.solver or BUCKET_SOLVER)
     scale = DEFAULT_SCALE if args.scale is None else args.scale
     return report_training(run_video_demo, args.root, args.minutes, args.gin_param, scale, args.steps,
                            args.solver or SOLVER)
