@@ -223,9 +223,9 @@ def diverging_row(drill: Drill) -> dict:
 
 
 def disk_full_row(drill: Drill) -> dict:
-    import sprint_mm.train_state as train_state
+    import sprint_mm.checkpointer as checkpointer
 
-    run, real, calls = "disk_full", train_state.save_state_dict, []
+    run, real, calls = "disk_full", checkpointer.save_state_dict, []
 
     def failing(state, path, *args, **kwargs):
         calls.append(path)
@@ -233,11 +233,11 @@ def disk_full_row(drill: Drill) -> dict:
             raise OSError(28, "No space left on device")
         return real(state, path, *args, **kwargs)
 
-    train_state.save_state_dict = failing
+    checkpointer.save_state_dict = failing
     try:
         code, err = in_process(drill.command(run, []))
     finally:
-        train_state.save_state_dict = real
+        checkpointer.save_state_dict = real
     intact = [p.name for p in drill.checkpoints(run)]
     resumed = drill.train(run)
     return row("disk full while writing the second checkpoint",

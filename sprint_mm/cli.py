@@ -19,8 +19,8 @@ from sprint_mm.media import pack_uint8, save_image_grid, save_npz, save_video, s
 from sprint_mm.preemption import EXIT_PREEMPTED, Preempted
 from sprint_mm.runs import find_checkpoint, verify_checkpoint
 from sprint_mm.sharded import read_weights
-from sprint_mm.train_state import NonFiniteTraining
-from sprint_mm.training import CheckpointWriteError, Trainer
+from sprint_mm.checkpointer import CheckpointWriteError, NonFiniteTraining
+from sprint_mm.training import Trainer
 
 DEMO_STAGES = ("gin/image/digits_stage1.gin", "gin/image/digits_stage2.gin")
 DEMO_RUN = "runs/digits_demo"

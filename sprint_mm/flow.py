@@ -7,9 +7,11 @@ from typing import Any, Callable, Optional
 
 import gin
 import torch
+from torch import nn
 
 from sprint_mm.errors import check_number
 from sprint_mm.masking import TokenMasker
+from sprint_mm.sprint import Sprint
 
 PATHS = ("linear", "cosine")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -113,6 +115,30 @@ class FlowMatching:
     def uses_middle_path(self) -> bool:
         """Whether the loss needs a SPRINT model (token drop or path drop)."""
         return self.path_drop > 0 or (self.masker is not None and self.masker.ratio > 0)
+
+    # ---------------------------------------------------------------- the objective seam (what the trainer calls)
+    def attach(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """What trains under this objective: the model itself. A dense backbone is refused when the loss drops tokens
+        or paths."""
+        if self.uses_middle_path and not isinstance(model, Sprint):
+            raise ValueError(
+                "the objective drops tokens or paths but the model is a dense backbone: "
+                "set `build_model.sprint = True`, or `FlowMatching.path_drop = 0.0` and `FlowMatching.masker = None`"
+            )
+        return model
+
+    def losses(self, trained: nn.Module, x0: torch.Tensor, cond: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The losses of one micro-batch; the trainer minimises "loss" and logs them all."""
+        return {"loss": self.loss(trained, x0, cond)}
+
+    def kept_tokens(self, grid: tuple[int, int, int]) -> int:
+        """How many of a sample's tokens the middle blocks see in training (for the FLOP accounting)."""
+        mask = None if self.masker is None else self.masker(1, grid, generator=torch.Generator())
+        return math.prod(grid) if mask is None else mask.num_kept  # a ratio of 0 gives no mask
+
+    def checkpoint_parts(self) -> dict[str, Any]:
+        """Parts of the training state the objective keeps in files of its own: none."""
+        return {}
 
     def sample_time(self, batch: int, device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if self.time_sampling == "uniform":

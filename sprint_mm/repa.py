@@ -137,27 +137,25 @@ class RepaAlignment:
         self.aligned = AlignedModel(model, projector, self.depth)
         return self.aligned
 
-    def to(self, device: torch.device) -> RepaAlignment:
-        self.encoder.to(device)
-        return self
+    # ---------------------------------------------------------------- the projector's file (a checkpoint part)
+    files = (PROJECTOR_FILE,)
 
-    # ---------------------------------------------------------------- the projector's file
     def save(self, folder: Path) -> None:
         """Write the projector as `projector.safetensors` in a checkpoint folder (in SPRINT's key layout)."""
         state = {PROJECTOR_PREFIX + k: v for k, v in self.projector.state_dict().items()}
         save_state_dict(state, folder / PROJECTOR_FILE)
 
-    def restore(self, folder: Path, resuming: bool) -> Optional[str]:
-        """Load the projector saved in `folder`. Resuming, the file must exist; starting stage 2 from a checkpoint
-        without one, the projector stays fresh. Returns a line for the log, or None."""
+    def load(self, folder: Path) -> None:
+        """Load the projector saved in a checkpoint folder (strictly)."""
         path = folder / PROJECTOR_FILE
-        if not path.is_file():
-            if resuming:
-                raise FileNotFoundError(f"checkpoint {folder} has no {PROJECTOR_FILE}: it was trained without REPA "
-                                        "alignment, so it cannot be resumed with Trainer.alignment set")
-            return f"no {PROJECTOR_FILE} beside {folder}: the REPA projector starts fresh"
         _, projector = split_projector(read_state_dict(path))
         load_strict(self.projector, projector, f"REPA projector {path}")
+
+    def start_from(self, folder: Path) -> Optional[str]:
+        """Stage 2: the stage-1 projector when the checkpoint has one, else a fresh projector (and a line saying so)."""
+        if not (folder / PROJECTOR_FILE).is_file():
+            return f"no {PROJECTOR_FILE} beside {folder}: the REPA projector starts fresh"
+        self.load(folder)
         return None
 
     # ---------------------------------------------------------------- the loss
@@ -204,8 +202,25 @@ class RepaAlignment:
         return -F.cosine_similarity(state.features.float(), targets.float(), dim=-1).mean()
 
 
-def check_no_projector(folder: Path) -> None:
-    """A run without alignment refuses to resume a checkpoint that was trained with it."""
-    if (folder / PROJECTOR_FILE).is_file():
-        raise ValueError(f"checkpoint {folder} was trained with REPA alignment ({PROJECTOR_FILE}); "
-                         "bind Trainer.alignment = @RepaAlignment() to resume it")
+class AlignedObjective:
+    """An objective with REPA's alignment term: loss = denoise_loss + coeff * repa_loss. What trains is the model
+    paired with the projector (one module, so DDP sees one graph); the projector is a checkpoint part of its own."""
+
+    def __init__(self, objective: Any, alignment: RepaAlignment) -> None:
+        self.objective, self.alignment = objective, alignment
+
+    def attach(self, model: nn.Module, device: torch.device) -> AlignedModel:
+        self.alignment.encoder.to(device)
+        return self.alignment.attach(self.objective.attach(model, device))
+
+    def losses(self, trained: nn.Module, x0: torch.Tensor, cond: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        denoise = self.objective.losses(trained, x0, cond, batch)["loss"]
+        grid = trained.backbone.token_grid(tuple(x0.shape))
+        repa = self.alignment.loss(self.alignment.images(batch), grid)
+        return {"loss": denoise + self.alignment.coeff * repa, "denoise_loss": denoise, "repa_loss": repa}
+
+    def kept_tokens(self, grid: Grid) -> int:
+        return self.objective.kept_tokens(grid)
+
+    def checkpoint_parts(self) -> dict[str, RepaAlignment]:
+        return {"REPA alignment": self.alignment}

@@ -17,7 +17,9 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+import gin
 
 from sprint_mm.checkpoints import atomic_write
 
@@ -28,6 +30,16 @@ DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded 
 
 class DamagedCheckpoint(ValueError):
     """A checkpoint folder whose files do not match its manifest."""
+
+
+def write_run_configs(run_dir: str | os.PathLike, facts: dict[str, Any]) -> None:
+    """The run's operative gin configuration (`config.gin`, read back by resume and `sample.py`) and a plain
+    `config.json`: its bindings line by line and the `facts` the trainer gives (model, sizes, processes, ...)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    bindings = gin.config_str()
+    (run_dir / "config.gin").write_text(bindings)
+    (run_dir / "config.json").write_text(json.dumps({"gin_bindings": bindings.splitlines(), **facts}, indent=2))
 
 
 def checkpoint_name(step: int) -> str:

@@ -1,10 +1,9 @@
-"""Sharded training (FSDP2) and its checkpoints (torch.distributed.checkpoint, DCP).
+"""Sharded checkpoint files (torch.distributed.checkpoint, DCP), as FSDP runs write them.
 
-`shard` applies `fully_shard` per transformer block and at the root; the EMA is sharded the same way, so its local
-shards line up with the model's and `update_ema` never gathers. A sharded checkpoint folder holds DCP's `.metadata`
-and `__{rank}_{i}.distcp` files (model, EMA, optimizer) beside the usual training_state.pt and rng_rank{r}.pt; DCP
-reshards on load, so a run resumes on another number of processes. `read_weights` consolidates a folder's model or
-EMA in memory (no process group needed); `consolidate` writes them as the usual safetensors files.
+A sharded checkpoint folder holds DCP's `.metadata` and `__{rank}_{i}.distcp` files (model, EMA, optimizer) beside the
+usual training_state.pt and rng_rank{r}.pt; DCP reshards on load, so a run resumes on another number of processes.
+`read_weights` consolidates a folder's model or EMA in memory (no process group needed); `consolidate` writes them as
+the usual safetensors files.
 """
 from __future__ import annotations
 
@@ -14,52 +13,19 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_model_state_dict, set_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from sprint_mm.checkpoints import clean_key, read_state_dict, save_state_dict
 from sprint_mm.runs import DCP_METADATA, add_to_manifest, find_checkpoint, verify_checkpoint
 
-STRATEGIES = ("ddp", "fsdp")
 WEIGHTS = ("model", "ema")
 
 
 def is_sharded(folder: Path) -> bool:
     return (Path(folder) / DCP_METADATA).is_file()
-
-
-def ensure_process_group(device: torch.device) -> None:
-    """FSDP needs a process group even on one process, where accelerate starts none: a private one-member group."""
-    if not dist.is_initialized():
-        backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-
-
-def precision_policy(precision: str) -> MixedPrecisionPolicy:
-    """bf16 compute with fp32 gradient reduction under 'bf16'; fp32 throughout otherwise."""
-    if precision == "bf16":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
-
-
-def shard(module: torch.nn.Module, device: torch.device, policy: MixedPrecisionPolicy, cpu_offload: bool) -> None:
-    """fully_shard every block of `module.backbone` and then the root, in place, over all processes.
-
-    Gradients are averaged over the processes (tests/test_fsdp.py compares a two-process step with a one-process
-    step: gloo's FSDP2 reduction has summed instead of averaged in some torch versions, pytorch issue 162338). A
-    parameter without a gradient on one process reduces as zeros there, so the collectives of all processes match."""
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else None  # pinning needs CUDA
-    options = dict(mesh=mesh, mp_policy=policy, offload_policy=offload)
-    for block in module.backbone.blocks:
-        fully_shard(block, **options)
-    fully_shard(module, **options)
-    module.set_reduce_scatter_unused_params(True)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

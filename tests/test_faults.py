@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sprint_mm.train_state as train_state
+import sprint_mm.checkpointer as checkpointer
 import sprint_mm.training as training
 from sprint_mm.cli import sample_main
 from sprint_mm.flow import FlowMatching
@@ -189,7 +189,7 @@ def test_sampling_and_stage2_refuse_a_damaged_checkpoint(tmp_path, capsys):
 
 
 def test_a_failing_write_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
-    real, calls = train_state.save_state_dict, []
+    real, calls = checkpointer.save_state_dict, []
 
     def disk_full(state, path, *args, **kwargs):
         calls.append(path)
@@ -197,7 +197,7 @@ def test_a_failing_write_stops_the_run_and_keeps_the_previous_checkpoint(tmp_pat
             raise OSError(28, "No space left on device")
         return real(state, path, *args, **kwargs)
 
-    monkeypatch.setattr(train_state, "save_state_dict", disk_full)
+    monkeypatch.setattr(checkpointer, "save_state_dict", disk_full)
     assert train(tmp_path / "run", 7) == 1
     err = capsys.readouterr().err
     assert "could not write the checkpoint of step 6" in err and "No space left" in err and "step_0000003" in err

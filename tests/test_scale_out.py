@@ -85,9 +85,8 @@ def test_trainer_compile_option_compiles_every_block_and_keeps_keys(tmp_path):
     for compiled in (False, True):
         parse_gin(["gin/image/digits_stage1.gin"], options + [f"Trainer.compile = {compiled}"])
         trainer = Trainer()
-        trainer._start_processes()
-        trainer._build_state()
-        models[compiled] = trainer.state.model
+        trainer._setup()
+        models[compiled] = trainer.parts.model
     assert all(block._compiled_call_impl is not None for block in models[True].backbone.blocks)
     assert all(block._compiled_call_impl is None for block in models[False].backbone.blocks)
     assert list(models[True].state_dict()) == list(models[False].state_dict())

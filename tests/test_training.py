@@ -188,7 +188,7 @@ def test_sampling_resumes_after_a_stop_and_is_class_balanced(tmp_path, monkeypat
 
 def test_ema_warmup_follows_the_model_early(tmp_path):
     from sprint_mm.models import build_model
-    from sprint_mm.train_state import ema_decay_at
+    from sprint_mm.optimization import ema_decay_at
 
     assert ema_decay_at(0, 0.9999, warmup=True) == pytest.approx(0.1)
     ramp = [ema_decay_at(step, 0.99, warmup=True) for step in range(2000)]

@@ -1,10 +1,18 @@
-"""A resumable, sharded, endless stream of dataset indices: epoch e is a permutation seeded by (seed, e)."""
+"""The data a run trains on, as a stream that owns its position: the plain index stream (epoch e a permutation
+seeded by (seed, e)) or buckets, read by a DataLoader from the position of any step, with bad items counted."""
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import torch
-from torch.utils.data import Sampler
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from sprint_mm.data.bucket_sampler import BucketBatchSampler
+from sprint_mm.data.buckets import BucketedDataset, BucketTable
+from sprint_mm.data.faults import BAD_ITEMS, BadDataLedger, SkippingDataset
+from sprint_mm.errors import check_number
 
 
 class IndexStream(Sampler[int]):
@@ -42,3 +50,188 @@ class IndexStream(Sampler[int]):
 
     def __len__(self) -> int:  # endless; DataLoader only needs a length for progress estimates
         return 2**62
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a run batches its data (the `Trainer` options of the same names): `batch_size` is global, split over the
+    processes and `grad_accum` micro-batches; `num_workers` DataLoader workers; `seed` orders the data."""
+
+    batch_size: int = 256
+    grad_accum: int = 1
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low in (("batch_size", 1), ("grad_accum", 1), ("num_workers", 0), ("seed", None)):
+            check_number(f"Trainer.{name}", getattr(self, name), low=low, integer=True)
+
+
+class DataStream:
+    """The micro-batches one process trains on, from the data position of any step on.
+
+    The position is a function of the step (`position`), so a checkpoint's step says where the data continues, on
+    the same or another number of processes; `fingerprint` says what the position refers to (None: the plain index
+    stream, whose position means the same on any data). Bad items are replaced by the next good one and counted in
+    `ledger` (a part of the checkpoint), which stops the run past its limit.
+    """
+
+    def __init__(self, dataset: Dataset, batching: Batching, accelerator: Accelerator) -> None:
+        self.dataset, self.batching, self.accelerator = dataset, batching, accelerator
+        self.data: Dataset = dataset  # what the loader reads (bucketed in BucketStream)
+        self.ledger = BadDataLedger()
+        self._loader: Optional[Iterator[dict]] = None
+        split = accelerator.num_processes * batching.grad_accum
+        if batching.batch_size % split:
+            raise ValueError(f"batch_size {batching.batch_size} must be divisible by processes "
+                             f"({accelerator.num_processes}) x grad_accum ({batching.grad_accum})")
+        self.micro_batch: Optional[int] = batching.batch_size // split
+
+    # ------------------------------------------------------------------ what the position means
+    def position(self, step: int) -> int:
+        """Dataset indices this process has consumed after `step` steps. Times the process count it is the global
+        position, step x batch_size, so a run resumed on another number of processes reads the same global sequence
+        of samples (each global batch split anew among the processes)."""
+        return step * self.batching.grad_accum * self.micro_batch
+
+    def fingerprint(self) -> Optional[dict[str, Any]]:
+        return None
+
+    def label(self, step: int) -> Optional[str]:
+        """What the batch of `step` is, for per-bucket metrics (None: one kind of batch)."""
+        return None
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        return {"data_position": self.position(step), "data": self.fingerprint(), "bad_data": self.ledger.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        """Continue a checkpoint's counts; refuse data whose position would now point at other items."""
+        saved, now = (state.get("data") if step > 0 else None), self.fingerprint()
+        if step > 0 and (saved is None) != (now is None):
+            was, is_ = ("without", "with") if saved is None else ("with", "without")
+            raise ValueError(f"this run was trained {was} Trainer.buckets up to step {step} and now resumes {is_} "
+                             "them, which would read other items: keep its configuration, or start a new run with "
+                             "Trainer.init_from = <this run>")
+        if saved is not None:
+            self.check_resumable(saved)
+        if "bad_data" in state:  # checkpoints written before bad data was counted have none
+            self.ledger.load_state_dict(state["bad_data"])
+
+    def check_resumable(self, saved: dict[str, Any]) -> None:
+        """Raise a ValueError when the data changed since `saved` (a `fingerprint()`) was written."""
+        if saved != self.fingerprint():
+            raise ValueError(f"the data changed since this run's checkpoint ({saved} then, {self.fingerprint()} now): "
+                             "resuming would read other items at this position; restore it, or start a new run with "
+                             "Trainer.init_from = <this run>")
+
+    # ------------------------------------------------------------------ the model it feeds
+    def check_fits(self, backbone: torch.nn.Module) -> None:
+        """Refuse data the model is not built for: more classes than the model has (the extra ids would train as the
+        null class) and items of another shape than the model samples (it would train at one size and sample at
+        another). The first good item is read as training reads it, leaving the RNG as it was."""
+        classes = getattr(self.data, "num_classes", None)
+        condition = backbone.condition
+        if condition.kind == "class" and classes is not None and classes > condition.num_classes:
+            raise ValueError(f"the dataset has {classes} classes but the model {condition.num_classes} "
+                             f"(the backbone's num_classes), whose labels lie in [0, {condition.num_classes}): "
+                             f"set num_classes to at least {classes}")
+        self._check_shapes(backbone)
+
+    def _check_shapes(self, backbone: torch.nn.Module) -> None:
+        item = self.first_item_shape(0)
+        if item != tuple(backbone.sample_shape):
+            raise ValueError(f"the dataset's items have shape {item} but the model takes {tuple(backbone.sample_shape)} "
+                             "(C, [T,] H, W): make the dataset's size and channels match the backbone's input_size "
+                             "and in_channels")
+
+    def first_item_shape(self, index: int) -> tuple[int, ...]:
+        with torch.random.fork_rng(devices=[]):
+            return tuple(SkippingDataset(self.data)[index]["x"].shape)
+
+    # ------------------------------------------------------------------ the batches
+    def start(self, step: int) -> None:
+        """Read from the data position of `step` on."""
+        data = SkippingDataset(self.data)  # a bad item is replaced by the next good one, and reported
+        self._loader = iter(DataLoader(
+            data, **self._batching(step), num_workers=self.batching.num_workers, collate_fn=data.collate,
+            generator=torch.Generator().manual_seed(self.batching.seed),  # keeps the global RNG untouched
+            persistent_workers=self.batching.num_workers > 0, pin_memory=self.accelerator.device.type == "cuda"))
+
+    def _batching(self, step: int) -> dict[str, Any]:
+        sampler = IndexStream(len(self.data), self.batching.seed, self.accelerator.process_index,
+                              self.accelerator.num_processes, start=self.position(step))
+        return {"batch_size": self.micro_batch, "drop_last": True, "sampler": sampler}
+
+    def next_batch(self) -> dict[str, Any]:
+        """The next micro-batch, its bad items counted (and the run stopped past the ledger's limit)."""
+        batch = next(self._loader)
+        self.ledger.add(batch.pop(BAD_ITEMS), batch["x"].shape[0])
+        self.ledger.check()
+        return batch
+
+    def describe(self) -> dict[str, Any]:
+        """For the run's config.json."""
+        return {"batch_size": self.batching.batch_size, "micro_batch": self.micro_batch, "buckets": None}
+
+
+class BucketStream(DataStream):
+    """Mixed sizes and durations: every item goes to its nearest bucket of `table` (resized and cropped to it), every
+    step is one bucket's global batch (`Bucket.batch_size`, which replaces `batch_size`), and the sequence of batches
+    depends only on (seed, step), so resume is exact on any number of processes. The fingerprint names the table and
+    the item assignment: a run whose dataset or table changed since its checkpoint refuses to resume."""
+
+    def __init__(self, dataset: Dataset, batching: Batching, accelerator: Accelerator, table: BucketTable) -> None:
+        self.dataset, self.batching, self.accelerator, self.table = dataset, batching, accelerator, table
+        self.ledger = BadDataLedger()
+        self._loader = None
+        self.micro_batch = None  # each bucket has its own batch size (the sampler checks it divides)
+        with accelerator.main_process_first():  # the main process writes the cached size index, the others read it
+            self.data = BucketedDataset(dataset, table)
+        self.sampler = BucketBatchSampler(self.data.bucket_of, table, batching.seed, accelerator.process_index,
+                                          accelerator.num_processes, batching.grad_accum)
+
+    def position(self, step: int) -> int:
+        return step  # global batches consumed: one per step
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.sampler.fingerprint()
+
+    def check_resumable(self, saved: dict[str, Any]) -> None:
+        self.sampler.check_resumable(saved)
+
+    def label(self, step: int) -> str:
+        return "x".join(map(str, self.table[self.sampler.bucket_at(step)].shape))
+
+    def _check_shapes(self, backbone: torch.nn.Module) -> None:
+        """Every bucket that has items must be a shape the backbone takes: its patch divides it, an image model gets
+        one-frame buckets only, and the first item of the bucket reads at the bucket's shape with the model's
+        channels."""
+        channels, image_model = backbone.sample_shape[0], len(backbone.sample_shape) == 3
+        for number, (bucket, members) in enumerate(zip(self.table, self.data.members)):
+            if not members:
+                continue
+            if image_model and bucket.frames != 1:
+                raise ValueError(f"bucket {number} {bucket.shape} has {bucket.frames} frames but the model takes images "
+                                 f"{tuple(backbone.sample_shape)}: use a video backbone or one-frame buckets")
+            shape = (channels, *bucket.shape[1:]) if bucket.frames == 1 else (channels, *bucket.shape)
+            backbone.token_grid((1, *shape))  # a size the patch does not divide is refused here, naming the patch
+            item = self.first_item_shape(members[0])
+            if item not in (shape, (channels, *bucket.shape)):
+                raise ValueError(f"bucket {number} {bucket.shape} gives items of shape {item}, but the model takes "
+                                 f"{shape} (C, [T,] H, W) there: make the dataset's channels match the backbone's "
+                                 f"in_channels ({channels})")
+
+    def _batching(self, step: int) -> dict[str, Any]:
+        self.sampler.start = self.position(step)
+        return {"batch_sampler": self.sampler}
+
+    def describe(self) -> dict[str, Any]:
+        return {"batch_size": None, "micro_batch": None, "buckets": self.table.to_list()}
+
+
+def open_stream(dataset: Dataset, batching: Batching, accelerator: Accelerator,
+                buckets: Optional[BucketTable] = None) -> DataStream:
+    """The stream a run reads: plain, or from buckets when a table is given."""
+    if buckets is None:
+        return DataStream(dataset, batching, accelerator)
+    return BucketStream(dataset, batching, accelerator, buckets)

@@ -1,0 +1,246 @@
+"""What a training run resumes from, in one place: the parts of its state, written into a step checkpoint of the run
+folder, restored from the newest intact one, or started from another run's weights (stage 2).
+
+    step_NNNNNNN/model.safetensors, ema.safetensors, training_state.pt, rng_rank{r}.pt, [projector.safetensors ...],
+                 manifest.json
+    sharded (FSDP): .metadata and __{r}_0.distcp (model, EMA and optimizer) instead of the two safetensors files
+
+`training_state.pt` holds the scheduler, the step and elapsed time, the data stream's position and fingerprint, the
+bad-data counts and (not sharded) the optimizer; every process writes its RNG; an objective's own modules (REPA's
+projector) write their files. A checkpoint is written into a hidden staging folder, checked finite, described by a
+manifest (`sprint_mm.runs`) and renamed into place; resume verifies the newest one against its manifest, falls back
+past damaged ones, and reshards sharded files onto any number of processes.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.distributed.checkpoint import CheckpointException
+from tqdm.auto import tqdm
+
+from sprint_mm.checkpoints import check_fits, load_strict, read_state_dict, save_state_dict
+from sprint_mm.data.stream import DataStream
+from sprint_mm.repa import PROJECTOR_FILE
+from sprint_mm.runs import (
+    DamagedCheckpoint,
+    list_checkpoints,
+    newest_intact_checkpoint,
+    publish_checkpoint,
+    resolve_weights,
+    staging_folder,
+    write_manifest,
+)
+from sprint_mm.sharded import is_sharded, load_full, load_sharded, local, read_weights, save_sharded
+
+STATE_FILE = "training_state.pt"
+KINDS = ("DDP (full safetensors)", "FSDP (sharded)")
+# Files of parts a configuration may lack, and what resuming them needs.
+OPTIONAL_FILES = {PROJECTOR_FILE: "it was trained with REPA alignment: bind Trainer.alignment = @RepaAlignment() "
+                                  "to resume it"}
+
+
+class FilePart(Protocol):
+    """A part of the training state that keeps its own files in a checkpoint folder (an objective's modules)."""
+
+    files: tuple[str, ...]
+
+    def save(self, folder: Path) -> None: ...
+
+    def load(self, folder: Path) -> None: ...
+
+    def start_from(self, folder: Path) -> Optional[str]:
+        """Stage 2: load from the stage-1 checkpoint `folder` if it has the files; a line for the log, or None."""
+
+
+@dataclass
+class Progress:
+    """How far a run is: optimizer steps taken and the seconds they took (on the run's clock)."""
+
+    step: int = 0
+    elapsed: float = 0.0
+
+
+@dataclass
+class TrainingParts:
+    """Everything a run resumes from."""
+
+    model: nn.Module
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data: DataStream
+    progress: Progress = field(default_factory=Progress)
+    extras: dict[str, FilePart] = field(default_factory=dict)
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many steps in a row with a non-finite loss or gradient norm, or non-finite weights at a checkpoint."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); the previous ones are intact."""
+
+
+class Checkpointer:
+    """Writes and restores the `parts` of a run in `run_dir` (keeping the newest `keep` checkpoints). `sharded`: the
+    model and EMA are FSDP-sharded and write DCP files; `say` prints a line for the user (main process)."""
+
+    def __init__(self, run_dir: Path, parts: TrainingParts, accelerator: Accelerator, sharded: bool, keep: int,
+                 say: Callable[[str], None]) -> None:
+        self.run_dir, self.parts, self.accelerator = Path(run_dir), parts, accelerator
+        self.sharded, self.keep, self.say = sharded, keep, say
+
+    # ------------------------------------------------------------------ writing
+    def save(self) -> None:
+        """Every process writes into a hidden staging folder; the main process (sharded: every process, its shards)
+        checks that every tensor is finite, the main process adds the manifest and renames the folder into place. A
+        failing write (DCP reports a process's failed write as a CheckpointException) stops the run and leaves the
+        previous checkpoint as it was."""
+        acc, step = self.accelerator, self.parts.progress.step
+        acc.wait_for_everyone()
+        staging = self.run_dir / "checkpoints" / f".step_{step:07d}.partial"
+        if acc.is_main_process or self.sharded:  # each process checks its own shards
+            check_finite(self.parts.model, self.parts.ema, step)
+        if acc.is_main_process:
+            staging = staging_folder(self.run_dir, step)
+        acc.wait_for_everyone()
+        try:
+            self._write(staging, acc.process_index)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                write_manifest(staging, step, acc.num_processes, (self.run_dir / "config.gin").read_text())
+                publish_checkpoint(staging, step, self.keep)
+        except (OSError, CheckpointException) as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            intact = [p.name for p in list_checkpoints(self.run_dir)]
+            raise CheckpointWriteError(f"could not write the checkpoint of step {step} in {staging.parent} ({err}); "
+                                       f"the previous checkpoints are intact: {intact or 'none'}") from err
+        acc.wait_for_everyone()
+
+    def _write(self, staging: Path, rank: int) -> None:
+        parts = self.parts
+        torch.save(rng_state(), staging / f"rng_rank{rank}.pt")
+        if self.sharded:
+            save_sharded(staging, parts.model, parts.ema, parts.optimizer)
+        if rank != 0:
+            return
+        state = {"scheduler": parts.scheduler.state_dict(), "step": parts.progress.step,
+                 "elapsed": parts.progress.elapsed, **parts.data.state_dict(parts.progress.step)}
+        if not self.sharded:
+            save_state_dict(parts.model.state_dict(), staging / "model.safetensors")
+            save_state_dict(parts.ema.state_dict(), staging / "ema.safetensors")
+            state["optimizer"] = parts.optimizer.state_dict()
+        for part in parts.extras.values():
+            part.save(staging)
+        torch.save(state, staging / STATE_FILE)
+
+    # ------------------------------------------------------------------ reading
+    def resume(self, init_from: Optional[str], seed: int) -> None:
+        """Continue from the newest intact checkpoint (falling back past damaged ones); else start from `init_from`'s
+        EMA (stage 2); else start fresh. A process without a saved random state draws from (seed, step, rank)."""
+        folder, damaged = newest_intact_checkpoint(self.run_dir)
+        for line in damaged:
+            self.say(f"{line}: falling back to the previous checkpoint")
+        rank, progress = self.accelerator.process_index, self.parts.progress
+        if folder is not None:
+            self._read(folder)
+            self.say(f"resumed from {folder} at step {progress.step}")
+            rng = folder / f"rng_rank{rank}.pt"
+            if rng.is_file():
+                set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+                return
+            tqdm.write(f"[sprint_mm] process {rank}: {folder.name} has no rng_rank{rank}.pt (written by fewer processes); "
+                  f"its random stream starts from the seed of (seed {seed}, step {progress.step}, rank {rank})")
+        elif damaged:
+            raise DamagedCheckpoint(f"run {self.run_dir} has no intact checkpoint to resume: {'; '.join(damaged)}")
+        elif init_from:
+            self._start_from(init_from)
+        torch.manual_seed(process_seed(seed, progress.step, rank))  # each process draws its own noise and masks
+
+    def _read(self, folder: Path) -> None:
+        parts = self.parts
+        if is_sharded(folder) != self.sharded:
+            raise ValueError(f"checkpoint {folder} is {KINDS[is_sharded(folder)]} but the run trains with "
+                             f"{KINDS[self.sharded].split()[0]}: set Trainer.strategy = "
+                             f"{('ddp', 'fsdp')[is_sharded(folder)]!r} to resume it")
+        self._check_parts(folder)
+        for part in parts.extras.values():  # before the optimizer, whose groups hold their parameters
+            part.load(folder)
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        if self.sharded:
+            load_sharded(folder, parts.model, parts.ema, parts.optimizer)
+        else:
+            for name, module in (("model", parts.model), ("ema", parts.ema)):
+                load_strict(module, read_state_dict(folder / f"{name}.safetensors"), f"checkpoint {folder}/{name}.safetensors")
+            parts.optimizer.load_state_dict(state["optimizer"])
+        parts.scheduler.load_state_dict(state["scheduler"])
+        parts.progress.step, parts.progress.elapsed = state["step"], state["elapsed"]
+        parts.data.load_state_dict(state, parts.progress.step)
+
+    def _check_parts(self, folder: Path) -> None:
+        """A checkpoint with the files of a part this configuration lacks (or without the files of one it has) is
+        refused: its optimizer groups and losses belong to another configuration."""
+        claimed = {file for part in self.parts.extras.values() for file in part.files}
+        for file, needs in OPTIONAL_FILES.items():
+            if (folder / file).is_file() and file not in claimed:
+                raise ValueError(f"checkpoint {folder} holds {file}: {needs}")
+        for name, part in self.parts.extras.items():
+            missing = [file for file in part.files if not (folder / file).is_file()]
+            if missing:
+                raise FileNotFoundError(f"checkpoint {folder} has no {', '.join(missing)}: it was trained without "
+                                        f"{name}, so it cannot be resumed with it")
+
+    def _start_from(self, source: str) -> None:
+        """Stage 2: model and EMA from a stage-1 EMA (strictly); the parts with files of their own from beside it."""
+        weights = resolve_weights(source, "ema.safetensors")
+        state = read_weights(weights)
+        check_fits(self.parts.model, state, f"stage-1 weights {weights}")
+        if self.sharded:
+            load_full(self.parts.model, state)
+            load_full(self.parts.ema, state)
+        else:
+            self.parts.model.load_state_dict(state)
+            self.parts.ema.load_state_dict(self.parts.model.state_dict())
+        self.say(f"initialised model and EMA from {weights} (fresh optimizer)")
+        for part in self.parts.extras.values():
+            note = part.start_from(weights.parent)
+            if note:
+                self.say(note)
+
+
+def check_finite(model: nn.Module, ema: nn.Module, step: int) -> None:
+    """No checkpoint is ever published with a non-finite tensor."""
+    for name, module in (("model", model), ("EMA", ema)):
+        bad = [key for key, tensor in module.state_dict().items()
+               if tensor.is_floating_point() and not bool(torch.isfinite(local(tensor)).all())]
+        if bad:
+            raise NonFiniteTraining(f"the {name} has non-finite values at step {step} ({', '.join(bad[:5])}); "
+                                    "no checkpoint is written, the previous ones are intact")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def process_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of a process that starts at `step` without a saved random state (step 0: a fresh run)."""
+    return seed * 7919 + rank + 1 + step * 1_000_003

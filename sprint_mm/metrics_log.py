@@ -1,0 +1,136 @@
+"""What a run reports: a progress bar with loss, rates and the FLOPs SPRINT saves, and every `log_every` steps the
+window's mean losses and rates as one line of `metrics.jsonl` and TensorBoard scalars (main process only)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from sprint_mm.data.faults import BadDataLedger
+from sprint_mm.flops import sprint_step_ratio
+from sprint_mm.sprint import Sprint
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports: mean losses, gradient norm, tokens of this process, what was not finite
+    (None: the step trained), whether fp16's loss scaler skipped it and the bucket it trained on."""
+
+    losses: dict[str, float]
+    grad_norm: float
+    tokens: int
+    problem: Optional[str] = None
+    scaler_skipped: bool = False
+    bucket: Optional[str] = None  # the bucket of the step's batch (runs with buckets)
+
+
+class Window:
+    """Losses (also per bucket), steps, skipped steps and tokens since the last log line."""
+
+    def __init__(self) -> None:
+        self.losses: dict[str, float] = {}
+        self.steps, self.good_steps, self.tokens, self.start = 0, 0, 0, time.perf_counter()
+        self.skipped, self.scaler_skipped = 0, 0
+        self.bucket_losses: dict[str, list[float]] = {}
+
+    def add(self, result: StepResult) -> None:
+        self.steps, self.tokens = self.steps + 1, self.tokens + result.tokens
+        self.skipped += result.problem is not None
+        self.scaler_skipped += result.scaler_skipped
+        if result.problem is None:
+            self.good_steps += 1
+            for name, value in result.losses.items():
+                self.losses[name] = self.losses.get(name, 0.0) + value
+            if result.bucket is not None:
+                self.bucket_losses.setdefault(result.bucket, []).append(result.losses["loss"])
+
+    def means(self, processes: int) -> dict[str, float]:
+        """Mean losses of the steps that trained, the rates of the window (tokens over all processes) and the
+        counts of skipped steps (non-finite; fp16 loss-scaler skips)."""
+        seconds = time.perf_counter() - self.start
+        return {**{name: total / self.good_steps for name, total in self.losses.items()},
+                **{f"loss/{bucket}": sum(losses) / len(losses) for bucket, losses in self.bucket_losses.items()},
+                "steps_per_s": self.steps / seconds, "tokens_per_s": self.tokens * processes / seconds,
+                "skipped_steps": self.skipped, "fp16_skipped_steps": self.scaler_skipped}
+
+
+def flops_saved(model: nn.Module, objective: Any) -> Optional[float]:
+    """Fraction of forward FLOPs SPRINT saves per training step against the same backbone dense (None: dense)."""
+    if not isinstance(model, Sprint):
+        return None
+    backbone = model.backbone
+    grid = backbone.token_grid((1, *backbone.sample_shape))
+    tokens = math.prod(grid)
+    return 1.0 - 1.0 / sprint_step_ratio(backbone.flop_shape(), model.flop_shape(), tokens, objective.kept_tokens(grid))
+
+
+class MetricsLog:
+    """The lines a run says to its user (`say`), its progress bar, `metrics.jsonl` and TensorBoard (main process)."""
+
+    def __init__(self, run_dir: Path, accelerator: Accelerator, max_steps: int, log_every: int, progress: bool,
+                 ledger: BadDataLedger) -> None:
+        self.run_dir, self.accelerator, self.log_every, self.max_steps = Path(run_dir), accelerator, log_every, max_steps
+        self.main, self.progress, self.window, self.saving = accelerator.is_main_process, progress, Window(), None
+        self.ledger, self.reported_bad = ledger, ledger.bad.copy()
+        self.bar, self.writer = None, None
+
+    def open(self, step: int, saving: Optional[float]) -> None:
+        """Start logging at `step` (a resumed run drops the lines of `metrics.jsonl` after it: those steps train
+        again); `saving` is the fraction of FLOPs SPRINT saves (None: dense), shown on the progress bar."""
+        self.saving, self.reported_bad = saving, self.ledger.bad.copy()
+        self.bar = tqdm(total=self.max_steps, initial=step, disable=not (self.progress and self.main),
+                        desc=self.run_dir.name, dynamic_ncols=True)
+        if self.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._forget_after(step)
+            self.writer = SummaryWriter(str(self.run_dir / "logs"))
+
+    def _forget_after(self, step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            lines = path.read_text().splitlines(keepends=True)
+            path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+
+    def say(self, message: str) -> None:
+        """A line for the user, above the progress bar (main process)."""
+        if self.main:
+            tqdm.write(f"[sprint_mm] {message}")
+
+    def step(self, step: int, result: StepResult, extra: Callable[[], dict[str, float]]) -> None:
+        """Count one step; at every `log_every` steps (and the last) write the window's means, the bad-data counts
+        and the `extra()` values, and say what bad data was met since the last line."""
+        self.window.add(result)
+        self.bar.update(1)
+        if step % self.log_every and step != self.max_steps:
+            return
+        metrics = {"step": step, **self.window.means(self.accelerator.num_processes), "grad_norm": result.grad_norm,
+                   **extra(), **self.ledger.metrics()}
+        if self.ledger.bad != self.reported_bad:
+            self.say(self.ledger.summary())
+            self.reported_bad = self.ledger.bad.copy()
+        postfix = {"loss": f"{metrics.get('loss', math.nan):.4f}", "it/s": f"{metrics['steps_per_s']:.2f}",
+                   "tok/s": f"{metrics['tokens_per_s']:.0f}"}
+        if self.saving:  # stage 2 (no drop) saves nothing
+            postfix["flops saved"] = f"{100 * self.saving:.0f}%"
+        self.bar.set_postfix(postfix)
+        self.window = Window()
+        if self.main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            for key, value in metrics.items():
+                if key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,139 @@
+"""Where and how training runs: the processes (accelerate), and `parallelize`, which applies activation checkpointing,
+regional compilation and FSDP2 sharding or DDP replication to a model in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from sprint_mm.backbone import compile_blocks
+from sprint_mm.errors import check_number
+
+PRECISIONS = ("no", "fp16", "bf16")
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """How a run uses its devices (the `Trainer` options of the same names).
+
+    `strategy` 'ddp' replicates the model; 'fsdp' shards model, EMA and optimizer over the processes (FSDP2, per block
+    and at the root; bf16 compute with fp32 reduction under precision 'bf16'; `fsdp_cpu_offload` keeps the shards in
+    CPU memory). `compile` compiles each transformer block (regional compilation, `compile_blocks`);
+    `activation_checkpointing` recomputes each block's activations in the backward pass; `num_threads` sets torch's
+    CPU threads (on a shared CPU one thread can be many times faster than one per core).
+    """
+
+    precision: str = "no"
+    strategy: str = "ddp"
+    num_threads: Optional[int] = None
+    compile: bool = False
+    fsdp_cpu_offload: bool = False
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown Trainer.strategy {self.strategy!r}; allowed: {', '.join(STRATEGIES)}")
+        if self.sharded and self.precision == "fp16":
+            raise ValueError("Trainer.strategy = 'fsdp' does not support Trainer.precision = 'fp16' (use 'bf16') yet")
+        if self.fsdp_cpu_offload and not self.sharded:
+            raise ValueError("Trainer.fsdp_cpu_offload = True needs Trainer.strategy = 'fsdp'")
+        if self.num_threads is not None:
+            check_number("Trainer.num_threads", self.num_threads, low=1, integer=True)
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp"
+
+    def refuse_with_fsdp(self, unsupported: bool, what: str) -> None:
+        """One line for an option FSDP runs do not support yet."""
+        if self.sharded and unsupported:
+            raise ValueError(f"Trainer.strategy = 'fsdp' does not support {what} yet")
+
+
+def start_processes(parallelism: Parallelism) -> Accelerator:
+    """This process's accelerator (one per process under `accelerate launch` / `torchrun`), its CPU threads, a
+    process group for FSDP, TF32 matrix products on CUDA for what runs in float32."""
+    if parallelism.num_threads is not None:
+        torch.set_num_threads(parallelism.num_threads)
+    accelerator = Accelerator(mixed_precision=parallelism.precision)
+    if parallelism.sharded:
+        ensure_process_group(accelerator.device)
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """FSDP needs a process group even on one process, where accelerate starts none: a private one-member group."""
+    if not dist.is_initialized():
+        backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def parallelize(model: nn.Module, ema: nn.Module, trained: nn.Module, accelerator: Accelerator,
+                parallelism: Parallelism) -> nn.Module:
+    """Apply activation checkpointing and compilation to `model`, then shard `model` and `ema` (FSDP) or place them
+    and replicate `trained` (the model, or the model with the auxiliary modules its objective trains) over the
+    processes (DDP). Returns the module a training step calls. The EMA stays eager (it only samples previews)."""
+    if parallelism.activation_checkpointing:
+        model.backbone.gradient_checkpointing = True
+    if parallelism.compile:
+        compile_blocks(model)
+    device = accelerator.device
+    if parallelism.sharded:  # placed by sharding, and not wrapped: FSDP reduces the gradients itself
+        shard(model, device, precision_policy(parallelism.precision), parallelism.fsdp_cpu_offload)
+        shard(ema, device, precision_policy("no"), parallelism.fsdp_cpu_offload)
+        return trained
+    trained.to(device)
+    ema.to(device)
+    if accelerator.num_processes == 1:
+        return trained
+    device_ids = [accelerator.local_process_index] if device.type == "cuda" else None
+    # Every trained parameter is in every graph (see Sprint._middle): no scan for unused parameters.
+    return Replicated(trained, device_ids=device_ids, static_graph=True)
+
+
+def fused_optimizer(accelerator: Accelerator, parallelism: Parallelism) -> bool:
+    """Whether AdamW may use its fused kernel: always on CUDA; on the CPU not for FSDP's sharded parameters nor under
+    fp16's loss scaler."""
+    return accelerator.device.type == "cuda" or (not parallelism.sharded and parallelism.precision != "fp16")
+
+
+class Replicated(DistributedDataParallel):
+    """DDP over the trained module that still names its backbone, as every model does (the loss reads it)."""
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.module.backbone
+
+
+def precision_policy(precision: str) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 gradient reduction under 'bf16'; fp32 throughout otherwise."""
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard(module: nn.Module, device: torch.device, policy: MixedPrecisionPolicy, cpu_offload: bool) -> None:
+    """fully_shard every block of `module.backbone` and then the root, in place, over all processes.
+
+    Gradients are averaged over the processes (tests/test_fsdp.py compares a two-process step with a one-process
+    step: gloo's FSDP2 reduction has summed instead of averaged in some torch versions, pytorch issue 162338). A
+    parameter without a gradient on one process reduces as zeros there, so the collectives of all processes match."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else None  # pinning needs CUDA
+    options = dict(mesh=mesh, mp_policy=policy, offload_policy=offload)
+    for block in module.backbone.blocks:
+        fully_shard(block, **options)
+    fully_shard(module, **options)
+    module.set_reduce_scatter_unused_params(True)
