@@ -14,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from sprint_mm.checkpoints import check_fits, load_strict, read_state_dict, save_state_dict
+from sprint_mm.checkpoints import check_fits, load_strict, read_state_dict, save_state_dict, upgrade_keys
 from sprint_mm.data.faults import BadDataLedger
 from sprint_mm.repa import RepaAlignment, check_no_projector
 from sprint_mm.sharded import STRATEGIES, is_sharded, load_full, load_sharded, local, read_weights, save_sharded
@@ -131,7 +131,7 @@ class TrainState:
     def start_from(self, weights: Path) -> Optional[str]:
         """Stage 2: model and EMA from a stage-1 EMA file (strictly), the projector from beside it when there is one;
         returns a line for the log about the projector, or None."""
-        state = read_weights(weights)
+        state = upgrade_keys(self.model, read_weights(weights))  # a sharded model loads no other layout
         check_fits(self.model, state, f"stage-1 weights {weights}")
         if self.sharded:
             load_full(self.model, state)
