@@ -24,7 +24,13 @@ from sprint_mm.flops import TransformerShape
 from sprint_mm.masking import Grid
 from sprint_mm.tokens import TokenPositions, batch_size_of, device_of, gather_tokens, select_rows
 
-CONDITION_KINDS = ("class", "text")
+CONDITION_KINDS = ("class", "text")  # the one list of condition kinds: backbones declare one, runs configure one
+
+
+def check_condition_kind(kind: str) -> None:
+    """Raise a ValueError naming `kind` and the allowed kinds unless it is one of CONDITION_KINDS."""
+    if kind not in CONDITION_KINDS:
+        raise ValueError(f"unknown conditioning {kind!r}; allowed: {', '.join(CONDITION_KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -40,8 +46,7 @@ class ConditionSpec:
     learned_null: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in CONDITION_KINDS:
-            raise ValueError(f"unknown conditioning {self.kind!r}; allowed: {', '.join(CONDITION_KINDS)}")
+        check_condition_kind(self.kind)
 
 
 @dataclass

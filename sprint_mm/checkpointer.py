@@ -26,7 +26,7 @@ from torch import nn
 from torch.distributed.checkpoint import CheckpointException
 from tqdm.auto import tqdm
 
-from sprint_mm.checkpoints import check_fits, load_strict, read_state_dict, save_state_dict
+from sprint_mm.checkpoints import check_fits, load_strict, read_state_dict, save_state_dict, upgrade_keys
 from sprint_mm.data.stream import DataStream
 from sprint_mm.repa import PROJECTOR_FILE
 from sprint_mm.runs import (
@@ -201,7 +201,7 @@ class Checkpointer:
     def _start_from(self, source: str) -> None:
         """Stage 2: model and EMA from a stage-1 EMA (strictly); the parts with files of their own from beside it."""
         weights = resolve_weights(source, "ema.safetensors")
-        state = read_weights(weights)
+        state = upgrade_keys(self.parts.model, read_weights(weights))  # a sharded model loads no other layout
         check_fits(self.parts.model, state, f"stage-1 weights {weights}")
         if self.sharded:
             load_full(self.parts.model, state)

@@ -1,12 +1,12 @@
 """What a model is conditioned on: class labels or captions, from a training batch or from a sampling request."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import gin
 import torch
 
-CONDITIONINGS = ("class", "text")
+from sprint_mm.backbone import check_condition_kind
 
 
 class ClassConditioning:
@@ -91,9 +91,7 @@ def check_kind(model: torch.nn.Module, kind: str) -> None:
 
 
 @gin.configurable
-def build_conditioning(kind: str = "class") -> Any:
-    if kind == "class":
-        return ClassConditioning()
-    if kind == "text":
-        return TextConditioning()
-    raise ValueError(f"unknown conditioning {kind!r}; allowed: {', '.join(CONDITIONINGS)}")
+def build_conditioning(kind: str = "class") -> ClassConditioning | TextConditioning:
+    """The conditioning of a run: `kind` is one of sprint_mm.backbone.CONDITION_KINDS."""
+    check_condition_kind(kind)
+    return ClassConditioning() if kind == "class" else TextConditioning()

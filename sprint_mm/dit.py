@@ -2,8 +2,8 @@
 
 adaLN-Zero blocks with q/k norm; RoPE over any of the (t, h, w) axes or absolute sin-cos positions; full or
 factorised (spatial / temporal, as Latte) attention; conditioned on class ids or on text (cross-attention to the
-caption tokens, which the SPRINT wrapper never drops). The registry's `sit`, `video_dit` and `text_dit` are this
-class with other defaults.
+caption tokens, which the SPRINT wrapper never drops) through a condition module (sprint_mm.conditions). The
+registry's `sit`, `video_dit` and `text_dit` are this class with other defaults.
 """
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from sprint_mm.backbone import Backbone, ConditionSpec, Embedded, Grid
+from sprint_mm.backbone import Backbone, Embedded, Grid, check_condition_kind
+from sprint_mm.conditions import ClassCondition, TextCondition
 from sprint_mm.errors import check_number
 from sprint_mm.flops import TransformerShape
 from sprint_mm.layers import (
     DiTBlock,
     FinalLayer,
-    LabelEmbedder,
     PatchEmbed,
     RotaryEmbedding,
     TimestepEmbedder,
@@ -31,7 +31,6 @@ from sprint_mm.layers import (
     unpatchify,
     wan_axis_split,
 )
-from sprint_mm.text import TEXT_KEYS, drop_captions
 from sprint_mm.tokens import TokenPositions, as_patch
 
 # size -> (hidden, depth, heads); depths follow the original SiT/DiT family (XL: 28 = SPRINT's 2/24/2)
@@ -44,7 +43,7 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 POSITIONS = ("rope", "absolute")
 ATTENTIONS = ("full", "factorised")
 ROPE_SPLITS = ("wan", "spatial")  # named (t, h, w) channel splits of a head; a tuple gives them explicitly
-TEXT_OPTIONS = ("text_dim", "text_length", "pooled_text", "learned_null")
+TEXT_OPTIONS = ("text_dim", "text_length", "pooled_text", "learned_null")  # the options of a TextCondition
 
 
 def resolve_preset(size: str, hidden_size: Optional[int], depth: Optional[int], num_heads: Optional[int]) -> tuple[int, int, int]:
@@ -81,12 +80,6 @@ def rope_axis_split(rope_axes: str | tuple[int, ...], head_dim: int) -> tuple[in
     return tuple(rope_axes)  # type: ignore[return-value]
 
 
-def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of (B, L, Dt) tokens over the positions where mask (B, L) is True."""
-    total = tokens.masked_fill(~mask[..., None], 0.0).sum(dim=1)  # (B, Dt)
-    return total / mask.sum(dim=1, keepdim=True).to(tokens.dtype)
-
-
 #################################################################################
 #                                 The DiT                                       #
 #################################################################################
@@ -97,10 +90,9 @@ class DiT(Backbone):
 
     `input_size` (H, W) or (T, H, W) sets the sample shape and the axes of an absolute position table. `attention`
     'factorised' alternates spatial (even blocks) and temporal (odd blocks) attention; `flop_shape` counts full
-    attention, an upper bound for it. `conditioning` 'class' embeds ids (`num_classes` plus a null row); 'text'
-    projects caption tokens (`text_length` x `text_dim`) once and cross-attends to them in every block, with adaLN
-    reading the timestep (plus the mean of the real text tokens with `pooled_text`); its null condition is the
-    empty-caption embedding (`set_null_text`) or a learned table (`learned_null`).
+    attention, an upper bound for it. `conditioning` picks the condition module `y_embedder`: 'class' a
+    `ClassCondition` (`num_classes` plus a null row), 'text' a `TextCondition` (caption tokens `text_length` x
+    `text_dim`, read by a cross-attention in every block; `pooled_text`, `learned_null`).
     """
 
     def __init__(
@@ -150,7 +142,10 @@ class DiT(Backbone):
         self.x_embedder = PatchEmbed(self.patch, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.rope = RotaryEmbedding(head_dim, rope_axis_split(rope_axes, head_dim), rope_theta) if position == "rope" else None
-        self._build_condition(conditioning, num_classes, text_dim, text_length, pooled_text, learned_null)
+        check_condition_kind(conditioning)
+        self.y_embedder = (ClassCondition(num_classes, hidden_size) if conditioning == "class"
+                           else TextCondition(hidden_size, text_dim, text_length, pooled_text, learned_null))
+        self.condition = self.y_embedder.spec
         spans = ("spatial", "temporal") if attention == "factorised" else ("full",)
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, mlp=mlp, qk_norm=qk_norm,
@@ -160,28 +155,9 @@ class DiT(Backbone):
         )
         self.final_layer = FinalLayer(hidden_size, in_channels * math.prod(self.patch))
         initialize_dit_weights(self)
-        if self.condition.learned_null:  # drawn after the initialisation, which would otherwise overwrite it
-            self.null_text_tokens = nn.Parameter(torch.randn(text_length, text_dim) * text_dim**-0.5)
-
-    def _build_condition(self, kind: str, num_classes: int, text_dim: int, text_length: int, pooled_text: bool,
-                         learned_null: bool) -> None:
-        """The embedder of the condition, and the null caption of a text model."""
-        if kind == "class":
-            self.condition = ConditionSpec("class", num_classes=num_classes)
-            self.y_embedder = LabelEmbedder(num_classes, self.hidden_size)
-            return
-        self.condition = ConditionSpec("text", text_length=text_length, text_dim=text_dim, learned_null=learned_null)
-        if text_dim < 1 or text_length < 1:
-            raise ValueError(f"text_dim and text_length must be >= 1, got {text_dim} and {text_length}")
-        d = self.hidden_size
-        self.text_embedder = nn.Sequential(nn.Linear(text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
-        self.pooled_embedder = nn.Linear(text_dim, d) if pooled_text else None
-        null_mask = torch.ones(text_length, dtype=torch.bool)
-        if not learned_null:
-            self.register_buffer("null_text_tokens", torch.zeros(text_length, text_dim))
-            null_mask = torch.zeros(text_length, dtype=torch.bool)
-            null_mask[0] = True  # never all False: attention over no key gives NaN
-        self.register_buffer("null_text_mask", null_mask)
+        if self.condition.learned_null:  # drawn last, as before: a seed gives the initial weights it always gave
+            self.y_embedder.draw_learned_null()
+        self.register_load_state_dict_pre_hook(upgrade_before_load)
 
     # ---------------------------------------------------------------- shapes and positions
     def token_grid(self, input_shape: tuple[int, ...]) -> Grid:
@@ -221,67 +197,26 @@ class DiT(Backbone):
         coords = grid_coordinates(grid[3 - axes:], device=device)
         return sincos_position_embedding(self.hidden_size, coords)
 
-    # ---------------------------------------------------------------- conditions
-    def check_text(self, cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (tokens (B, L, Dt), mask (B, L)) of a text condition, or one clear error."""
-        length, dim = self.condition.text_length, self.condition.text_dim
-        if not isinstance(cond, dict) or any(key not in cond for key in TEXT_KEYS):
-            got = sorted(cond) if isinstance(cond, dict) else type(cond).__name__
-            raise ValueError(f"{type(self).__name__} takes a condition dict with keys {TEXT_KEYS}, got {got}")
-        tokens, mask = cond["text_tokens"], cond["text_mask"]
-        if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (length, dim):
-            raise ValueError(
-                f"text_tokens must have shape (B, {length}, {dim}) (text_length, text_dim), got {tuple(tokens.shape)}"
-            )
-        if mask.dtype != torch.bool or mask.shape != tokens.shape[:2]:
-            raise ValueError(
-                f"text_mask must be bool of shape {tuple(tokens.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
-            )
-        return tokens, mask
+    # ---------------------------------------------------------------- conditions: the condition module's
+    def drop_condition(self, cond: Any, drop: torch.Tensor) -> Any:
+        return self.y_embedder.drop(cond, drop)
 
-    @torch.no_grad()
+    def null_condition(self, cond: Any) -> Any:
+        return self.y_embedder.null(cond)
+
     def set_null_text(self, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> None:
-        """Use the text encoder's empty-caption embedding, (L, Dt) / (L,) or with batch 1, as the null condition."""
         if self.condition.kind != "text":
             super().set_null_text(text_tokens, text_mask)
-        if self.condition.learned_null:
-            raise ValueError(f"this {type(self).__name__} learns its null condition (learned_null=True); "
-                             "set_null_text does not apply")
-        length, dim = self.condition.text_length, self.condition.text_dim
-        tokens = text_tokens[0] if text_tokens.dim() == 3 and text_tokens.shape[0] == 1 else text_tokens
-        mask = text_mask[0] if text_mask.dim() == 2 and text_mask.shape[0] == 1 else text_mask
-        if tuple(tokens.shape) != (length, dim):
-            raise ValueError(
-                f"null text tokens must have shape ({length}, {dim}) or (1, {length}, {dim}), "
-                f"got {tuple(text_tokens.shape)}"
-            )
-        if mask.dtype != torch.bool or tuple(mask.shape) != (length,) or not mask.any():
-            raise ValueError(
-                f"null text mask must be bool of shape ({length},) with at least one True, "
-                f"got {mask.dtype} {tuple(text_mask.shape)} with {int(mask.sum())} True"
-            )
-        self.null_text_tokens.copy_(tokens)
-        self.null_text_mask.copy_(mask)
+        self.y_embedder.set_null_text(text_tokens, text_mask)
 
-    def drop_condition(self, cond: Any, drop: torch.Tensor) -> Any:
-        if self.condition.kind == "class":
-            return torch.where(drop.to(cond.device), torch.full_like(cond, self.condition.num_classes), cond)
-        tokens, _ = self.check_text(cond)
-        null = {"text_tokens": self.null_text_tokens[None], "text_mask": self.null_text_mask[None]}
-        return drop_captions(cond, null, drop.to(tokens.device))
-
-    def _condition_vector(self, t: torch.Tensor, cond: Any) -> tuple[torch.Tensor, Any]:
-        """(c (B, D) for adaLN, the context every block reads)."""
-        c = self.t_embedder(t)  # (B, D)
-        if self.condition.kind == "class":
-            return c + self.y_embedder(cond), None
-        text, mask = self.check_text(cond)
-        if not bool(mask.any(dim=1).all()):
-            raise ValueError("every text_mask row needs at least one True (real token); attention over none gives NaN")
-        text = text.to(self.text_embedder[0].weight.dtype)
-        if self.pooled_embedder is not None:
-            c = c + self.pooled_embedder(masked_mean(text, mask))
-        return c, (self.text_embedder(text), mask)  # (B, L, D), (B, L)
+    def upgrade_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """Rename in place the keys that DiTs written before condition modules gave the condition's tensors (e.g.
+        `text_embedder.0.weight` -> `y_embedder.token_proj.0.weight`); `prefix` is this DiT's in `state`."""
+        for old, new in self.y_embedder.LEGACY_KEYS.items():
+            for key in [key for key in state if key.startswith(prefix + old)]:
+                current = f"{prefix}y_embedder.{new}{key[len(prefix + old):]}"
+                if current not in state:  # with both, strict loading names the old key as unexpected
+                    state[current] = state.pop(key)
 
     # ---------------------------------------------------------------- the seam
     def embed(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> Embedded:
@@ -290,7 +225,10 @@ class DiT(Backbone):
         tokens = self.x_embedder(x.unsqueeze(2) if image else x)  # (B, N, D)
         if self.rope is None:
             tokens = tokens + self._absolute_positions(grid, x.device).to(tokens.dtype)
-        c, context = self._condition_vector(t, cond)
+        c = self.t_embedder(t)  # (B, D)
+        term, context = self.y_embedder.embed(cond)
+        if term is not None:
+            c = c + term
         return Embedded(tokens=tokens, c=c, positions=self._positions(grid, x.device), grid=grid, image=image,
                         context=context)
 
@@ -312,3 +250,8 @@ class DiT(Backbone):
             context_dim=self.hidden_size if text else 0,
             fusion=False,
         )
+
+
+def upgrade_before_load(module: DiT, state: dict[str, torch.Tensor], prefix: str, *_: Any) -> None:
+    """load_state_dict's pre-hook: checkpoints in an earlier layout load strictly (see `DiT.upgrade_state_dict`)."""
+    module.upgrade_state_dict(state, prefix)

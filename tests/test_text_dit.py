@@ -87,7 +87,7 @@ def test_null_condition_drop_condition_and_set_null_text():
     assert torch.equal(null["text_mask"], empty["text_mask"].expand(3, -1))
     assert (model(x, t, null) - before).abs().max() > 1e-4
     state = backbone.state_dict()
-    assert torch.equal(state["null_text_tokens"], empty["text_tokens"][0])  # saved with the checkpoint
+    assert torch.equal(state["y_embedder.null_tokens"], empty["text_tokens"][0])  # saved with the checkpoint
 
 
 def test_every_parameter_and_the_learned_null_get_gradient():
@@ -99,7 +99,7 @@ def test_every_parameter_and_the_learned_null_get_gradient():
     model(x, t, cond, mask=mask).square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert missing == []
-    assert (model.backbone.null_text_tokens.grad.abs().sum(-1) > 0).all()  # every position of the learned null
+    assert (model.backbone.y_embedder.null_tokens.grad.abs().sum(-1) > 0).all()  # every position of the learned null
     with pytest.raises(ValueError, match="learned_null=True"):
         model.backbone.set_null_text(**text_condition(real_tokens=(3,)))
 

@@ -110,8 +110,8 @@ def test_text_run_end_to_end_with_minilm(tmp_path, encoded):
     empty = TextEncoder("minilm", max_length=16)([""])
     for run in (stage1, stage2):
         weights = load_file(str(list_checkpoints(run)[-1] / "ema.safetensors"))
-        torch.testing.assert_close(weights["backbone.null_text_tokens"], empty["text_tokens"][0])
-        assert torch.equal(weights["backbone.null_text_mask"], empty["text_mask"][0])
+        torch.testing.assert_close(weights["backbone.y_embedder.null_tokens"], empty["text_tokens"][0])
+        assert torch.equal(weights["backbone.y_embedder.null_mask"], empty["text_mask"][0])
     assert int(empty["text_mask"].sum()) == 2  # [CLS] [SEP]: the empty caption is not an all-padding row
 
 

@@ -1,4 +1,8 @@
-"""Strict loading: every tensor fits or nothing is loaded, with a readable report of what does not fit."""
+"""Strict loading: every tensor fits or nothing is loaded, with a readable report of what does not fit.
+
+A module whose tensors once had other keys (e.g. `DiT`, whose condition tensors moved into its condition module)
+defines `upgrade_state_dict(state, prefix)`, which renames the old keys under its prefix in place; `upgrade_keys`
+applies every such module's renaming, so checkpoints written before still fit and load strictly."""
 from __future__ import annotations
 
 import torch
@@ -9,9 +13,19 @@ class CheckpointMismatch(ValueError):
     """A state dict that does not fit the model: lists what is missing, unexpected and of another shape."""
 
 
+def upgrade_keys(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of `state` with the keys of earlier layouts renamed to `module`'s (see the module docstring)."""
+    state = dict(state)
+    for name, submodule in module.named_modules():
+        upgrade = getattr(submodule, "upgrade_state_dict", None)
+        if callable(upgrade):
+            upgrade(state, f"{name}." if name else "")
+    return state
+
+
 def mismatch_report(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
-    """(missing, unexpected, wrong-shape descriptions) of `state` against `module`."""
-    own = module.state_dict()
+    """(missing, unexpected, wrong-shape descriptions) of `state`, its keys upgraded, against `module`."""
+    own, state = module.state_dict(), upgrade_keys(module, state)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(
@@ -24,6 +38,7 @@ def mismatch_report(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load every tensor or raise CheckpointMismatch naming what does not fit; never a partial, silent load."""
+    state = upgrade_keys(module, state)
     check_fits(module, state, source)
     module.load_state_dict(state, strict=True)
 
