@@ -13,6 +13,7 @@ past damaged ones, and reshards sharded files onto any number of processes.
 """
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from sprint_mm.data.stream import DataStream
 from sprint_mm.repa import PROJECTOR_FILE
 from sprint_mm.runs import (
     DamagedCheckpoint,
+    UnreadableCheckpoint,
     list_checkpoints,
     newest_intact_checkpoint,
     publish_checkpoint,
@@ -41,6 +43,8 @@ from sprint_mm.runs import (
 from sprint_mm.sharded import is_sharded, load_full, load_sharded, local, read_weights, save_sharded
 
 STATE_FILE = "training_state.pt"
+# What numpy arrays unpickle through (RNG files written before the states became tensors held numpy's as an array).
+NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 KINDS = ("DDP (full safetensors)", "FSDP (sharded)")
 # Files of parts a configuration may lack, and what resuming them needs.
 OPTIONAL_FILES = {PROJECTOR_FILE: "it was trained with REPA alignment: bind Trainer.alignment = @RepaAlignment() "
@@ -155,7 +159,7 @@ class Checkpointer:
             self.say(f"resumed from {folder} at step {progress.step}")
             rng = folder / f"rng_rank{rank}.pt"
             if rng.is_file():
-                set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+                set_rng_state(read_rng_state(rng))
                 return
             tqdm.write(f"[sprint_mm] process {rank}: {folder.name} has no rng_rank{rank}.pt (written by fewer processes); "
                   f"its random stream starts from the seed of (seed {seed}, step {progress.step}, rank {rank})")
@@ -174,7 +178,7 @@ class Checkpointer:
         self._check_parts(folder)
         for part in parts.extras.values():  # before the optimizer, whose groups hold their parameters
             part.load(folder)
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        state = read_training_state(folder / STATE_FILE)
         if self.sharded:
             load_sharded(folder, parts.model, parts.ema, parts.optimizer)
         else:
@@ -227,18 +231,57 @@ def check_finite(model: nn.Module, ema: nn.Module, step: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every random generator's state as tensors and numbers, so the file reads back as data (no pickled objects)."""
+    python_version, python_words, python_gauss = random.getstate()
+    numpy_kind, numpy_words, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python_version": python_version,
+             "python_words": torch.tensor(python_words, dtype=torch.int64), "python_gauss": python_gauss,
+             "numpy_kind": numpy_kind, "numpy_words": torch.from_numpy(numpy_words.astype(np.int64)),
+             "numpy_pos": numpy_pos, "numpy_has_gauss": numpy_has_gauss, "numpy_gauss": numpy_gauss}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`, or the state of a checkpoint written before it (Python's and numpy's states as
+    objects)."""
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    if "python" in state:  # the earlier layout
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+    else:
+        random.setstate((state["python_version"], tuple(state["python_words"].tolist()), state["python_gauss"]))
+        np.random.set_state((state["numpy_kind"], state["numpy_words"].numpy().astype(np.uint32), state["numpy_pos"],
+                             state["numpy_has_gauss"], state["numpy_gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_rng_state(path: Path) -> dict[str, Any]:
+    """A process's RNG file, read as data: tensors, numbers and (in the earlier layout) numpy arrays, nothing that runs
+    code. A file that asks for anything else is refused with one line naming it."""
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnreadableCheckpoint(f"{path} is not a random-state file sprint_mm reads: it holds objects other than "
+                                   f"tensors and numbers ({refusal_reason(err)}); refusing to load it") from err
+
+
+def read_training_state(path: Path) -> dict[str, Any]:
+    """`training_state.pt`, read as data (tensors, numbers, strings, lists and dicts); anything else is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnreadableCheckpoint(f"{path} holds objects other than tensors and numbers ({refusal_reason(err)}); "
+                                   "refusing to load it") from err
+
+
+def refusal_reason(err: BaseException) -> str:
+    """The line of torch's weights-only error that says what the file asked for (e.g. a GLOBAL it would import)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "?")
 
 
 def process_seed(seed: int, step: int, rank: int) -> int:

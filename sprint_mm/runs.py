@@ -32,6 +32,10 @@ class DamagedCheckpoint(ValueError):
     """A checkpoint folder whose files do not match its manifest."""
 
 
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that holds something other than data (a pickle that would run code): refused, not read."""
+
+
 def write_run_configs(run_dir: str | os.PathLike, facts: dict[str, Any]) -> None:
     """The run's operative gin configuration (`config.gin`, read back by resume and `sample.py`) and a plain
     `config.json`: its bindings line by line and the `facts` the trainer gives (model, sizes, processes, ...)."""

@@ -8,20 +8,57 @@ the usual safetensors files.
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_model_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 from sprint_mm.checkpoints import clean_key, read_state_dict, save_state_dict
-from sprint_mm.runs import DCP_METADATA, add_to_manifest, find_checkpoint, verify_checkpoint
+from sprint_mm.runs import DCP_METADATA, UnreadableCheckpoint, add_to_manifest, find_checkpoint, verify_checkpoint
 
 WEIGHTS = ("model", "ema")
+# What DCP's `.metadata` pickle may name: its own metadata classes, tensor sizes, dtypes and layouts, and paths.
+METADATA_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                    *(("pathlib", name) for name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath",
+                                                     "PureWindowsPath"))}
+METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` as data: a name outside METADATA_GLOBALS (and the dtypes) is refused, so a crafted
+    file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module == METADATA_MODULE or (module, name) in METADATA_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which is not part of a checkpoint's metadata")
+
+
+class MetadataReader(dcp.FileSystemReader):
+    """DCP's file reader whose `.metadata` is read with `MetadataUnpickler`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with self.fs.create_stream(path, "rb") as file:
+                metadata = MetadataUnpickler(file).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+            raise UnreadableCheckpoint(f"{path} is not a checkpoint index sprint_mm reads ({err}); refusing to load "
+                                       "it") from err
+        if not isinstance(metadata, Metadata):
+            raise UnreadableCheckpoint(f"{path} holds a {type(metadata).__name__}, not DCP's Metadata; refusing it")
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def is_sharded(folder: Path) -> bool:
@@ -43,7 +80,7 @@ def load_sharded(folder: Path, model: torch.nn.Module, ema: torch.nn.Module, opt
     """Load model, EMA and optimizer from a sharded checkpoint written by any number of processes (collective)."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "ema": ema.state_dict(), "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=folder)  # in place into this process's shards, resharded as needed
+    dcp.load(state, storage_reader=MetadataReader(folder))  # in place into this process's shards, resharded
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -55,14 +92,14 @@ def load_full(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
 def read_sharded_weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
     """The full (unsharded) model or EMA tensors of a sharded checkpoint, read in this one process."""
     prefix = f"{name}."
-    entries = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    entries = MetadataReader(folder).read_metadata().state_dict_metadata
     state = {key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
              for key, meta in entries.items() if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
     if not state:
         raise ValueError(f"sharded checkpoint {folder} holds no {name!r} tensors")
     with warnings.catch_warnings():  # DCP says that it assumes one process: so it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({name: state}, checkpoint_id=folder, no_dist=True)
+        dcp.load({name: state}, storage_reader=MetadataReader(folder), no_dist=True)
     return {clean_key(k): v for k, v in state.items()}
 
 

@@ -26,11 +26,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from a teammate's account
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: Optional[dict[str, str]] = None) -> Path:
