@@ -1,8 +1,9 @@
 """The backbone registry: every backbone registers itself here under a name that gin files use, and `build_model`
 builds the one a configuration names (wrapped in SPRINT, or alone: the dense baseline).
 
-`sprint_mm` never imports this package; it finds `build_model` through the `sprint_mm.models` entry point that
-pyproject.toml declares (see sprint_mm/models.py).
+`sprint_mm` never imports this package; it finds `build_model` and `build_backbone` through the `sprint_mm.models`
+entry points that pyproject.toml declares (see sprint_mm/models.py). Backbones of other installed packages register
+here too, from the modules those packages name under the `sprint_mm.backbones` entry point.
 """
 from __future__ import annotations
 
@@ -93,5 +94,11 @@ def build_model(backbone: str = "sit", sprint: bool = True, gradient_checkpointi
     return Sprint(model) if sprint else model
 
 
+def build_backbone(name: str, **options: Any) -> nn.Module:
+    """The backbone registered as `name`, built with `options` over its gin bindings (`sprint_mm.testing` builds
+    backbones by name through this, as the `sprint_mm.models` entry point `build_backbone`)."""
+    return BACKBONES.build(name, **options)
+
+
 # Importing the backbone modules registers them.
-from registry import sit, text_dit, video_dit  # noqa: E402,F401
+from registry import sit, text_dit, uvit, video_dit  # noqa: E402,F401

@@ -5,15 +5,18 @@ data: patches, positions, conditioning, the blocks, unpatchify. `Sprint` owns th
 mask token, the fusion and path drop, and reaches the backbone only through this seam:
 
 - `embed(x, t, cond) -> Embedded` and `unembed(tokens, embedded)`; `blocks`, each `block(x, c, positions, context)`;
+- `long_skips`: (source, target) block pairs; the seam keeps the source's output and hands it to the target block as
+  a fifth argument, `block(x, c, positions, context, skip)` (U-ViT); most backbones declare none;
 - `token_grid(input_shape)`, `sample_shape`, `drop_condition(cond, drop)` / `null_condition(cond)`;
 - `condition`: how it is conditioned (a `ConditionSpec`), declared instead of probed;
 - `flop_shape()`: its dense cost shape; `Sprint` adds its split.
 
-Every model, wrapped or not, reaches its backbone the same way: `model.backbone`.
+`run_stack` runs a span of the blocks with the long skips; `sprint_mm.testing.check_backbone` holds a backbone to the
+seam. Every model, wrapped or not, reaches its backbone the same way: `model.backbone`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -31,6 +34,9 @@ def check_condition_kind(kind: str) -> None:
     """Raise a ValueError naming `kind` and the allowed kinds unless it is one of CONDITION_KINDS."""
     if kind not in CONDITION_KINDS:
         raise ValueError(f"unknown conditioning {kind!r}; allowed: {', '.join(CONDITION_KINDS)}")
+
+
+LongSkip = tuple[int, int]  # (source block, target block), indices into the backbone's blocks
 
 
 @dataclass(frozen=True)
@@ -58,32 +64,42 @@ class Embedded:
     positions: TokenPositions  # per-token grid coordinates (and RoPE), gathered with the tokens
     grid: Grid  # token grid (T, H, W); T = 1 for images
     image: bool = False  # the input was (B, C, H, W): unembed gives back an image, not a one-frame video
-    context: Any = None  # per-sample data every block reads (e.g. text tokens), batch axis 0
+    context: Any = None  # per-sample data every block reads (e.g. text tokens), batch axis 0; never gathered by token
+    skips: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> its output (B, N, D), kept for a
+    # long skip; restricted to rows and kept tokens with the tokens
 
     def with_tokens(self, tokens: torch.Tensor) -> Embedded:
-        """The same conditioning and positions around other hidden states of all tokens (B, N, D)."""
+        """The same conditioning, positions and kept skips around other hidden states of all tokens (B, N, D)."""
         return replace(self, tokens=tokens)
 
     def subset(self, tokens: torch.Tensor, rows: torch.Tensor, ids_keep: Optional[torch.Tensor] = None) -> Embedded:
         """Hidden states tokens (B, N, D) restricted to the batch `rows` and, with ids_keep (len(rows), M), to the kept
-        tokens, with their conditioning, context and true positions."""
-        tokens, positions = tokens[rows], self.positions.rows(rows)
+        tokens, with their conditioning, context, true positions and kept skip states (gathered like the tokens)."""
+
+        def restrict(states: torch.Tensor) -> torch.Tensor:
+            states = states[rows]
+            return states if ids_keep is None else gather_tokens(states, ids_keep)
+
+        positions = self.positions.rows(rows)
         if ids_keep is not None:
-            tokens, positions = gather_tokens(tokens, ids_keep), positions.gather(ids_keep)
-        return replace(self, tokens=tokens, c=self.c[rows], positions=positions, context=select_rows(self.context, rows))
+            positions = positions.gather(ids_keep)
+        return replace(self, tokens=restrict(tokens), c=self.c[rows], positions=positions,
+                       context=select_rows(self.context, rows),
+                       skips={index: restrict(states) for index, states in self.skips.items()})
 
 
 class Backbone(nn.Module):
     """A plain diffusion transformer. Alone it is the dense baseline; `Sprint` wraps it.
 
-    Subclasses build `self.blocks` (identical-signature blocks `block(x, c, positions, context)`), set
-    `hidden_size` and `condition`, and implement `embed`, `unembed`, `token_grid`, `drop_condition`, `sample_shape`
-    and `flop_shape`.
+    Subclasses build `self.blocks` (blocks `block(x, c, positions, context)`; the target of a long skip also takes
+    `skip`), set `hidden_size`, `condition` and, with long skips, `long_skips`, and implement `embed`, `unembed`,
+    `token_grid`, `drop_condition`, `sample_shape` and `flop_shape`.
     """
 
     hidden_size: int
     blocks: nn.ModuleList
     condition: ConditionSpec
+    long_skips: tuple[LongSkip, ...] = ()  # (source, target): block target reads the output of block source
     gradient_checkpointing: bool = False  # set by build_model; read by the dense forward and by Sprint
 
     @property
@@ -126,20 +142,63 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """Dense forward over all blocks."""
         embedded = self.embed(x, t, cond)
-        return self.unembed(run_blocks(self.blocks, embedded, self.gradient_checkpointing), embedded)
+        return self.unembed(run_stack(self, embedded).tokens, embedded)
+
+
+def skip_sources(backbone: Backbone) -> dict[int, int]:
+    """target block -> source block of the backbone's long skips, or one clear error for a malformed declaration."""
+    depth, sources = len(backbone.blocks), {}
+    for pair in backbone.long_skips:
+        valid = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in pair)
+        if not valid or not 0 <= pair[0] < pair[1] < depth:
+            raise ValueError(f"{type(backbone).__name__}.long_skips has {pair!r}; a long skip is a pair (source, "
+                             f"target) of block indices with 0 <= source < target < {depth} (its number of blocks)")
+        if pair[1] in sources:
+            raise ValueError(f"{type(backbone).__name__}.long_skips feeds block {pair[1]} twice (from blocks "
+                             f"{sources[pair[1]]} and {pair[0]}); a block takes at most one long skip")
+        sources[pair[1]] = pair[0]
+    return sources
+
+
+def run_stack(backbone: Backbone, embedded: Embedded, start: int = 0, stop: Optional[int] = None) -> Embedded:
+    """Run the backbone's blocks[start:stop] on `embedded`; returns the hidden states with the outputs of the long
+    skips' source blocks that ran added to `skips`. The target of a long skip gets its source's kept output as
+    `skip`; a source outside the span must have run before (its state in `embedded.skips`). With the backbone's
+    `gradient_checkpointing`, while gradients are recorded, each block keeps only its inputs and recomputes its
+    activations in the backward pass: activation memory of one block instead of all, for one more forward pass."""
+    sources = skip_sources(backbone)
+    kept = {source for source, _ in backbone.long_skips}
+    h, skips = embedded.tokens, dict(embedded.skips)
+    stop = len(backbone.blocks) if stop is None else stop
+    for index in range(start, stop):
+        block, args = backbone.blocks[index], (h, embedded.c, embedded.positions, embedded.context)
+        if index in sources:
+            if sources[index] not in skips:
+                raise ValueError(f"block {index} takes the long skip of block {sources[index]}, which has not run on "
+                                 f"these tokens (blocks {start}..{stop - 1} run here, after {sorted(skips) or 'none'})")
+            args += (skips[sources[index]],)
+        h = call_block(block, args, backbone.gradient_checkpointing)
+        if index in kept:
+            skips[index] = h
+    return replace(embedded, tokens=h, skips=skips)
 
 
 def run_blocks(blocks: Sequence[nn.Module], embedded: Embedded, checkpointing: bool = False) -> torch.Tensor:
-    """Apply `blocks` in order to `embedded.tokens` with its conditioning, positions and context. With
-    `checkpointing`, while gradients are recorded, each block keeps only its inputs and recomputes its activations in
-    the backward pass: activation memory of one block instead of all, for about one more forward pass of compute."""
-    h, c, positions, context = embedded.tokens, embedded.c, embedded.positions, embedded.context
+    """Apply `blocks` (none of them the target of a long skip) in order to `embedded.tokens` with its conditioning,
+    positions and context; `checkpointing` as in `run_stack`. A span of a backbone's own blocks runs with
+    `run_stack`, which also carries the long skips."""
+    h = embedded.tokens
     for block in blocks:
-        if checkpointing and torch.is_grad_enabled():
-            h = checkpoint(block, h, c, positions, context, use_reentrant=False)
-        else:
-            h = block(h, c, positions, context)
+        h = call_block(block, (h, embedded.c, embedded.positions, embedded.context), checkpointing)
     return h
+
+
+def call_block(block: nn.Module, args: tuple, checkpointing: bool) -> torch.Tensor:
+    """block(*args), recomputed in the backward pass instead of kept when `checkpointing` and gradients are on."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:

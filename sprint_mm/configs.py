@@ -13,11 +13,14 @@ from typing import Any, Sequence
 import gin
 
 import sprint_mm
-from sprint_mm.models import model_factory
+from sprint_mm.models import load_backbone_plugins, model_factory
 
 GIN_FOLDER = Path(__file__).resolve().parents[1] / "gin"
 
 
+# what a gin `import` line that cannot be imported needs
+IMPORT_HINT = (" A gin `import` line needs its module on the Python path: add the folder that holds it to PYTHONPATH or "
+               "install its package; sample.py and resume read the same line from the run's config.gin.")
 # gin's message for a binding of a parameter the configurable does not have
 PARAMETER_TYPO = re.compile(r"'([^']+)' doesn't have a parameter named '([^']+)'")
 
@@ -27,12 +30,13 @@ class ConfigError(ValueError):
 
 
 def register_configurables() -> list[str]:
-    """Import every sprint_mm module and the model factory's package, whose imports register their gin
-    configurables; returns the names of the modules searched for configurables."""
+    """Import every sprint_mm module, the model factory's package and the installed backbone plugins, whose imports
+    register their gin configurables; returns the names of the modules searched for configurables."""
     for module in pkgutil.walk_packages(sprint_mm.__path__, prefix="sprint_mm."):
         importlib.import_module(module.name)
-    packages = ("sprint_mm", model_factory().__module__.split(".")[0])
-    return [name for name in sys.modules if name.split(".")[0] in packages]
+    plugins = load_backbone_plugins()
+    packages = {"sprint_mm", model_factory().__module__.split(".")[0], *(name.split(".")[0] for name in plugins)}
+    return [name for name in list(sys.modules) if name.split(".")[0] in packages]
 
 
 def resolve_gin_file(path: str) -> str:
@@ -85,7 +89,8 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
         raise
     except Exception as err:  # gin raises ValueError/KeyError/SyntaxError with its own context lines
         first_line = gin_error_line(err)
-        raise ConfigError(f"bad gin configuration: {first_line}.{suggestion(first_line, modules)}") from err
+        hint = IMPORT_HINT if isinstance(err, ModuleNotFoundError) else suggestion(first_line, modules)
+        raise ConfigError(f"bad gin configuration: {first_line}.{hint}") from err
 
 
 def gin_error_line(err: Exception) -> str:

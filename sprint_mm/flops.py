@@ -17,7 +17,8 @@ GUIDANCE_MODES = ("none", "cfg", "pdg")
 class TransformerShape:
     """The sizes that decide a diffusion transformer's cost.
 
-    A dense model is depth (0, blocks, 0) with no fusion; a SPRINT model is (E, M, L) with fusion.
+    A dense model is depth (0, blocks, 0) with no fusion; a SPRINT model is (E, M, L) with fusion. A backbone with
+    long skips (U-ViT) counts, per stack, the blocks that project [x, skip] 2D -> D before they run.
     """
 
     hidden: int  # D
@@ -29,12 +30,18 @@ class TransformerShape:
     context_tokens: int = 0  # text tokens read by cross-attention (0 = no cross-attention)
     context_dim: int = 0  # text embedding width (input of the cross-attention K/V projections)
     fusion: bool = True  # SPRINT concat-linear fusion present (only counted when E + L > 0)
+    skip_projections: tuple[int, int, int] = (0, 0, 0)  # long-skip Linear(2D, D) per stack (encoder, middle, decoder)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "depth", tuple(self.depth))  # gin and JSON may hand over a list
-        if len(self.depth) != 3 or any(not isinstance(d, int) or d < 0 for d in self.depth):
+        for name in ("depth", "skip_projections"):
+            value = tuple(getattr(self, name))  # gin and JSON may hand over a list
+            object.__setattr__(self, name, value)
+            if len(value) != 3 or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in value):
+                raise ValueError(f"{name} must be three non-negative ints (encoder, middle, decoder), got {value!r}")
+        if any(skips > blocks for skips, blocks in zip(self.skip_projections, self.depth)):
             raise ValueError(
-                f"depth must be three non-negative ints (encoder, middle, decoder), got {self.depth!r}"
+                f"skip_projections {self.skip_projections!r} puts more projections in a stack than it has blocks "
+                f"(depth {self.depth!r}); each projection sits in front of one block"
             )
         if sum(self.depth) == 0:
             raise ValueError(f"depth must contain at least one block, got {self.depth!r}")
@@ -128,7 +135,8 @@ def _outer_flops(shape: TransformerShape, tokens: int) -> float:
     final_layer = 4 * d * d + 2 * n * d * shape.output_dim  # adaLN Linear(D, 2D) + output Linear
     fusion = 4 * n * d * d if shape.has_fusion else 0  # Linear(2D, D)
     dense_blocks = (encoder + decoder) * block_flops(shape, tokens)
-    return patch_embed + timestep_mlp + final_layer + fusion + dense_blocks
+    skips = (shape.skip_projections[0] + shape.skip_projections[2]) * skip_projection_flops(shape, tokens)
+    return patch_embed + timestep_mlp + final_layer + fusion + dense_blocks + skips
 
 
 def _middle_flops(shape: TransformerShape, tokens: int, kept_tokens: int | None) -> float:
@@ -138,7 +146,13 @@ def _middle_flops(shape: TransformerShape, tokens: int, kept_tokens: int | None)
     _require_int("kept_tokens", kept_tokens, minimum=1)
     if kept_tokens > tokens:
         raise ValueError(f"kept_tokens must be at most tokens={tokens}, got {kept_tokens}")
-    return shape.depth[1] * block_flops(shape, kept_tokens)
+    return shape.depth[1] * block_flops(shape, kept_tokens) + shape.skip_projections[1] * skip_projection_flops(
+        shape, kept_tokens)
+
+
+def skip_projection_flops(shape: TransformerShape, tokens: int) -> float:
+    """FLOPs of one long skip's Linear(2D, D) over [x, skip] at `tokens` tokens: 4 N D^2."""
+    return float(4 * tokens * shape.hidden**2)
 
 
 def _require_int(name: str, value: object, minimum: int) -> None:

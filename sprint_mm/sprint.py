@@ -2,6 +2,11 @@
 
 One forward serves training (token drop, path drop), dense fine-tuning and inference, CFG and PDG: samples flagged in
 `skip_middle` never run the middle blocks and get the mask token as their whole sparse-path output.
+
+A backbone's long skips (U-ViT) run across the split: the middle reads an encoder block's output at its kept tokens
+(gathered with their true positions), middle blocks feed middle blocks, encoder blocks feed decoder blocks. A middle
+block cannot feed a decoder block (the tokens and rows the middle drops have no value there): `Sprint` refuses such a
+split, and for skips mirrored as i -> depth-1-i (U-ViT) the legal splits are encoder_depth >= decoder_depth.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import gin
 import torch
 from torch import nn
 
-from sprint_mm.backbone import Backbone, Embedded, run_blocks
+from sprint_mm.backbone import Backbone, Embedded, run_stack, skip_sources
 from sprint_mm.flops import TransformerShape
 from sprint_mm.masking import TokenMask
 
@@ -27,6 +32,25 @@ def middle_rows(batch: int, skip_middle: Optional[torch.Tensor], device: torch.d
     if skip_middle.shape != (batch,):
         raise ValueError(f"skip_middle must have shape ({batch},), got {tuple(skip_middle.shape)}")
     return rows[~skip_middle.to(device)]
+
+
+def check_split(backbone: Backbone, encoder_depth: int, decoder_depth: int) -> None:
+    """One clear error for a split whose long skip runs from a middle block into a decoder block."""
+    depth = len(backbone.blocks)
+    decoder_start = depth - decoder_depth
+    into_decoder = {target: source for target, source in skip_sources(backbone).items() if target >= decoder_start}
+    for target, source in sorted(into_decoder.items()):
+        if source >= encoder_depth:
+            needed = max(into_decoder.values()) + 1
+            legal = (f"with decoder_depth {decoder_depth}, encoder_depth >= {needed}" if needed + decoder_depth < depth
+                     else f"no encoder_depth leaves a middle block with decoder_depth {decoder_depth}; lower it")
+            raise ValueError(
+                f"Sprint cannot split {type(backbone).__name__}'s {depth} blocks as encoder_depth {encoder_depth} / "
+                f"decoder_depth {decoder_depth}: its long skip {source} -> {target} runs from a middle block into a "
+                f"decoder block, where the tokens and rows the middle drops have no value. Legal splits feed every "
+                f"decoder block's long skip from an encoder block: {legal} (for skips i -> depth-1-i, as U-ViT's: "
+                f"encoder_depth >= decoder_depth)"
+            )
 
 
 @gin.configurable
@@ -50,6 +74,7 @@ class Sprint(nn.Module):
             )
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; allowed: {', '.join(FUSIONS)}")
+        check_split(backbone, encoder_depth, decoder_depth)
         self.backbone = backbone
         self.encoder_depth = encoder_depth
         self.decoder_depth = decoder_depth
@@ -67,17 +92,34 @@ class Sprint(nn.Module):
 
     @property
     def middle_blocks(self) -> list[nn.Module]:
-        return list(self.backbone.blocks[self.encoder_depth : len(self.backbone.blocks) - self.decoder_depth])
+        return list(self.backbone.blocks[self.encoder_depth : self.decoder_start])
 
     @property
     def decoder_blocks(self) -> list[nn.Module]:
-        return list(self.backbone.blocks[len(self.backbone.blocks) - self.decoder_depth :])
+        return list(self.backbone.blocks[self.decoder_start :])
+
+    @property
+    def decoder_start(self) -> int:
+        """Index of the first decoder block."""
+        return len(self.backbone.blocks) - self.decoder_depth
 
     def flop_shape(self) -> TransformerShape:
-        """The backbone's dense cost shape with SPRINT's split and fusion."""
-        middle = len(self.backbone.blocks) - self.encoder_depth - self.decoder_depth
-        return replace(self.backbone.flop_shape(), depth=(self.encoder_depth, middle, self.decoder_depth),
-                       fusion=self.fusion is not None)
+        """The backbone's dense cost shape with SPRINT's split and fusion; the long skips' projections counted in the
+        stack of the block they feed."""
+        dense = self.backbone.flop_shape()
+        skips = self.backbone.long_skips
+        if sum(dense.skip_projections) not in (0, len(skips)):
+            raise ValueError(
+                f"{type(self.backbone).__name__}.flop_shape() counts {sum(dense.skip_projections)} skip projections "
+                f"for {len(skips)} long skips; count one per long skip (or none)"
+            )
+        projections = [0, 0, 0]  # encoder, middle, decoder
+        if sum(dense.skip_projections):
+            for _, target in skips:
+                projections[(target >= self.encoder_depth) + (target >= self.decoder_start)] += 1
+        middle = self.decoder_start - self.encoder_depth
+        return replace(dense, depth=(self.encoder_depth, middle, self.decoder_depth), fusion=self.fusion is not None,
+                       skip_projections=tuple(projections))
 
     # --------------------------------------------------------------- forward
     def forward(
@@ -96,27 +138,27 @@ class Sprint(nn.Module):
                 f"token mask is for batch {mask.ids_keep.shape[0]} x {mask.num_tokens} tokens, "
                 f"but the input has batch {b} x {n} tokens (grid {emb.grid})"
             )
-        recompute = self.backbone.gradient_checkpointing
-        dense = run_blocks(self.encoder_blocks, emb, recompute)  # (B, N, D)
-        sparse = self._middle(dense, emb, mask, skip_middle)  # (B, N, D)
+        encoded = run_stack(self.backbone, emb, 0, self.encoder_depth)  # tokens (B, N, D), encoder skip states
+        dense = encoded.tokens
+        sparse = self._middle(encoded, mask, skip_middle)  # (B, N, D)
         h = sparse if self.fusion is None else self.fusion(torch.cat([sparse, dense], dim=-1))
-        h = run_blocks(self.decoder_blocks, emb.with_tokens(h), recompute)  # (B, N, D)
+        h = run_stack(self.backbone, encoded.with_tokens(h), self.decoder_start).tokens  # (B, N, D)
         return self.backbone.unembed(h, emb)
 
-    def _middle(
-        self, dense: torch.Tensor, emb: Embedded, mask: Optional[TokenMask], skip_middle: Optional[torch.Tensor]
-    ) -> torch.Tensor:
+    def _middle(self, encoded: Embedded, mask: Optional[TokenMask], skip_middle: Optional[torch.Tensor]) -> torch.Tensor:
         """Run the middle blocks on the kept tokens of the rows that do not skip; mask token everywhere else.
 
         There is no shortcut for "no row runs the middle" or "every row keeps every token": the blocks then run on an
         empty batch and the mask token is overwritten, so every parameter is in every graph (with a zero gradient
         where it did nothing) and DDP needs no scan for unused parameters."""
+        dense = encoded.tokens
         b, n, d = dense.shape
         canvas = self.mask_token.to(dense.dtype).expand(b, n, d)
         rows = middle_rows(b, skip_middle, dense.device)
         ids_keep = None if mask is None else mask.ids_keep.to(dense.device)[rows]  # (b_run, M)
-        # each kept token keeps its true position
-        h = run_blocks(self.middle_blocks, emb.subset(dense, rows, ids_keep), self.backbone.gradient_checkpointing)
+        # each kept token keeps its true position and the encoder's skip states at its place
+        sparse = encoded.subset(dense, rows, ids_keep)
+        h = run_stack(self.backbone, sparse, self.encoder_depth, self.decoder_start).tokens
         if ids_keep is not None:
             h = canvas[: rows.numel()].scatter(1, ids_keep[..., None].expand(-1, -1, d), h)  # (b_run, N, D)
         return canvas.index_copy(0, rows, h)

@@ -87,26 +87,31 @@ def _run_block(shape: TransformerShape, x: torch.Tensor, c: torch.Tensor, contex
     return x + _linear(hidden, d)
 
 
+def _run_stack(shape, stack: int, x, c, context) -> torch.Tensor:
+    """The blocks of one stack (0 encoder, 1 middle, 2 decoder); the first skip_projections[stack] of them project a
+    long skip [x, skip] 2D -> D first (the skip here: the stack's input)."""
+    skip = x
+    for block in range(shape.depth[stack]):
+        if block < shape.skip_projections[stack]:
+            x = _linear(torch.cat([x, skip], dim=-1), shape.hidden)
+        x = _run_block(shape, x, c, context)
+    return x
+
+
 def _run_model(shape, tokens, kept_tokens, batch=1, middle_samples=None) -> None:
     """One forward; the middle runs on the first `middle_samples` samples (all by default)."""
-    encoder, middle, decoder = shape.depth
     middle_samples = batch if middle_samples is None else middle_samples
     context = None
     if shape.context_tokens:
         context = torch.randn(batch, shape.context_tokens, shape.context_dim)
     x = _linear(torch.randn(batch, tokens, shape.patch_dim), shape.hidden)
     c = _linear(F.silu(_linear(torch.randn(batch, 256), shape.hidden)), shape.hidden)
-    for _ in range(encoder):
-        x = _run_block(shape, x, c, context)
+    x = _run_stack(shape, 0, x, c, context)
     sparse = x[:middle_samples, :kept_tokens]
-    for _ in range(middle):
-        sparse = _run_block(
-            shape, sparse, c[:middle_samples], None if context is None else context[:middle_samples]
-        )
+    _run_stack(shape, 1, sparse, c[:middle_samples], None if context is None else context[:middle_samples])
     if shape.has_fusion:
         x = _linear(torch.cat([x, x], dim=-1), shape.hidden)
-    for _ in range(decoder):
-        x = _run_block(shape, x, c, context)
+    x = _run_stack(shape, 2, x, c, context)
     _linear(F.silu(c), 2 * shape.hidden)
     _linear(x, shape.output_dim)
 
@@ -125,6 +130,7 @@ TINY_SHAPES = {
         hidden=8, depth=(2, 1, 1), mlp_hidden=16, patch_dim=6, context_tokens=4, context_dim=3
     ),
     "dense": TransformerShape(hidden=8, depth=(0, 3, 0), mlp_hidden=32, patch_dim=4, fusion=False),
+    "long_skips": TransformerShape(hidden=8, depth=(2, 3, 2), mlp_hidden=32, patch_dim=4, skip_projections=(1, 2, 2)),
 }
 
 
@@ -154,7 +160,16 @@ def test_forward_flops_matches_torch_flop_counter(name, kept_tokens):
     assert forward_flops(shape, tokens, kept_tokens) == counted
 
 
-@pytest.mark.parametrize("name", ["gelu", "cross_attention"])
+def test_a_skip_projection_costs_4_n_d_squared_where_it_runs():
+    shape = TINY_SHAPES["long_skips"]
+    plain = TransformerShape(hidden=8, depth=(2, 3, 2), mlp_hidden=32, patch_dim=4)
+    n, kept, d = 6, 3, 8
+    assert forward_flops(shape, n, kept) - forward_flops(plain, n, kept) == 3 * 4 * n * d**2 + 2 * 4 * kept * d**2
+    # PDG: the middle's projections run for the conditional half only
+    assert guidance_flops(shape, n, "pdg") - guidance_flops(plain, n, "pdg") == 2 * 3 * 4 * n * d**2 + 2 * 4 * n * d**2
+
+
+@pytest.mark.parametrize("name", ["gelu", "cross_attention", "long_skips"])
 def test_guidance_flops_match_torch_flop_counter(name):
     shape, tokens = TINY_SHAPES[name], 6
     cfg = _counted_flops(lambda: _run_model(shape, tokens, tokens, batch=2))
@@ -205,6 +220,9 @@ def test_pdg_on_a_dense_model_is_rejected():
         ({"depth": (2, 2)}, "depth"),
         ({"context_tokens": -3}, "context_tokens"),
         ({"context_tokens": 5}, "context_dim"),
+        ({"skip_projections": (0, -1, 0)}, "skip_projections"),
+        ({"skip_projections": (2, 0, 0)}, "skip_projections"),
+        ({"skip_projections": (0, 1)}, "skip_projections"),
     ],
 )
 def test_bad_shapes_are_rejected(overrides, field):
