@@ -3,47 +3,51 @@ digit asked for (videos frame by frame, as demo_accuracy.py reads them; stills w
 
     python benchmarks/bucket_accuracy.py [--run runs/moving_digits_buckets/stage2] [--per-class 20] [--scale 6]
 
-Samples every shape of `sprint_mm.bucket_demo.BUCKET_SHAPES` from one run, judges it with a digits classifier
-trained at that shape's digit size, prints one row per bucket and writes benchmarks/results/bucket_demo_accuracy.json.
+Samples every bucket shape of the run's own configuration (`demos.buckets.bucket_shapes`) from one run, judges it with
+a digits classifier trained at that shape's digit size, prints one row per bucket and writes
+benchmarks/results/bucket_demo_accuracy.json.
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Optional, Sequence
 
-from demo_accuracy import guided_accuracy, judge_for, load_run
-from digits_classifier import RESULTS, markdown_table, test_split_accuracy, write_result
-from sprint_mm.bucket_demo import BUCKET_RUN, BUCKET_SCALE, BUCKET_SHAPES, BUCKET_SOLVER
+from benchmarks.demo_accuracy import guided_accuracy, judge_for
+from benchmarks.digits_classifier import test_split_accuracy
+from benchmarks.harness import RESULTS, add_out_option, add_run_options, load_class_run, markdown_table, write_result
+from demos.buckets import BUCKET_RUN, BUCKET_SCALE, BUCKET_SOLVER, bucket_shapes
+from demos.clips import DIGIT_FRACTION
 from sprint_mm.sampling import SOLVERS, Guidance
-from sprint_mm.video_demo import DIGIT_FRACTION
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Per-bucket class-conditional accuracy of the bucket demo.")
-    parser.add_argument("--run", default=f"{BUCKET_RUN}/stage2", help="run folder (config.gin + checkpoints)")
+    add_run_options(parser, default=f"{BUCKET_RUN}/stage2")
     parser.add_argument("--per-class", type=int, default=20, help="samples per class and bucket")
     parser.add_argument("--scale", type=float, default=BUCKET_SCALE, help="PDG scale")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--solver", choices=SOLVERS, default=BUCKET_SOLVER)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(RESULTS / "bucket_demo_accuracy.json"))
+    add_out_option(parser, RESULTS / "bucket_demo_accuracy.json")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
-    run = load_run(args.run)
+    run = load_class_run(args.run, args.step, args.weights)
     channels = run.model.backbone.sample_shape[0]
     buckets = []
-    for frames, height, width in BUCKET_SHAPES:
+    for frames, height, width in bucket_shapes([str(Path(args.run) / "config.gin")]):
         shape = (channels, frames, height, width)
         judge = judge_for(run, DIGIT_FRACTION if frames > 1 else None, shape)  # stills: the digit fills the frame
         (row,) = guided_accuracy(run, judge, [Guidance("pdg", args.scale)], args.per_class, args.steps, args.solver,
                                  args.seed, shape=shape)
         buckets.append({"bucket": [frames, height, width], "judge_resolution": judge.resolution,
                         "judge_test_accuracy": test_split_accuracy(judge), **row})
-    result = {"run": args.run, "checkpoint": str(run.checkpoint), "step": run.step, "per_class": args.per_class,
-              "scale": args.scale, "steps": args.steps, "solver": args.solver, "seed": args.seed, "buckets": buckets}
+    result = {"run": args.run, "checkpoint": str(run.checkpoint), "step": run.step, "weights": args.weights,
+              "per_class": args.per_class, "scale": args.scale, "steps": args.steps, "solver": args.solver,
+              "seed": args.seed, "buckets": buckets}
     header = ["bucket (T x H x W)", "judge px", "PDG accuracy (video: majority of frames)", "frame accuracy",
               "worst class"]
     rows = []

@@ -6,7 +6,7 @@
 Each bucket is frames:height:width in latent units (4 channels, patch 1x2x2, so a still 256 px image is 1:32:32 and
 a 17-frame clip through a 4x temporal VAE is 5 latent frames); its batch comes from `propose_batch_sizes`, which keeps
 the tokens per step about constant. For every bucket the dense backbone and the same backbone in SPRINT (0.75
-structured drop on that bucket's grid) take optimizer steps interleaved (A B, B A, ...: train_speed.time_interleaved)
+structured drop on that bucket's grid) take optimizer steps interleaved (A B, B A, ...: `harness.time_interleaved`)
 and the medians give tokens per second for both and the measured dense / SPRINT step ratio, beside the FLOP ratio.
 Prints a markdown table and writes benchmarks/results/bucket_speed.json.
 """
@@ -14,26 +14,18 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing sprint_mm
-    sys.path.insert(0, str(REPO_ROOT))
-
-from sprint_mm.data.buckets import propose_batch_sizes  # noqa: E402
-from sprint_mm.flow import FlowMatching  # noqa: E402
-from sprint_mm.masking import TokenMasker  # noqa: E402
-from digits_classifier import markdown_table, write_result  # noqa: E402
-from train_speed import median_seconds, time_interleaved  # noqa: E402
-from video_speed import (  # noqa: E402
+from benchmarks.harness import RESULTS, apply_threads, markdown_table, median_seconds, time_interleaved, write_result
+from benchmarks.video_speed import (
     CHANNELS, NUM_CLASSES, PATCH, add_model_and_timing_options, build_models, flop_ratios, training_step,
 )
+from sprint_mm.data.buckets import propose_batch_sizes
+from sprint_mm.flow import FlowMatching
+from sprint_mm.masking import TokenMasker
 
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "bucket_speed.json"
 DEFAULT_BUCKETS = ("1:32:32", "1:24:40", "5:16:16", "9:16:16", "17:16:16")
 
 
@@ -84,8 +76,7 @@ def measure_bucket(args: argparse.Namespace, shape: tuple[int, int, int], batch:
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     shapes = [parse_bucket(text) for text in args.buckets]
     batches = propose_batch_sizes(shapes, args.tokens_per_step, PATCH)
     rows = [measure_bucket(args, shape, batch) for shape, batch in zip(shapes, batches)]
@@ -119,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--buckets", nargs="+", default=list(DEFAULT_BUCKETS), help="frames:height:width in latent units")
     p.add_argument("--tokens-per-step", type=int, default=4096)
-    return add_model_and_timing_options(p, RESULTS)
+    return add_model_and_timing_options(p, RESULTS / "bucket_speed.json")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

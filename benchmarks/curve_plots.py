@@ -23,6 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
+from benchmarks.harness import RESULTS  # noqa: E402
+
 METRICS = (("accuracy", "judge accuracy", True), ("frechet", "Frechet distance (judge features)", False))
 # (arm, guidance) -> (label, colour, line style)
 QUALITY_LINES = {("dense", "cfg"): ("dense, CFG", "tab:gray", "-"),
@@ -172,7 +174,7 @@ def draw_guidance_figure(result: dict, folder: Path) -> Path:
 
 def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     parser = argparse.ArgumentParser(description="Redraw the quality and guidance figures from their JSON results.")
-    parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--results", default=str(RESULTS), help="folder of the JSON results; the figures go there")
     folder = Path(parser.parse_args(argv).results)
     drawn = []
     curves = sorted(folder.glob("quality_curves_*.json"))

@@ -4,7 +4,8 @@ Works for the image demo and the video demo: a video is read frame by frame (the
 with the most ink in every frame), counts as its frames' majority class, and its row also reports the fraction of
 frames read correctly and how often frames agree with their video's majority (temporal consistency).
 
-Loads a trained run, draws `--per-class` samples of every class from one fixed noise batch under each guidance
+Loads a trained run (`harness.load_class_run`: its config.gin, the checkpoint verified and loaded strictly, the path and
+time shift it trained with), draws `--per-class` samples of every class from one fixed noise batch under each guidance
 (none, CFG, PDG: the same noise for all of them), and scores them with the digits classifier trained in
 digits_classifier.py.
 
@@ -17,67 +18,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from torch import nn
 
-from digits_classifier import (
-    RESULTS,
-    DigitsClassifier,
-    markdown_table,
-    read_videos,
-    test_split_accuracy,
-    write_result,
-)
-from sprint_mm.checkpoints import load_strict, read_state_dict
-from sprint_mm.conditioning import build_conditioning
-from sprint_mm.configs import parse_gin
-from sprint_mm.flow import trained_time_shift
-from sprint_mm.generation import generate
-from sprint_mm.latents import LatentCodec, build_codec
-from sprint_mm.runs import checkpoint_step, find_checkpoint
+from benchmarks.digits_classifier import DigitsClassifier, read_videos, test_split_accuracy
+from benchmarks.harness import RESULTS, add_out_option, add_run_options, load_class_run, markdown_table, write_result
+from demos.clips import DIGIT_FRACTION
+from sprint_mm.data.moving_digits import digit_side
 from sprint_mm.sampling import GUIDANCES, SOLVERS, Guidance
-from sprint_mm.models import build_model
 from sprint_mm.sprint import Sprint
-from sprint_mm.video_demo import DIGIT_FRACTION, load_moving_digits_maker
-
-WEIGHTS = ("ema", "model")
-
-
-@dataclass
-class LoadedRun:
-    """A trained model in eval mode with the codec its samples decode through."""
-
-    model: nn.Module
-    codec: LatentCodec
-    checkpoint: Path
-    step: int
-
-    @property
-    def num_classes(self) -> int:
-        return self.model.backbone.condition.num_classes
-
-
-def load_run(run_dir: str | Path, step: Optional[int] = None, weights: str = "ema") -> LoadedRun:
-    """Rebuild a class-conditional run from its config.gin and load a checkpoint strictly (newest unless `step`)."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"unknown weights {weights!r}; allowed: {', '.join(WEIGHTS)}")
-    run_dir = Path(run_dir)
-    checkpoint = find_checkpoint(run_dir, step)
-    config = run_dir / "config.gin"
-    if not config.is_file():
-        raise FileNotFoundError(f"run folder {str(run_dir)!r} has no config.gin")
-    parse_gin([str(config)], [])
-    kind = build_conditioning().kind
-    if kind != "class":
-        raise ValueError(f"the digits judge needs a class-conditional run; {str(run_dir)!r} is conditioned on {kind!r}")
-    model = build_model()
-    file = checkpoint / f"{weights}.safetensors"
-    load_strict(model, read_state_dict(file), str(file))
-    return LoadedRun(model.eval(), build_codec(), checkpoint, checkpoint_step(checkpoint))
+from sprint_mm.trained import TrainedRun
 
 
 def guidance_settings(kinds: Sequence[str], scales: Sequence[float]) -> list[Guidance]:
@@ -96,7 +47,7 @@ def class_major_labels(num_classes: int, per_class: int) -> torch.Tensor:
 
 
 def guided_accuracy(
-    run: LoadedRun,
+    run: TrainedRun,
     classifier: DigitsClassifier,
     guidances: Sequence[Guidance],
     per_class: int = 20,
@@ -122,9 +73,8 @@ def guided_accuracy(
             rows.append({**row, "skipped": "PDG needs a SPRINT model; this run is dense"})
             continue
         started = time.perf_counter()
-        samples = generate(run.model, labels, run.codec, noise, steps, solver, guidance, batch_size=batch_size,
-                           generator=torch.Generator().manual_seed(seed + 1), progress=progress,
-                           time_shift=trained_time_shift())
+        samples = run.generate(labels, noise, steps, solver, guidance, batch_size=batch_size,
+                               generator=torch.Generator().manual_seed(seed + 1), progress=progress)
         seconds = time.perf_counter() - started
         if samples.dim() == 5:
             frame_reads = read_videos(classifier, samples)  # (N, T)
@@ -140,13 +90,13 @@ def guided_accuracy(
     return rows
 
 
-def judge_for(run: LoadedRun, digit_fraction: Optional[float] = DIGIT_FRACTION,
+def judge_for(run: TrainedRun, digit_fraction: Optional[float] = DIGIT_FRACTION,
               shape: Optional[Sequence[int]] = None) -> DigitsClassifier:
     """A judge at the resolution of the run's images (of `shape`, default the model's sample shape), or of the digit
     inside its video frames; `digit_fraction` None: the digit fills the frame (stills from a video model)."""
     shape = tuple(shape or run.model.backbone.sample_shape)
     if len(shape) == 4 and digit_fraction is not None:  # (C, T, H, W): the moving digit covers digit_fraction
-        resolution = load_moving_digits_maker().digit_side(min(shape[-2:]), digit_fraction)
+        resolution = digit_side(min(shape[-2:]), digit_fraction)
     else:
         resolution = shape[-1]
     return DigitsClassifier.train(resolution, shape[0], progress=True)
@@ -176,9 +126,7 @@ def table_header(rows: Sequence[dict]) -> list[str]:
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Class-conditional accuracy of a digits run, judged by a digits CNN.")
-    parser.add_argument("--run", default="runs/digits_demo/stage2", help="run folder (config.gin + checkpoints)")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
-    parser.add_argument("--weights", choices=WEIGHTS, default="ema")
+    add_run_options(parser, default="runs/digits_demo/stage2")
     parser.add_argument("--per-class", type=int, default=20, help="samples per class")
     parser.add_argument("--guidance", nargs="+", choices=GUIDANCES, default=list(GUIDANCES))
     parser.add_argument("--scale", type=float, nargs="+", default=[1.5], help="guidance scales (each is a row)")
@@ -187,14 +135,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--digit-fraction", type=float, default=DIGIT_FRACTION,
                         help="video runs: the digit's side / the frame side (the crop the judge reads)")
-    parser.add_argument("--out", help="result JSON (default: benchmarks/results/demo_accuracy.json, "
-                                      "video runs video_demo_accuracy.json)")
+    add_out_option(parser, None, "result JSON (default: benchmarks/results/demo_accuracy.json, video runs "
+                                 "video_demo_accuracy.json)")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
-    run = load_run(args.run, args.step, args.weights)
+    run = load_class_run(args.run, args.step, args.weights)
     classifier = judge_for(run, args.digit_fraction)
     video = len(run.model.backbone.sample_shape) == 4
     rows = guided_accuracy(run, classifier, guidance_settings(args.guidance, args.scale), args.per_class,

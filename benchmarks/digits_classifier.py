@@ -12,60 +12,22 @@ prints the accuracy on the held-out test split and writes benchmarks/results/dig
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import time
-from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from benchmarks.harness import RESULTS, add_out_option, markdown_table, torch_threads, write_result
 from sprint_mm.data.digits import DigitsDataset
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MAX_ROTATION_DEGREES = 12.0
 MAX_SCALE_CHANGE = 0.1
 MAX_SHIFT_PIXELS_8PX = 0.75  # in pixels of the native 8x8 digits
 WORKING_RESOLUTION = 16  # every input is resized to this: the digits hold 8x8 pixels of information
-
-
-# ----------------------------------------------------------------------------------------------
-# Reporting, shared by every benchmark script
-# ----------------------------------------------------------------------------------------------
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table; floats are written with 3 significant decimals."""
-
-    def cell(value: Any) -> str:
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def write_result(result: dict, path: str | Path) -> Path:
-    """Write a benchmark's JSON result, creating its folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run a block with `count` intra-op threads, then restore the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +193,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--channels", type=int, default=1, choices=(1, 3))
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(RESULTS / "digits_classifier.json"))
+    add_out_option(parser, RESULTS / "digits_classifier.json")
     return parser.parse_args(argv)
 
 

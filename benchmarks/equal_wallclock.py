@@ -8,7 +8,7 @@ resumes its run exactly), so changes in machine load hit both. Both runs are the
 and scale and judged by the digits classifier: no guidance and CFG for both, PDG for SPRINT.
 
     python benchmarks/equal_wallclock.py [--minutes 4] [--rounds 4] [--per-class 20] [--scale 1.5] [--steps 50]
-                                         [--root runs/equal_wallclock] [--gin_param 'sit.hidden_size = 64' ...]
+                                         [--root runs/equal_wallclock] [--gin-param 'sit.hidden_size = 64' ...]
 
 Writes benchmarks/results/equal_wallclock.json.
 """
@@ -21,9 +21,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from demo_accuracy import guidance_settings, guided_accuracy, load_run
-from digits_classifier import RESULTS, DigitsClassifier, markdown_table, test_split_accuracy, write_result
-from sprint_mm.cli import run_training
+from benchmarks.demo_accuracy import guidance_settings, guided_accuracy
+from benchmarks.digits_classifier import DigitsClassifier, test_split_accuracy
+from benchmarks.harness import RESULTS, add_out_option, load_class_run, markdown_table, write_result
+from sprint_mm.cli import add_gin_param_option, run_training
 from sprint_mm.runs import find_checkpoint
 
 STAGE1 = "gin/image/digits_stage1.gin"
@@ -91,8 +92,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--scale", type=float, default=1.5)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gin_param", action="append", default=[], help="extra binding for both arms (repeatable)")
-    parser.add_argument("--out", default=str(RESULTS / "equal_wallclock.json"))
+    add_gin_param_option(parser, "extra binding for both arms (repeatable)")
+    add_out_option(parser, RESULTS / "equal_wallclock.json")
     return parser.parse_args(argv)
 
 
@@ -109,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "sprint_stage1": training_record(root / "sprint_stage1"),
         "sprint_stage2": training_record(finals["sprint"]),
     }
-    loaded = {arm: load_run(path) for arm, path in finals.items()}
+    loaded = {arm: load_class_run(path) for arm, path in finals.items()}
     shape = loaded["dense"].model.backbone.sample_shape
     classifier = DigitsClassifier.train(shape[-1], shape[0], progress=True)
     guidances = guidance_settings(["none", "cfg", "pdg"], [args.scale])

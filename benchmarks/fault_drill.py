@@ -25,8 +25,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from benchmarks.harness import RESULTS, add_out_option, markdown_table, write_result
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "fault_drill.json"
 TINY = [
     "sit.hidden_size = 32", "sit.depth = 4", "sit.num_heads = 2", "sit.input_size = 8", "DigitsDataset.resolution = 8",
     "Trainer.batch_size = 8", "Trainer.log_every = 1", "Trainer.preview_every = 0",
@@ -41,15 +42,15 @@ class Drill:
 
     def __init__(self, root: Path, steps: int, every: int) -> None:
         self.root, self.steps, self.every = root, steps, every
-        self.env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", PYTHONPATH=str(REPO_ROOT))
+        self.env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
 
     def command(self, run: str, extra: Sequence[str], processes: int = 1) -> list[str]:
         launcher = [sys.executable]
         if processes > 1:
             launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-        argv = [*launcher, "train.py", "--gin_file", STAGE1, "--run_dir", str(self.root / run)]
+        argv = [*launcher, "train.py", "--gin-file", STAGE1, "--run-dir", str(self.root / run)]
         for binding in (*TINY, f"Trainer.max_steps = {self.steps}", f"Trainer.checkpoint_every = {self.every}", *extra):
-            argv += ["--gin_param", binding]
+            argv += ["--gin-param", binding]
         return argv
 
     def train(self, run: str, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
@@ -284,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--root", default="runs/fault_drill")
-    parser.add_argument("--out", default=str(RESULTS))
+    add_out_option(parser, RESULTS / "fault_drill.json")
     args = parser.parse_args(argv)
     if not 2 * args.every < args.steps:
         parser.error(f"--steps must exceed two checkpoints (2 x --every = {2 * args.every}), got {args.steps}")
@@ -313,11 +314,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         kill_row(drill, processes=2),
     ]
     header = list(rows[0])
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join(str(r[h]) for h in header) + " |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"steps": args.steps, "checkpoint_every": args.every, "rows": rows}, indent=2))
+    print(markdown_table(header, [[r[h] for h in header] for r in rows]))
+    write_result({"steps": args.steps, "checkpoint_every": args.every, "rows": rows}, args.out)
     return 0
 
 

@@ -21,14 +21,14 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from digits_classifier import RESULTS, markdown_table, write_result
-from guidance_speed import KINDS, guidance_step
+from benchmarks.guidance_speed import KINDS, guidance_step
+from benchmarks.harness import (
+    RESULTS, add_out_option, add_timing_options, apply_threads, markdown_table, median_seconds, peak_cuda_bytes,
+    synchronizer, time_interleaved, write_result,
+)
+from benchmarks.train_speed import DROP_RATIO, TrainingStep, build_pair, compiled_copy
 from sprint_mm.flops import forward_flops, guidance_flops
 from sprint_mm.masking import TokenMasker
-from train_speed import (
-    DROP_RATIO, TrainingStep, build_pair, compiled_copy, median_seconds, peak_cuda_bytes, synchronizer,
-    time_interleaved,
-)
 
 # (latent side, batch, hidden, depth, heads, encoder, decoder)
 SIT_XL2_256 = (32, 32, 1152, 28, 16, 2, 2)
@@ -95,9 +95,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="a tiny model on the CPU in fp32 with the aot_eager compiler backend: checks the suite")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the device's peak dense TFLOP/s at the precision used (989: H100/H200 bf16)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (they pay the compilation)")
-    parser.add_argument("--out", help="JSON result (default: benchmarks/results/gpu_suite[_tiny].json)")
+    add_timing_options(parser, repeats=5, warmup=2, device=False)  # the warm-up steps pay the compilation
+    add_out_option(parser, None, "JSON result (default: benchmarks/results/gpu_suite[_tiny].json)")
     args = parser.parse_args(argv)
     if args.peak_tflops <= 0:
         parser.error(f"--peak-tflops must be positive, got {args.peak_tflops}")
@@ -106,8 +105,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
+    apply_threads(1 if args.tiny and args.threads is None else args.threads)
     if args.tiny:
-        torch.set_num_threads(1)
         spec, device, precision, backend = TINY, torch.device("cpu"), "fp32", "aot_eager"
     else:
         if not torch.cuda.is_available():

@@ -11,4 +11,4 @@ cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-exec "$PYTHON" benchmarks/gpu_suite.py "$@"
+exec "$PYTHON" -m benchmarks.gpu_suite "$@"

@@ -18,10 +18,10 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
-from curve_plots import METRICS, draw_guidance_figure, guidance_label, pareto_front
-from demo_accuracy import load_run
-from digits_classifier import RESULTS, markdown_table, test_split_accuracy, write_result
-from quality_curves import Judge, sample_quality
+from benchmarks.curve_plots import METRICS, draw_guidance_figure, guidance_label, pareto_front
+from benchmarks.digits_classifier import test_split_accuracy
+from benchmarks.harness import RESULTS, add_out_option, add_run_options, load_class_run, markdown_table, write_result
+from benchmarks.quality_curves import Judge, sample_quality
 from sprint_mm.sampling import Guidance
 from sprint_mm.sprint import Sprint
 
@@ -43,22 +43,21 @@ def settings(kinds: Sequence[str], scales: Sequence[float], intervals: Sequence[
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Digits quality against sampling cost: CFG vs PDG, scales, intervals.")
-    parser.add_argument("--run", required=True, help="a SPRINT run folder (config.gin + checkpoints)")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    add_run_options(parser)
     parser.add_argument("--scales", type=float, nargs="+", default=[1.5, 2.0, 3.0])
     parser.add_argument("--intervals", type=parse_interval, nargs="+",
                         default=[(0.0, 1.0), (0.0, 0.75), (0.0, 0.5), (0.25, 0.75)], help="low:high (t = 1 is noise)")
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--steps", type=int, default=20, help="Euler sampling steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples' noise")
-    parser.add_argument("--out", default=str(RESULTS / "guidance_pareto.json"))
+    add_out_option(parser, RESULTS / "guidance_pareto.json")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     grid = settings(["cfg", "pdg"], args.scales, args.intervals)  # bad scales or intervals fail before loading
-    run = load_run(args.run, args.step)
+    run = load_class_run(args.run, args.step, args.weights)
     if not isinstance(run.model, Sprint):
         raise ValueError(f"{args.run!r} holds a dense model; PDG needs a SPRINT run")
     judge = Judge.train(run.model.backbone.sample_shape[-1], run.model.backbone.sample_shape[0])

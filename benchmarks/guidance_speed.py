@@ -18,11 +18,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from digits_classifier import RESULTS, markdown_table, write_result
+from benchmarks.harness import (
+    RESULTS, add_out_option, add_timing_options, apply_threads, markdown_table, median_seconds, resolve_device,
+    synchronizer, time_interleaved, write_result,
+)
+from benchmarks.train_speed import build_pair
 from sprint_mm.flops import TransformerShape, guidance_flops
 from sprint_mm.sampling import Guidance, guided_velocity
 from sprint_mm.sprint import Sprint
-from train_speed import build_pair, median_seconds, resolve_device, synchronizer, time_interleaved
 
 # name -> (hidden, depth, heads, encoder, decoder)
 MODELS: dict[str, tuple[int, int, int, int, int]] = {
@@ -84,19 +87,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["S2", "deep"])
     parser.add_argument("--latent", type=int, default=32, help="latent side (32 = 256 tokens at patch 2)")
     parser.add_argument("--batch", type=int, default=8, help="samples per step (the model sees twice as many)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed steps per guidance")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per guidance")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--out", default=str(RESULTS / "guidance_speed.json"))
+    add_timing_options(parser, repeats=7, warmup=1)
+    add_out_option(parser, RESULTS / "guidance_speed.json")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     rows = [measure_model(name, MODELS[name], args.latent, args.batch, args.repeats, args.warmup, device) for name in args.models]
     result = {"device": str(device), "threads": torch.get_num_threads(), "repeats": args.repeats,
               "warmup": args.warmup, "scale": 1.5, "rows": rows}

@@ -1,6 +1,6 @@
 """Prompt accuracy of a text-conditioned digits run: do PDG and CFG samples show the digit the prompt names?
 
-    python benchmarks/prompt_accuracy.py [--run runs/text_demo/stage2] [--per_prompt 4] [--scale 2.0]
+    python benchmarks/prompt_accuracy.py [--run runs/text_demo/stage2] [--per-prompt 4] [--scale 2.0]
 
 Samples every training phrasing and every held-out phrasing (never seen in training) for the digits 0..9 through
 sample.py's command line (unguided, CFG and PDG), reads them with the digits judge of benchmarks/digits_classifier.py
@@ -10,7 +10,6 @@ benchmarks/results/prompt_accuracy.json.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -20,16 +19,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing sprint_mm
-    sys.path.insert(0, str(REPO_ROOT))
+from benchmarks.digits_classifier import DigitsClassifier, test_split_accuracy
+from benchmarks.harness import RESULTS, add_out_option, markdown_table, write_result
+from sprint_mm.cli import sample_main
+from sprint_mm.data.captioned_digits import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, prompts_for
+from sprint_mm.sampling import GUIDANCES
 
-import digits_classifier as judges  # noqa: E402  (a sibling script: benchmarks/ is on sys.path when it runs)
-from sprint_mm.cli import sample_main  # noqa: E402
-from sprint_mm.data.captioned_digits import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, prompts_for  # noqa: E402
-from sprint_mm.sampling import GUIDANCES  # noqa: E402
-
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "prompt_accuracy.json"
 HEADERS = {"none": "unguided", "cfg": "CFG", "pdg": "PDG"}
 TARGET = 0.70  # PDG accuracy over all prompts, held-out phrasings included
 
@@ -76,7 +71,7 @@ def prompt_accuracy(run: str, per_prompt: int, scale: float, steps: int, seed: i
     with tempfile.TemporaryDirectory() as folder:
         samples = {guidance: sample_prompts(run, prompts, per_prompt, guidance, scale, steps, seed, Path(folder))
                    for guidance in tqdm(GUIDANCES, desc="guidances")}
-    judge = judges.DigitsClassifier.train(resolution=samples["pdg"].shape[-1], channels=1, progress=True)
+    judge = DigitsClassifier.train(resolution=samples["pdg"].shape[-1], channels=1, progress=True)
     correct: dict[tuple[str, str], list[bool]] = defaultdict(list)
     for guidance, images in samples.items():
         for i, digit in enumerate(judge.predict(images).tolist()):
@@ -85,7 +80,7 @@ def prompt_accuracy(run: str, per_prompt: int, scale: float, steps: int, seed: i
     return {
         "run": run, "per_prompt": per_prompt, "scale": scale, "steps": steps, "seed": seed,
         "judge": "benchmarks/digits_classifier.py (CNN on the real train digits)",
-        "judge_test_accuracy": judges.test_split_accuracy(judge),
+        "judge_test_accuracy": test_split_accuracy(judge),
         "rows": summarise(correct), "target_pdg_all": TARGET,
     }
 
@@ -93,24 +88,24 @@ def prompt_accuracy(run: str, per_prompt: int, scale: float, steps: int, seed: i
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="runs/text_demo/stage2", help="a text-conditioned digits run folder")
-    parser.add_argument("--per_prompt", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--per-prompt", "--per_prompt", type=int, default=4, help="samples per prompt")
     parser.add_argument("--scale", type=float, default=2.0, help="guidance scale of CFG and PDG")
     parser.add_argument("--steps", type=int, default=50, help="Euler steps")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(RESULTS), help="results JSON")
+    add_out_option(parser, RESULTS / "prompt_accuracy.json")
     args = parser.parse_args(argv)
     if args.per_prompt < 1:
-        raise ValueError(f"--per_prompt must be >= 1, got {args.per_prompt}")
+        raise ValueError(f"--per-prompt must be >= 1, got {args.per_prompt}")
     result = prompt_accuracy(args.run, args.per_prompt, args.scale, args.steps, args.seed)
     header = ["prompts", "phrasing", *(HEADERS[g] for g in GUIDANCES)]
     cells = [[row["prompts"], row["phrasing"], *(f"{100 * row[g]:.1f}%" for g in GUIDANCES)] for row in result["rows"]]
-    table = judges.markdown_table(header, cells)
+    table = markdown_table(header, cells)
     pdg_all = result["rows"][-1]["pdg"]
     print(f"\nprompt accuracy of {args.run} ({args.per_prompt} samples per prompt, scale {args.scale}, "
           f"{args.steps} Euler steps; judge: {result['judge']}, "
           f"{100 * result['judge_test_accuracy']:.1f}% on the real test digits)\n\n{table}\n\n"
           f"PDG over all prompts: {100 * pdg_all:.1f}% (target >= {100 * TARGET:.0f}%)")
-    judges.write_result(result, args.out)
+    write_result(result, args.out)
     return result
 
 

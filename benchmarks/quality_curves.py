@@ -19,7 +19,7 @@ The token count sets the patch: patch = resolution / sqrt(tokens) (16 px: 16 -> 
 
     python benchmarks/quality_curves.py --tokens 64 [--budgets 1.5 3 6] [--seeds 0 1] [--batch 32] [--stage2-share 0.25]
         [--per-class 20] [--steps 20] [--scale 1.5] [--resolution 16] [--root runs/quality_curves]
-        [--gin_param 'sit.hidden_size = 64' ...]
+        [--gin-param 'sit.hidden_size = 64' ...]
 
 Writes benchmarks/results/quality_curves_<tokens>.json after every point (a cut-short run leaves partial curves),
 then redraws benchmarks/results/quality_curves.png and the TensorBoard curves from every quality_curves_*.json.
@@ -37,23 +37,17 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from curve_plots import curve, draw_quality_figures, time_to_reach
-from demo_accuracy import LoadedRun, class_major_labels, load_run
-from digits_classifier import (
-    RESULTS,
-    DigitsClassifier,
-    digits_tensors,
-    markdown_table,
-    test_split_accuracy,
-    write_result,
-)
-from equal_wallclock import NO_STEP_LIMIT, STAGE1, STAGE2, DENSE, training_record
-from sprint_mm.cli import run_training
+from benchmarks.curve_plots import curve, draw_quality_figures, time_to_reach
+from benchmarks.demo_accuracy import class_major_labels
+from benchmarks.digits_classifier import DigitsClassifier, digits_tensors, test_split_accuracy
+from benchmarks.equal_wallclock import DENSE, NO_STEP_LIMIT, STAGE1, STAGE2, training_record
+from benchmarks.harness import RESULTS, add_out_option, load_class_run, markdown_table, write_result
+from sprint_mm.cli import add_gin_param_option, run_training
 from sprint_mm.evaluation.frechet import FeatureStats, frechet_distance
-from sprint_mm.generation import generate
 from sprint_mm.runs import find_checkpoint
 from sprint_mm.sampling import Guidance
 from sprint_mm.sprint import Sprint
+from sprint_mm.trained import TrainedRun
 
 STAGE2_SHARE = 0.25
 
@@ -93,14 +87,14 @@ def judge_features(classifier: DigitsClassifier, images: torch.Tensor) -> np.nda
     return classifier.features(images).double().numpy()
 
 
-def sample_quality(run: LoadedRun, judge: Judge, guidance: Guidance, per_class: int, steps: int,
+def sample_quality(run: TrainedRun, judge: Judge, guidance: Guidance, per_class: int, steps: int,
                    seed: int = 0) -> dict:
     """Accuracy, Frechet distance and sampling CPU seconds of `per_class` samples per class under `guidance`
     (noise from `seed`: the same for every run and guidance of one sample shape)."""
     labels = class_major_labels(run.num_classes, per_class)
     noise = torch.randn((len(labels), *run.model.backbone.sample_shape), generator=torch.Generator().manual_seed(seed))
     started = time.process_time()
-    samples = generate(run.model, labels, run.codec, noise, steps, "euler", guidance, batch_size=len(labels))
+    samples = run.generate(labels, noise, steps, "euler", guidance, batch_size=len(labels))
     seconds = time.process_time() - started
     return {"guidance": guidance.kind, "scale": guidance.scale, "interval": list(guidance.interval),
             "accuracy": judge.classifier.score(samples, labels), "frechet": judge.frechet(samples),
@@ -155,7 +149,7 @@ def train_until(files: Sequence[str], run_dir: Path, minutes: float, bindings: S
 
 def evaluate_point(run_dir: Path, judge: Judge, args: argparse.Namespace) -> list[dict]:
     """CFG (and PDG for a SPRINT run) quality of the newest checkpoint of `run_dir`."""
-    run = load_run(run_dir)
+    run = load_class_run(run_dir)
     kinds = ["cfg", "pdg"] if isinstance(run.model, Sprint) else ["cfg"]
     return [sample_quality(run, judge, Guidance(kind, args.scale), args.per_class, args.steps, args.sample_seed)
             for kind in kinds]
@@ -238,8 +232,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                                                                       "must not exist)")
     parser.add_argument("--extend", action="store_true", help="continue the runs under --root and the result file: "
                         "measured points are kept, new budgets or seeds are trained (runs resume) and judged")
-    parser.add_argument("--gin_param", action="append", default=[], help="extra binding for every run (repeatable)")
-    parser.add_argument("--out", help="result JSON (default benchmarks/results/quality_curves_<tokens>.json)")
+    add_gin_param_option(parser, "extra binding for every run (repeatable)")
+    add_out_option(parser, None, "result JSON (default benchmarks/results/quality_curves_<tokens>.json)")
     args = parser.parse_args(argv)
     if not 0 < args.stage2_share < 1:
         parser.error(f"--stage2-share must be in (0, 1), got {args.stage2_share}")

@@ -22,14 +22,15 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import statistics
-import time
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from digits_classifier import RESULTS, markdown_table, write_result
+from benchmarks.harness import (
+    RESULTS, add_out_option, add_timing_options, apply_threads, markdown_table, median_seconds, peak_cuda_bytes,
+    resolve_device, synchronizer, time_interleaved, write_result,
+)
 from registry import BACKBONES
 from sprint_mm.backbone import compile_blocks
 from sprint_mm.flops import forward_flops
@@ -41,42 +42,8 @@ DROP_RATIO = 0.75
 
 
 # ----------------------------------------------------------------------------------------------
-# Measurement, shared with guidance_speed.py
+# Memory
 # ----------------------------------------------------------------------------------------------
-
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    """Waits for queued device work before a clock is read (a no-op on the CPU)."""
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
-def time_interleaved(
-    variants: dict[str, Callable[[], object]],
-    repeats: int,
-    warmup: int = 1,
-    synchronize: Callable[[], None] = lambda: None,
-) -> dict[str, list[float]]:
-    """Seconds per call of each variant: `warmup` untimed rounds, then `repeats` timed rounds alternating the order
-    (A B, B A, A B, ...) so that load changes and order effects hit every variant alike."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    names = list(variants)
-    for _ in range(warmup):
-        for name in names:
-            variants[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats):
-        for name in names if round_index % 2 == 0 else reversed(names):
-            synchronize()
-            started = time.perf_counter()
-            variants[name]()
-            synchronize()
-            times[name].append(time.perf_counter() - started)
-    return times
-
-
-def median_seconds(times: dict[str, list[float]]) -> dict[str, float]:
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def saved_activation_bytes(run_forward: Callable[[], object], parameters: Iterable[torch.Tensor]) -> int:
@@ -95,17 +62,6 @@ def saved_activation_bytes(run_forward: Callable[[], object], parameters: Iterab
         output = run_forward()
     del output  # frees the graph (and the saved tensors) without a backward pass
     return sum(kept.values())
-
-
-def peak_cuda_bytes(run: Callable[[], object], device: torch.device) -> Optional[int]:
-    """Peak allocated CUDA memory during `run()`; None on other devices."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    run()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,12 +191,6 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
-
-
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Training step time: dense SiT vs SPRINT on the same backbone.")
     parser.add_argument("--sizes", type=parse_size, nargs="*", default=[(32, 8), (64, 2)],
@@ -250,15 +200,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--encoder", type=int, default=2, help="SPRINT dense encoder blocks")
     parser.add_argument("--decoder", type=int, default=2, help="SPRINT dense decoder blocks")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    add_timing_options(parser, repeats=5, warmup=1)
     parser.add_argument("--compile", action="store_true", help="also time both models with compiled blocks")
     parser.add_argument("--strategy", nargs="+", choices=("ddp", "fsdp"), default=[],
                         help="per-process memory of SiT-XL/2's training state under these strategies")
     parser.add_argument("--world-size", type=int, default=2, help="processes for --strategy")
-    parser.add_argument("--out", default=str(RESULTS / "train_speed.json"))
+    add_out_option(parser, RESULTS / "train_speed.json")
     return parser.parse_args(argv)
 
 
@@ -307,8 +254,7 @@ def print_strategy_table(memory: list[dict]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     rows = [measure_size(latent, batch, args, device) for latent, batch in args.sizes]
     result = {
         "model": {"backbone": "sit", "hidden": args.hidden, "depth": args.depth, "heads": args.heads, "patch": 2,

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from demo_accuracy import guided_accuracy, judge_for, load_run
-from digits_classifier import RESULTS, markdown_table, write_result
-from sprint_mm.cli import train_two_stages
+from benchmarks.demo_accuracy import guided_accuracy, judge_for
+from benchmarks.harness import RESULTS, add_out_option, load_class_run, markdown_table, write_result
+from demos.two_stages import train_two_stages
+from demos.video import DEFAULT_SCALE, SOLVER, VIDEO_RUN, VIDEO_STAGES, ensure_videos
 from sprint_mm.sampling import SOLVERS, Guidance
-from sprint_mm.video_demo import DEFAULT_SCALE, SOLVER, VIDEO_RUN, VIDEO_STAGES, ensure_videos
 
 RUNS = Path("runs/video_demo_variants")
 
@@ -69,7 +69,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--scale", type=float, default=DEFAULT_SCALE)
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
     parser.add_argument("--solver", choices=SOLVERS, default=SOLVER)
-    parser.add_argument("--out", default=str(RESULTS / "video_demo_variants.json"))
+    add_out_option(parser, RESULTS / "video_demo_variants.json")
     return parser.parse_args(argv)
 
 
@@ -79,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     rows = []
     for variant in args.variant:
         stage2, seconds = train_variant(variant, videos)
-        run = load_run(stage2)
+        run = load_class_run(stage2)
         row, = guided_accuracy(run, judge_for(run), [Guidance("pdg", args.scale)], args.per_class, args.steps,
                                args.solver)
         rows.append({"variant": variant.name, "bindings": list(variant.bindings), "stage1_steps": variant.stage1_steps,

@@ -6,7 +6,7 @@ The defaults fit a CPU: 16 frames x 8 x 8 = 1024 tokens (a (16, 16, 16) 4-channe
 hidden-128 VideoDiT of 12 blocks split 2/8/2 like VideoDiT-B/2, 0.75 structured drop (2x2x2 groups keep 2). A
 realistic clip (16 x 32 x 32 = 16384 tokens) is too slow for a CPU; its FLOP ratios are reported for reference, for
 this model and for VideoDiT-B/2.
-The compared variants run interleaved (A B, B A, A B, ...: train_speed.time_interleaved) after a warm-up and the
+The compared variants run interleaved (A B, B A, A B, ...: `harness.time_interleaved`) after a warm-up and the
 medians are reported, so a change of machine load hits both. Prints a markdown table and writes
 benchmarks/results/video_speed.json.
 """
@@ -15,26 +15,21 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing sprint_mm
-    sys.path.insert(0, str(REPO_ROOT))
+from benchmarks.harness import (
+    RESULTS, add_out_option, add_timing_options, apply_threads, median_seconds, time_interleaved, write_result,
+)
+from registry import BACKBONES
+from sprint_mm.flops import forward_flops, guidance_flops
+from sprint_mm.flow import FlowMatching
+from sprint_mm.masking import TokenMasker
+from sprint_mm.sampling import Guidance, guided_velocity
+from sprint_mm.sprint import Sprint
 
-from registry import BACKBONES  # noqa: E402
-from sprint_mm.flops import forward_flops, guidance_flops  # noqa: E402
-from sprint_mm.flow import FlowMatching  # noqa: E402
-from sprint_mm.masking import TokenMasker  # noqa: E402
-from sprint_mm.sampling import Guidance, guided_velocity  # noqa: E402
-from sprint_mm.sprint import Sprint  # noqa: E402
-from digits_classifier import write_result  # noqa: E402
-from train_speed import median_seconds, time_interleaved  # noqa: E402
-
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "video_speed.json"
 PATCH = (1, 2, 2)
 CHANNELS = 4
 NUM_CLASSES = 10
@@ -120,8 +115,7 @@ def flop_ratios(dense: torch.nn.Module, sprint: Sprint, masker: TokenMasker, gri
 # ----------------------------------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     dense, sprint = build_models(args)
     grid = (args.frames, args.grid, args.grid)
     masker = TokenMasker("structured", 0.75, group=(2, 2, 2), keep=2)
@@ -178,7 +172,8 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def markdown_table(result: dict) -> str:
+def speed_table(result: dict) -> str:
+    """The markdown table of a result: measured ratios beside the FLOP ratios."""
     train, sample, flops = result["training_step"], result["sampling_step"], result["flops"]
     measured, reference, b2 = flops["measured_grid"], flops["reference_grid"], flops["reference_grid_b2"]
     grid = "x".join(map(str, measured["grid"]))
@@ -205,13 +200,10 @@ def add_model_and_timing_options(p: argparse.ArgumentParser, out: Path) -> argpa
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--encoder_depth", type=int, default=2)
-    p.add_argument("--decoder_depth", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", type=Path, default=out)
-    return p
+    p.add_argument("--encoder-depth", "--encoder_depth", type=int, default=2, help="SPRINT dense encoder blocks")
+    p.add_argument("--decoder-depth", "--decoder_depth", type=int, default=2, help="SPRINT dense decoder blocks")
+    add_timing_options(p, repeats=5, warmup=1, device=False)
+    return add_out_option(p, out)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -219,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=16, help="latent frames (= temporal tokens with patch 1x2x2)")
     p.add_argument("--grid", type=int, default=8, help="spatial tokens per side")
     p.add_argument("--batch", type=int, default=2)
-    return add_model_and_timing_options(p, RESULTS)
+    return add_model_and_timing_options(p, RESULTS / "video_speed.json")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -228,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     result = run(args)
-    print(markdown_table(result))
+    print(speed_table(result))
     print(f"wrote {write_result(result, args.out)}")
     return result
 

@@ -11,20 +11,15 @@ the cache key includes the encoder's identity (folder, config, max_length, layer
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # lets `python datasets/cache_text_embeddings.py` run without installing sprint_mm
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from sprint_mm.data.captions import read_caption_index  # noqa: E402
-from sprint_mm.dtypes import DTYPES  # noqa: E402
-from sprint_mm.text import EmbeddingCache, TextEncoder  # noqa: E402
+from sprint_mm.data.captions import read_caption_index
+from sprint_mm.dtypes import DTYPES
+from sprint_mm.text import EmbeddingCache, TextEncoder
 
 
 def cache_captions(index: str | Path, encoder: TextEncoder, cache_dir: str | Path, batch_size: int = 64) -> int:

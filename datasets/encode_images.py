@@ -16,29 +16,18 @@ import io
 import json
 import os
 import shutil
-import sys
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # lets `python datasets/encode_images.py` run without installing sprint_mm
-    sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from sprint_mm.data.latents import (  # noqa: E402
-    IMAGES_TREE,
-    LABELS_FILE,
-    LATENTS_TREE,
-    image_member,
-    latent_member,
-)
-from sprint_mm.data.transforms import resize_center_crop  # noqa: E402
-from sprint_mm.latents import VAECodec  # noqa: E402
+from sprint_mm.data.latents import IMAGES_TREE, LABELS_FILE, LATENTS_TREE, image_member, latent_member
+from sprint_mm.data.transforms import resize_center_crop
+from sprint_mm.latents import VAECodec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MAX_ITEMS = 10**8  # names carry an 8-digit index

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from encode_images import center_crop_adm, list_class_folder, write_atomically  # also puts the repo on sys.path
+from encode_images import center_crop_adm, list_class_folder, write_atomically  # a sibling script
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 

@@ -1,4 +1,9 @@
-"""The command lines behind train.py and sample.py."""
+"""The command lines behind train.py (a configured run) and sample.py, and the two pieces the demos share with them:
+`run_training` (parse gin, train) and `report_training` (a training command's exit status).
+
+Flags are spelled in kebab-case (`--gin-file`); the snake_case spellings of earlier versions (`--gin_file`) stay
+accepted as aliases.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,30 +16,37 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sprint_mm.checkpoints import atomic_write, load_strict
+from sprint_mm.checkpoints import atomic_write
 from sprint_mm.conditioning import check_labels
 from sprint_mm.configs import ConfigError, parse_gin
 from sprint_mm.errors import check_number, report_mistakes
 from sprint_mm.media import pack_uint8, save_image_grid, save_npz, save_video, save_video_preview, unpack_uint8
 from sprint_mm.preemption import EXIT_PREEMPTED, Preempted
-from sprint_mm.runs import find_checkpoint, verify_checkpoint
-from sprint_mm.sharded import read_weights
 from sprint_mm.checkpointer import CheckpointWriteError, NonFiniteTraining
+from sprint_mm.sampling import GUIDANCES, SOLVERS, Guidance
+from sprint_mm.sharded import WEIGHTS
+from sprint_mm.trained import TrainedRun, load_run
 from sprint_mm.training import Trainer
 
-DEMO_STAGES = ("gin/image/digits_stage1.gin", "gin/image/digits_stage2.gin")
-DEMO_RUN = "runs/digits_demo"
+
+def add_gin_param_option(parser: argparse.ArgumentParser,
+                         help_text: str = "a gin binding (repeatable, applied in order)") -> None:
+    """`--gin-param` (alias `--gin_param`): the one spelling of a binding on every command line."""
+    parser.add_argument("--gin-param", "--gin_param", action="append", default=[], help=help_text)
 
 
 def train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train a diffusion transformer with SPRINT (no arguments: the digits demo).")
-    parser.add_argument("--gin_file", action="append", default=[], help="a .gin file (repeatable, applied in order)")
-    parser.add_argument("--gin_param", action="append", default=[], help="a gin binding, e.g. 'Trainer.max_steps = 10'")
-    parser.add_argument("--run_dir", help="shorthand for --gin_param \"Trainer.run_dir = '...'\"")
+    parser = argparse.ArgumentParser(description="Train a diffusion transformer with SPRINT from gin files "
+                                                 "(`python train.py` with no arguments runs the digits demo).")
+    parser.add_argument("--gin-file", "--gin_file", action="append", default=[],
+                        help="a .gin file (repeatable, applied in order)")
+    add_gin_param_option(parser, "a gin binding, e.g. 'Trainer.max_steps = 10' (repeatable, applied after the files)")
+    parser.add_argument("--run-dir", "--run_dir", help="shorthand for --gin-param \"Trainer.run_dir = '...'\"")
     return parser
 
 
 def run_training(gin_files: Sequence[str], gin_params: Sequence[str]) -> Path:
+    """Parse the files, then the bindings, and train; returns the run folder."""
     parse_gin(gin_files, gin_params)
     return Trainer().run()
 
@@ -53,74 +65,45 @@ def report_training(work: Callable[..., object], *args: Any) -> int:
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    """A configured run: the gin files and bindings of the command line."""
     args = train_parser().parse_args(argv)
     params = list(args.gin_param) + ([f"Trainer.run_dir = {args.run_dir!r}"] if args.run_dir else [])
-    return report_training(train_or_demo, args.gin_file, params)
+    return report_training(train_configured, args.gin_file, params)
 
 
-def train_or_demo(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
-    """Train the configuration the files and bindings give; without files, run the digits demo."""
-    if gin_files:
-        run_training(gin_files, gin_params)
-    elif gin_params:
-        raise ConfigError("give --gin_file with --gin_param (no files means: run the digits demo)")
-    else:
-        run_demo()
-
-
-def train_two_stages(
-    stage_files: Sequence[str],
-    run_root: str | Path,
-    shared: Sequence[str] = (),
-    per_stage: tuple[Sequence[str], Sequence[str]] = ((), ()),
-) -> str:
-    """Stage 1 into RUN_ROOT/stage1, then stage 2 into RUN_ROOT/stage2 from stage 1's EMA: the demos' two runs.
-
-    `shared` bindings apply to both stages, `per_stage` to each; returns the stage-2 run folder.
-    """
-    stage1, stage2 = str(Path(run_root) / "stage1"), str(Path(run_root) / "stage2")
-    run_training([stage_files[0]], [f"Trainer.run_dir = {stage1!r}", *per_stage[0], *shared])
-    run_training([stage_files[1]], [f"Trainer.run_dir = {stage2!r}", f"Trainer.init_from = {stage1!r}",
-                                    *per_stage[1], *shared])
-    return stage2
-
-
-def run_demo(run_root: str = DEMO_RUN) -> Path:
-    """Stage 1 (0.75 structured drop), stage 2 (full tokens) from stage 1, then class-conditional PDG samples."""
-    stage2 = train_two_stages(DEMO_STAGES, run_root)
-    out = Path(run_root) / "samples_pdg.png"
-    labels = [str(i % 10) for i in range(50)]
-    sample_main(["--run", stage2, "--out", str(out), "--guidance", "pdg", "--labels", *labels])
-    print(f"[sprint_mm] demo done: samples in {out} (rows of 0-9)")
-    return out
+def train_configured(gin_files: Sequence[str], gin_params: Sequence[str]) -> Path:
+    if not gin_files:
+        raise ConfigError("give --gin-file (a configured run starts from at least one .gin file; `python train.py` "
+                          "with no arguments runs the digits demo)")
+    return run_training(gin_files, gin_params)
 
 
 def sample_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Sample from a trained run.")
-    parser.add_argument("--run", "--run_dir", dest="run", required=True,
-                        help="run folder (reads its config.gin and checkpoints); under torchrun spell it --run_dir")
+    parser.add_argument("--run", "--run-dir", "--run_dir", dest="run", required=True,
+                        help="run folder (reads its config.gin and checkpoints); under torchrun spell it --run-dir")
     parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema")
+    parser.add_argument("--weights", choices=WEIGHTS, default="ema")
     parser.add_argument("--out", help=".png grid, .npz (ADM: arr_0 uint8 N,H,W,3), .mp4 / .gif for video runs")
     parser.add_argument("--labels", type=int, nargs="+", help="class ids (cycled to --num)")
     parser.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     parser.add_argument("--prompts", help="a file with one prompt per line")
-    parser.add_argument("--num", "--num_samples", dest="num", type=int,
+    parser.add_argument("--num", "--num-samples", "--num_samples", dest="num", type=int,
                         help="number of samples (default: one per label/prompt, or 16); under torchrun or accelerate "
-                             "launch spell it --num_samples")
-    parser.add_argument("--guidance", choices=("none", "cfg", "pdg"), default="pdg")
+                             "launch spell it --num-samples")
+    parser.add_argument("--guidance", choices=GUIDANCES, default="pdg")
     parser.add_argument("--scale", type=float, default=1.5)
     parser.add_argument("--interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(0.0, 1.0))
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--solver", choices=("euler", "heun", "sde"), default="euler")
+    parser.add_argument("--solver", choices=SOLVERS, default="euler")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch-size", "--batch_size", type=int, default=64)
     parser.add_argument("--frames", type=int, help="video runs: frames per sample in the model's input units (latent "
                                                    "frames for a latent run; default: as trained)")
     parser.add_argument("--size", type=int, nargs="+", metavar=("H", "W"),
                         help="spatial size in the model's input units (latent pixels for a latent run; default: as "
                              "trained); positions extend (RoPE / sin-cos), quality beyond the trained size is untested")
-    parser.add_argument("--gin_param", action="append", default=[])
+    add_gin_param_option(parser, "a gin binding applied after the run's config.gin (repeatable)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each transformer block (one graph per token count; the first batch pays the "
                              "compilation)")
@@ -172,56 +155,39 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def check_sample_counts(args: argparse.Namespace) -> None:
-    """The counts of the command line, checked before anything loads: --num (when given), --batch_size, --steps."""
+    """The counts of the command line, checked before anything loads: --num (when given), --batch-size, --steps."""
     for option in ("num", "batch_size", "steps"):
         value = getattr(args, option)
         if value is not None:
-            check_number(f"--{option}", value, low=1, integer=True)
+            check_number(f"--{option.replace('_', '-')}", value, low=1, integer=True)
 
 
 def write_samples(args: argparse.Namespace) -> Path:
-    """Sample in shards of --batch_size: shard s gets noise seeded by (seed, s) and is written atomically, processes
-    take shards round-robin, and a restarted command skips finished shards; the main process then packs the output."""
+    """Sample in shards of --batch-size: shard s gets noise seeded by (seed, s) and is written atomically, processes
+    take shards round-robin, and a restarted command skips finished shards; the main process then packs the output.
+    The run's own path and time shift (`TrainedRun.sampling`) drive the sampler."""
     from accelerate import Accelerator
 
     from sprint_mm.backbone import compile_blocks
-    from sprint_mm.conditioning import build_conditioning, check_kind
-    from sprint_mm.flow import trained_time_shift
-    from sprint_mm.generation import generate
-    from sprint_mm.latents import build_codec
-    from sprint_mm.models import build_model
-    from sprint_mm.sampling import Guidance
 
     check_sample_counts(args)
-    run = Path(args.run)
-    checkpoint = verify_checkpoint(find_checkpoint(run, args.step))
-    config = run / "config.gin"
-    if not config.is_file():
-        raise FileNotFoundError(f"run folder {str(run)!r} has no config.gin")
-    parse_gin([str(config)], args.gin_param)
     guidance = Guidance(args.guidance, args.scale, tuple(args.interval))
-    time_shift = trained_time_shift()
     accelerator = Accelerator()
-    device = accelerator.device
-    model = build_model()
-    load_strict(model, read_weights(checkpoint / f"{args.weights}.safetensors"), f"{checkpoint}/{args.weights}.safetensors")
-    model.to(device).eval()
+
+    def requests(model: torch.nn.Module) -> tuple[list, list]:  # checked before a text encoder or a VAE loads
+        return sample_requests(args, model.backbone.condition.kind, model.backbone.condition.num_classes)
+
+    run = load_run(args.run, args.step, args.weights, args.gin_param, check=requests).to(accelerator.device)
+    labels, prompts = requests(run.model)
     if args.compile:
-        compile_blocks(model)
-    condition = model.backbone.condition
-    labels, prompts = sample_requests(args, condition.kind, condition.num_classes)  # before a text encoder loads
-    conditioning = build_conditioning()
-    codec = build_codec().to(device)
-    check_kind(model, conditioning.kind)
+        compile_blocks(run.model)
+    out = Path(args.out or Path(args.run) / "samples" / f"samples_{args.guidance}.png")
+    shape = sample_shape(run, args, out)
     total = len(labels or prompts)
-    out = Path(args.out or run / "samples" / f"samples_{args.guidance}.png")
-    trained_shape = tuple(model.backbone.sample_shape)
-    check_output_suffix(out, is_video=len(trained_shape) == 4)
-    shape = requested_sample_shape(model, args.frames, args.size)
-    if shape != trained_shape:
-        print(f"[sprint_mm] sampling at {shape}; its configured input_size gives {trained_shape}")
     shards = out.with_name(f".{out.name}.shards")
-    settings = f"{checkpoint.name}/{args.weights} {args.guidance} {args.scale} {tuple(args.interval)} {args.solver} {args.steps} seed {args.seed} n {total} bs {args.batch_size} {args.gin_param} shape {shape}"
+    settings = (f"{run.checkpoint.name}/{args.weights} {args.guidance} {args.scale} {tuple(args.interval)} "
+                f"{args.solver} {args.steps} seed {args.seed} n {total} bs {args.batch_size} {args.gin_param} "
+                f"shape {shape}")
     if accelerator.is_main_process:
         prepare_shard_folder(shards, settings)
     accelerator.wait_for_everyone()
@@ -230,14 +196,10 @@ def write_samples(args: argparse.Namespace) -> Path:
             if not (shards / f"{s:06d}.pt").is_file()]
     try:
         for s in tqdm(mine, desc="shards", disable=not accelerator.is_main_process or len(mine) < 2):
-            rows = list(range(s * args.batch_size, min((s + 1) * args.batch_size, total)))
-            noise = torch.randn((len(rows), *shape), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + s))
-            cond = conditioning.from_request([labels[i] for i in rows] if labels else None,
-                                             [prompts[i] for i in rows] if prompts else None, device)
-            samples = generate(model, cond, codec, noise.to(device), args.steps, args.solver, guidance,
-                               batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(args.seed * 1_000_003 + s),
-                               time_shift=time_shift)
-            packed = pack_uint8(samples)
+            rows = range(s * args.batch_size, min((s + 1) * args.batch_size, total))
+            cond = run.conditioning.from_request([labels[i] for i in rows] if labels else None,
+                                                 [prompts[i] for i in rows] if prompts else None, accelerator.device)
+            packed = pack_uint8(sample_shard(run, args, guidance, cond, (len(rows), *shape), s))
             atomic_write(shards / f"{s:06d}.pt", lambda tmp: torch.save(packed, tmp))
     except BaseException:
         if accelerator.is_main_process:
@@ -245,12 +207,32 @@ def write_samples(args: argparse.Namespace) -> Path:
         raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        packed = torch.cat([torch.load(shards / f"{s:06d}.pt", weights_only=True) for s in range(count)])
-        write_output(packed, out)
+        write_output(torch.cat([torch.load(shards / f"{s:06d}.pt", weights_only=True) for s in range(count)]), out)
         shutil.rmtree(shards)
-        print(f"[sprint_mm] wrote {total} samples ({args.guidance}, scale {args.scale}, {args.solver} {args.steps} steps) to {out}")
+        print(f"[sprint_mm] wrote {total} samples ({args.guidance}, scale {args.scale}, {args.solver} {args.steps} "
+              f"steps) to {out}")
     accelerator.wait_for_everyone()
     return out
+
+
+def sample_shape(run: TrainedRun, args: argparse.Namespace, out: Path) -> tuple[int, ...]:
+    """The shape of one sample, --frames / --size applied, after checking that `out` suits the run's kind of data."""
+    trained = tuple(run.model.backbone.sample_shape)
+    check_output_suffix(out, is_video=len(trained) == 4)
+    shape = requested_sample_shape(run.model, args.frames, args.size)
+    if shape != trained:
+        print(f"[sprint_mm] sampling at {shape}; its configured input_size gives {trained}")
+    return shape
+
+
+def sample_shard(run: TrainedRun, args: argparse.Namespace, guidance: Guidance, cond: Any, shape: Sequence[int],
+                 shard: int) -> torch.Tensor:
+    """The decoded samples of shard `shard`: noise and sampler randomness seeded by (--seed, shard)."""
+    seed = args.seed * 1_000_003 + shard
+    device = next(run.model.parameters()).device
+    noise = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+    return run.generate(cond, noise.to(device), args.steps, args.solver, guidance, batch_size=args.batch_size,
+                        generator=torch.Generator(device).manual_seed(seed))
 
 
 def prepare_shard_folder(shards: Path, settings: str) -> None:

@@ -7,10 +7,10 @@ from typing import Any, Optional, Sequence
 import gin
 import torch
 
-from sprint_mm.flow import TimeShift, trained_time_shift
+from sprint_mm.flow import TimeShift
 from sprint_mm.latents import LatentCodec
 from sprint_mm.media import save_image_grid, save_video_preview
-from sprint_mm.sampling import Guidance, sample
+from sprint_mm.sampling import Guidance, sample, trained_sampling
 from sprint_mm.sprint import Sprint
 from sprint_mm.tokens import select_rows
 
@@ -28,16 +28,17 @@ def generate(
     generator: Optional[torch.Generator] = None,
     progress: bool = False,
     time_shift: Optional[TimeShift] = None,
+    path: str = "linear",
 ) -> torch.Tensor:
-    """Samples for `cond` from the given noise, decoded to [-1, 1], in batches of `batch_size` (`time_shift`: see
-    `sampling.sample`)."""
+    """Samples for `cond` from the given noise, decoded to [-1, 1], in batches of `batch_size`. `path` and
+    `time_shift` are the ones the model trained with (`TrainedRun.sampling`; see `sampling.sample`)."""
     if guidance.kind == "pdg" and not isinstance(model, Sprint):
         raise ValueError("PDG needs a SPRINT model (a middle path to drop); this model is a dense backbone: use cfg")
     outputs = []
     for start in range(0, noise.shape[0], batch_size):
         rows = torch.arange(start, min(start + batch_size, noise.shape[0]), device=noise.device)
         latents = sample(model, noise[rows], select_rows(cond, rows), steps=steps, solver=solver,
-                         guidance=guidance, generator=generator, progress=progress, time_shift=time_shift)
+                         guidance=guidance, path=path, generator=generator, progress=progress, time_shift=time_shift)
         outputs.append(codec.decode(latents).clamp(-1, 1).cpu())
     return torch.cat(outputs)
 
@@ -51,7 +52,8 @@ def save_samples(samples: torch.Tensor, path: Path, nrow: Optional[int] = None) 
 
 @gin.configurable
 class Previewer:
-    """Periodic sample grids from the EMA with fixed noise and conditions: CFG and PDG side by side."""
+    """Periodic sample grids from the EMA with fixed noise and conditions: CFG and PDG side by side, sampled with
+    the path and time shift of the configuration parsed when it is made (the run's own)."""
 
     def __init__(
         self,
@@ -71,7 +73,7 @@ class Previewer:
         self.conditioning, self.codec, self.dataset = conditioning, codec, dataset
         self.count, self.steps, self.solver, self.scale = count, steps, solver, scale
         self.guidances, self.prompts, self.seed = tuple(guidances), prompts, seed
-        self.time_shift = trained_time_shift()
+        self.sampling = trained_sampling()
 
     def _request(self, model: torch.nn.Module) -> tuple[Optional[list[int]], Optional[list[str]]]:
         if self.conditioning.kind == "class":
@@ -97,7 +99,8 @@ class Previewer:
                 if kind == "pdg" and not isinstance(model, Sprint):
                     continue
                 samples = generate(model, cond, self.codec.to(device), noise, self.steps, self.solver,
-                                   Guidance(kind, self.scale), time_shift=self.time_shift)
+                                   Guidance(kind, self.scale), time_shift=self.sampling.time_shift,
+                                   path=self.sampling.path)
                 nrow = 10 if labels is not None else None
                 paths.append(save_samples(samples, self.folder / f"step_{step:07d}_{kind}.png", nrow=nrow))
         return paths

@@ -12,9 +12,23 @@ from tqdm.auto import tqdm
 from sprint_mm.errors import check_number
 from sprint_mm.tokens import batch_size_of, concat_rows
 from sprint_mm.flops import GUIDANCE_MODES as GUIDANCES
-from sprint_mm.flow import TimeShift, score_from_velocity
+from sprint_mm.flow import FlowMatching, TimeShift, score_from_velocity
 
 SOLVERS = ("euler", "heun", "sde")
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What training fixed for sampling: the interpolation path (the SDE sampler's score) and the time shift."""
+
+    path: str = "linear"
+    time_shift: Optional[TimeShift] = None
+
+
+def trained_sampling() -> SamplingDefaults:
+    """The path and time shift of the objective the parsed configuration trains with."""
+    objective = FlowMatching()
+    return SamplingDefaults(objective.path, objective.time_shift)
 
 
 @gin.configurable
@@ -83,8 +97,9 @@ def sample(
     progress: bool = False,
     time_shift: Optional[TimeShift] = None,
 ) -> torch.Tensor:
-    """Integrate from noise at t = 1 to data at t = 0; the state is kept in float64 between steps. `time_shift` (the
-    one the model trained with, `flow.trained_time_shift()`) warps the time grid by the noise's token count."""
+    """Integrate from noise at t = 1 to data at t = 0; the state is kept in float64 between steps. `path` (the SDE
+    sampler's score) and `time_shift` (which warps the time grid by the noise's token count) must be the ones the
+    model trained with: `trained_sampling()`, or `TrainedRun.sampling` of a loaded run (`sprint_mm.trained`)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
     if batch_size_of(cond) != noise.shape[0]:

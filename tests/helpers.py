@@ -1,9 +1,10 @@
-"""Tiny models shared by the tests, and the benchmark scripts loaded as modules."""
+"""Tiny models shared by the tests, and the data preparation scripts loaded as modules."""
 from __future__ import annotations
 
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -24,18 +25,24 @@ def tiny_sprint(seed: int = 0, encoder_depth: int = 1, decoder_depth: int = 1, *
     return randomize(model, seed + 1).eval()
 
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]
 
 
-def load_script(name: str):
-    """Import benchmarks/<name>.py by path under its own name: the scripts import each other as siblings, as they do
-    when run, and must share one module object per script."""
+def script_module(path: str, name: str) -> ModuleType:
+    """A command-line script of the repository (`evaluate.py`, `datasets/encode_images.py`) loaded from its path as the
+    module `name`, registered in sys.modules as running the script registers it: a script that imports a sibling
+    (encode_videos imports encode_images) then finds the sibling once that is loaded. `name` must not be an installed
+    package's (`evaluate` is one)."""
     if name in sys.modules:
         return sys.modules[name]
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def dataset_script(name: str) -> ModuleType:
+    """datasets/<name>.py as the module `name` (datasets/ is no package: one named `datasets` would shadow Hugging Face
+    datasets)."""
+    return script_module(f"datasets/{name}.py", name)

@@ -4,14 +4,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import (
+    curve_plots, demo_accuracy, digits_classifier, equal_wallclock, fault_drill, guidance_pareto, guidance_speed,
+    harness, quality_curves, train_speed, video_demo_variants,
+)
+from sprint_mm.data.moving_digits import digit_side, moving_digit_videos, write_moving_digits
 from sprint_mm.flops import TransformerShape
 from sprint_mm.sprint import Sprint
-from sprint_mm.video_demo import load_moving_digits_maker
-from tests.helpers import BENCHMARKS, load_script
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 # A SPRINT SiT small enough for seconds of CPU, at the judge's 16 px: 16 tokens, split 1/2/1.
 TINY = [
@@ -28,13 +34,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def classifier_script():
-    return load_script("digits_classifier")
-
-
-@pytest.fixture(scope="module")
-def judge(classifier_script):
-    return classifier_script.DigitsClassifier.train(resolution=16, channels=1)
+def judge():
+    return digits_classifier.DigitsClassifier.train(resolution=16, channels=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,11 +43,11 @@ def judge(classifier_script):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_judge_reads_the_real_test_digits(classifier_script, judge):
-    images, labels = classifier_script.digits_tensors("test", 16, 1)
+def test_judge_reads_the_real_test_digits(judge):
+    images, labels = digits_classifier.digits_tensors("test", 16, 1)
     predictions = judge.predict(images)
     assert predictions.shape == labels.shape
-    accuracy = classifier_script.test_split_accuracy(judge)
+    accuracy = digits_classifier.test_split_accuracy(judge)
     assert accuracy == pytest.approx((predictions == labels).float().mean().item())
     assert accuracy >= 0.9
     shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
@@ -60,92 +61,88 @@ def test_judge_rejects_images_of_another_shape(judge):
         judge.score(torch.zeros(2, 1, 16, 16), [0, 1, 2])
 
 
-def test_digit_crops_find_the_sprite_in_every_frame(classifier_script):
+def test_digit_crops_find_the_sprite_in_every_frame():
     sprites = torch.rand(2, 3, 2, 5, 5) * 1.5 - 0.5  # (video, frame, channel, 5, 5), all brighter than the background
     videos = torch.full((2, 2, 3, 9, 11), -1.0)
     places = [[(0, 0), (4, 6), (2, 3)], [(4, 0), (0, 6), (3, 1)]]
     for n, frames in enumerate(places):
         for t, (top, left) in enumerate(frames):
             videos[n, :, t, top : top + 5, left : left + 5] = sprites[n, t]
-    crops = classifier_script.digit_crops(videos, 5)
+    crops = digits_classifier.digit_crops(videos, 5)
     assert crops.shape == (6, 2, 5, 5)
     for n in range(2):
         for t in range(3):
             torch.testing.assert_close(crops[n * 3 + t], sprites[n, t])
     with pytest.raises(ValueError, match="crop side"):
-        classifier_script.digit_crops(videos, 10)
+        digits_classifier.digit_crops(videos, 10)
     with pytest.raises(ValueError, match="N, C, T, H, W"):
-        classifier_script.digit_crops(videos[0], 5)
+        digits_classifier.digit_crops(videos[0], 5)
 
 
-def test_judge_reads_real_moving_digit_videos(classifier_script, judge):
+def test_judge_reads_real_moving_digit_videos(judge):
     """Moving-digit videos whose digit is 16 px (the judge's resolution): every frame's crop is read correctly."""
-    make = load_moving_digits_maker()
     size, fraction = 21, 0.75
-    assert make.digit_side(size, fraction) == judge.resolution
-    pairs = list(make.moving_digit_videos(30, 6, size, 5, fraction))
+    assert digit_side(size, fraction) == judge.resolution
+    pairs = list(moving_digit_videos(30, 6, size, 5, fraction))
     labels = torch.tensor([digit for digit, _ in pairs])
     videos = torch.stack([torch.from_numpy(video) for _, video in pairs])[:, None] * 2 - 1  # (N, 1, T, S, S)
-    reads = classifier_script.read_videos(judge, videos)
+    reads = digits_classifier.read_videos(judge, videos)
     assert reads.shape == (30, 6)
     assert (reads == labels[:, None]).float().mean() >= 0.9
     shuffled = torch.roll(videos, 1, dims=0)  # the same frames asked as other classes
-    assert (classifier_script.read_videos(judge, shuffled) == labels[:, None]).float().mean() < 0.3
+    assert (digits_classifier.read_videos(judge, shuffled) == labels[:, None]).float().mean() < 0.3
 
 
-def test_markdown_table_and_result_file(classifier_script, tmp_path):
-    table = classifier_script.markdown_table(["a", "b"], [[1, 0.12345], ["x", "y"]])
+def test_markdown_table_and_result_file(tmp_path):
+    table = harness.markdown_table(["a", "b"], [[1, 0.12345], ["x", "y"]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.123 |", "| x | y |"]
-    path = classifier_script.write_result({"k": [1, 2]}, tmp_path / "new" / "r.json")
+    path = harness.write_result({"k": [1, 2]}, tmp_path / "new" / "r.json")
     assert path.read_text().strip().startswith("{") and '"k"' in path.read_text()
 
 
 # ----------------------------------------------------------------------------------------------
-# train_speed.py
+# harness.py and train_speed.py
 # ----------------------------------------------------------------------------------------------
 
 
 def test_time_interleaved_alternates_after_untimed_warmup():
-    speed = load_script("train_speed")
     calls = []
     variants = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    times = speed.time_interleaved(variants, repeats=3, warmup=1)
+    times = harness.time_interleaved(variants, repeats=3, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
     assert [len(times["a"]), len(times["b"])] == [3, 3]
-    assert speed.median_seconds({"a": [3.0, 1.0, 2.0]}) == {"a": 2.0}
+    assert harness.median_seconds({"a": [3.0, 1.0, 2.0]}) == {"a": 2.0}
     with pytest.raises(ValueError, match="repeats"):
-        speed.time_interleaved(variants, repeats=0)
+        harness.time_interleaved(variants, repeats=0)
 
 
 def test_saved_activation_bytes_counts_what_autograd_keeps():
-    speed = load_script("train_speed")
     linear = torch.nn.Linear(4, 8)
     x = torch.randn(5, 4)
     # addmm keeps its input x (weight and bias are parameters); relu keeps its output (5, 8)
-    measured = speed.saved_activation_bytes(lambda: torch.relu(linear(x)).sum(), linear.parameters())
+    measured = train_speed.saved_activation_bytes(lambda: torch.relu(linear(x)).sum(), linear.parameters())
     assert measured == (5 * 4 + 5 * 8) * 4
 
 
 def test_sprint_training_step_keeps_fewer_activations_and_costs_fewer_flops():
-    speed = load_script("train_speed")
-    dense, sprint = speed.build_pair(latent=8, hidden=32, depth=6, heads=2, encoder=1, decoder=1, num_classes=4)
+    dense, sprint = train_speed.build_pair(latent=8, hidden=32, depth=6, heads=2, encoder=1, decoder=1, num_classes=4)
     assert isinstance(sprint, Sprint) and not isinstance(dense, Sprint)
     for a, b in zip(dense.state_dict().values(), sprint.backbone.state_dict().values()):
         assert torch.equal(a, b)  # the same backbone weights
     x, labels = torch.randn(4, 4, 8, 8), torch.tensor([0, 1, 2, 3])
-    steps = {"dense": speed.TrainingStep(dense, x, labels), "sprint": speed.TrainingStep(sprint, x, labels)}
+    steps = {"dense": train_speed.TrainingStep(dense, x, labels), "sprint": train_speed.TrainingStep(sprint, x, labels)}
     before = [p.clone() for p in sprint.parameters() if p.requires_grad]
     steps["sprint"]()
     assert any(not torch.equal(p0, p1) for p0, p1 in zip(before, [p for p in sprint.parameters() if p.requires_grad]))
-    activations = {name: speed.saved_activation_bytes(step.loss, step.model.parameters()) for name, step in steps.items()}
+    activations = {name: train_speed.saved_activation_bytes(step.loss, step.model.parameters())
+                   for name, step in steps.items()}
     assert 0 < activations["sprint"] < activations["dense"]
-    assert speed.flop_ratio(dense, sprint, x) > 1.5  # 4 of 6 blocks on a quarter of the tokens
+    assert train_speed.flop_ratio(dense, sprint, x) > 1.5  # 4 of 6 blocks on a quarter of the tokens
 
 
 def test_train_speed_row_reports_timings_and_checkpointed_memory():
-    speed = load_script("train_speed")
-    args = speed.parse_args(["--hidden", "32", "--depth", "6", "--heads", "2", "--repeats", "1", "--warmup", "0"])
-    row = speed.measure_size(8, 2, args, torch.device("cpu"))
+    args = train_speed.parse_args(["--hidden", "32", "--depth", "6", "--heads", "2", "--repeats", "1", "--warmup", "0"])
+    row = train_speed.measure_size(8, 2, args, torch.device("cpu"))
     assert row["tokens"] == 16 and row["dense_s"] > 0 and row["sprint_s"] > 0
     for name in ("dense", "sprint"):
         assert 0 < row[f"{name}_checkpointed_activation_bytes"] < row[f"{name}_activation_bytes"]
@@ -157,24 +154,21 @@ def test_train_speed_row_reports_timings_and_checkpointed_memory():
 
 
 def test_pdg_flop_ratio_is_the_papers_for_sit_xl():
-    guidance = load_script("guidance_speed")
     xl = TransformerShape(hidden=1152, depth=(2, 24, 2), mlp_hidden=4608, patch_dim=16)
-    assert guidance.pdg_flop_ratio(xl, 256) == pytest.approx(0.574, abs=0.002)
+    assert guidance_speed.pdg_flop_ratio(xl, 256) == pytest.approx(0.574, abs=0.002)
 
 
 def test_guidance_steps_run_the_middle_on_the_right_rows():
-    guidance = load_script("guidance_speed")
-    row = guidance.measure_model("tiny", (32, 4, 2, 1, 1), latent=8, batch=3, repeats=1, warmup=0,
+    row = guidance_speed.measure_model("tiny", (32, 4, 2, 1, 1), latent=8, batch=3, repeats=1, warmup=0,
                                  device=torch.device("cpu"))
     assert row["split"] == [1, 2, 1] and row["tokens"] == 16 and row["cfg_s"] > 0 and row["pdg_s"] > 0
     assert 0.5 < row["flop_ratio"] < 1
-    speed = load_script("train_speed")
-    _, model = speed.build_pair(8, 32, 4, 2, 1, 1)
+    _, model = train_speed.build_pair(8, 32, 4, 2, 1, 1)
     middle_rows = []
     model.middle_blocks[0].register_forward_hook(lambda module, args, out: middle_rows.append(out.shape[0]))
     x, labels = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3])
-    for kind in guidance.KINDS:
-        guidance.guidance_step(model.eval(), x, labels, kind)()
+    for kind in guidance_speed.KINDS:
+        guidance_speed.guidance_step(model.eval(), x, labels, kind)()
     assert middle_rows == [6, 3]  # CFG: conditional and null halves; PDG: the conditional half only
 
 
@@ -184,57 +178,51 @@ def test_guidance_steps_run_the_middle_on_the_right_rows():
 
 
 def test_budget_schedule_gives_both_arms_the_same_time_every_round():
-    wallclock = load_script("equal_wallclock")
-    schedule = wallclock.budget_schedule(4.0, 4)
+    schedule = equal_wallclock.budget_schedule(4.0, 4)
     assert [round(r["dense"], 9) for r in schedule] == [1.0, 2.0, 3.0, 4.0]
     for r in schedule:
         assert r["stage1"] + r["stage2"] == pytest.approx(r["dense"])
     assert schedule[-1]["stage1"] == pytest.approx(3.0) and schedule[-1]["stage2"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="rounds"):
-        wallclock.budget_schedule(4.0, 0)
+        equal_wallclock.budget_schedule(4.0, 0)
 
 
 def test_guidance_settings_and_labels():
-    demo = load_script("demo_accuracy")
-    settings = demo.guidance_settings(["none", "cfg", "pdg"], [1.5, 2.0])
+    settings = demo_accuracy.guidance_settings(["none", "cfg", "pdg"], [1.5, 2.0])
     assert [(g.kind, g.scale) for g in settings][1:] == [("cfg", 1.5), ("cfg", 2.0), ("pdg", 1.5), ("pdg", 2.0)]
     assert settings[0].kind == "none"
-    assert demo.class_major_labels(3, 2).tolist() == [0, 0, 1, 1, 2, 2]
+    assert demo_accuracy.class_major_labels(3, 2).tolist() == [0, 0, 1, 1, 2, 2]
     with pytest.raises(FileNotFoundError):
-        demo.load_run("/nonexistent/run")
+        harness.load_class_run("/nonexistent/run")
 
 
 def test_equal_wallclock_arms_train_and_are_judged_with_the_same_noise(tmp_path, judge):
-    wallclock = load_script("equal_wallclock")
-    demo = load_script("demo_accuracy")
-    finals = wallclock.train_arms(tmp_path, minutes=0.004, rounds=2, extra=TINY)
-    records = {name: wallclock.training_record(path) for name, path in
+    finals = equal_wallclock.train_arms(tmp_path, minutes=0.004, rounds=2, extra=TINY)
+    records = {name: equal_wallclock.training_record(path) for name, path in
                [("dense", finals["dense"]), ("stage1", tmp_path / "sprint_stage1"), ("stage2", finals["sprint"])]}
     assert all(r["steps"] >= 1 for r in records.values())
     assert records["stage1"]["train_s"] + records["stage2"]["train_s"] >= 0.004 * 60
-    dense, sprint = demo.load_run(finals["dense"]), demo.load_run(finals["sprint"])
+    dense, sprint = harness.load_class_run(finals["dense"]), harness.load_class_run(finals["sprint"])
     assert not isinstance(dense.model, Sprint) and isinstance(sprint.model, Sprint)
     # scale 1 switches guidance off: every kind must then give the very same samples, hence the same accuracy
-    settings = demo.guidance_settings(["none", "cfg", "pdg"], [1.0])
-    rows = demo.guided_accuracy(sprint, judge, settings, per_class=1, steps=2, progress=False)
+    settings = demo_accuracy.guidance_settings(["none", "cfg", "pdg"], [1.0])
+    rows = demo_accuracy.guided_accuracy(sprint, judge, settings, per_class=1, steps=2, progress=False)
     assert len({row["accuracy"] for row in rows}) == 1 and len(rows[0]["per_class"]) == 10
     assert rows[0]["accuracy"] == pytest.approx(sum(rows[0]["per_class"]) / 10)
-    dense_rows = demo.guided_accuracy(dense, judge, settings[2:], per_class=1, steps=2, progress=False)
+    dense_rows = demo_accuracy.guided_accuracy(dense, judge, settings[2:], per_class=1, steps=2, progress=False)
     assert "skipped" in dense_rows[0]
 
 
 def test_load_run_rejects_a_run_with_no_checkpoint(tmp_path):
-    demo = load_script("demo_accuracy")
     (tmp_path / "run").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
-        demo.load_run(tmp_path / "run")
+        harness.load_class_run(tmp_path / "run")
 
 
 def test_fault_drill_rows_report_what_happened_and_compare_weights(tmp_path):
-    drill_script = load_script("fault_drill")
-    drill = drill_script.Drill(tmp_path, steps=7, every=3)
+    drill = fault_drill.Drill(tmp_path, steps=7, every=3)
     assert drill.train("reference").returncode == 0
-    damaged = drill_script.damaged_row(drill, "model.safetensors", "truncated")
+    damaged = fault_drill.damaged_row(drill, "model.safetensors", "truncated")
     assert damaged["what the program did"].startswith("found it damaged, fell back")
     assert damaged["exit status"] == "0" and damaged["work lost (steps)"] == 3
     assert damaged["weights identical after resume"] == "yes"
@@ -273,22 +261,20 @@ def test_gpu_suite_tiny_prints_one_table_of_training_and_sampling_steps(tmp_path
 
 
 def test_time_to_reach_interpolates_the_first_crossing():
-    plots = load_script("curve_plots")
     seconds, accuracy = [10.0, 20.0, 40.0], [0.2, 0.6, 0.5]
-    assert plots.time_to_reach(seconds, accuracy, 0.4, True) == pytest.approx(15.0)
-    assert plots.time_to_reach(seconds, accuracy, 0.1, True) == 10.0  # already there at the first point
-    assert plots.time_to_reach(seconds, accuracy, 0.7, True) is None
+    assert curve_plots.time_to_reach(seconds, accuracy, 0.4, True) == pytest.approx(15.0)
+    assert curve_plots.time_to_reach(seconds, accuracy, 0.1, True) == 10.0  # already there at the first point
+    assert curve_plots.time_to_reach(seconds, accuracy, 0.7, True) is None
     # lower is better: the first time the distance falls to the level
-    assert plots.time_to_reach(seconds, [30.0, 10.0, 5.0], 7.5, False) == pytest.approx(30.0)
+    assert curve_plots.time_to_reach(seconds, [30.0, 10.0, 5.0], 7.5, False) == pytest.approx(30.0)
 
 
 def test_pareto_front_keeps_exactly_the_undominated_settings():
-    plots = load_script("curve_plots")
     generator = torch.Generator().manual_seed(0)
     points = [{"sample_cpu_s": float(c), "accuracy": float(a), "frechet": float(f)}
               for c, a, f in torch.rand(40, 3, generator=generator)]
     for metric, sign in (("accuracy", 1), ("frechet", -1)):
-        front = plots.pareto_front(points, metric, sign > 0)
+        front = curve_plots.pareto_front(points, metric, sign > 0)
         def dominated(p):  # another setting at most as costly and strictly better
             return any(q["sample_cpu_s"] <= p["sample_cpu_s"] and sign * q[metric] > sign * p[metric] for q in points)
 
@@ -297,16 +283,15 @@ def test_pareto_front_keeps_exactly_the_undominated_settings():
 
 
 def test_quality_point_trains_on_the_cpu_clock_and_judges_both_arms(tmp_path, judge):
-    curves = load_script("quality_curves")
-    real, _ = load_script("digits_classifier").digits_tensors("test", 16, 1)
-    stats = curves.FeatureStats.from_features(curves.judge_features(judge, real))
-    quality_judge = curves.Judge(judge, stats)
+    real, _ = digits_classifier.digits_tensors("test", 16, 1)
+    stats = quality_curves.FeatureStats.from_features(quality_curves.judge_features(judge, real))
+    quality_judge = quality_curves.Judge(judge, stats)
     assert quality_judge.frechet(real) == pytest.approx(0.0, abs=1e-6)  # the real digits against themselves
-    args = curves.parse_args(["--tokens", "16", "--budgets", "0.004", "--seeds", "0", "--per-class", "1",
+    args = quality_curves.parse_args(["--tokens", "16", "--budgets", "0.004", "--seeds", "0", "--per-class", "1",
                               "--steps", "2", "--root", str(tmp_path)])
     args.gin_param = TINY
     result = {"points": [], "summary": []}
-    curves.run_seed(0, tmp_path, quality_judge, args, result, tmp_path / "quality_curves_16.json")
+    quality_curves.run_seed(0, tmp_path, quality_judge, args, result, tmp_path / "quality_curves_16.json")
     dense, sprint = result["points"]
     assert (dense["arm"], sprint["arm"]) == ("dense", "sprint")
     assert dense["train_s"] >= 0.004 * 60 and sprint["stage1_s"] >= 0.75 * 0.004 * 60
@@ -319,39 +304,36 @@ def test_quality_point_trains_on_the_cpu_clock_and_judges_both_arms(tmp_path, ju
     # --extend keeps the measured points and skips them; it refuses a result measured with other settings
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"batch": 8, "points": []}))
-    assert curves.extended({"batch": 8}, other) == {"batch": 8, "points": []}
+    assert quality_curves.extended({"batch": 8}, other) == {"batch": 8, "points": []}
     with pytest.raises(ValueError, match="batch"):
-        curves.extended({"batch": 16}, other)
-    curves.run_seed(0, tmp_path, quality_judge, args, result, out)
+        quality_curves.extended({"batch": 16}, other)
+    quality_curves.run_seed(0, tmp_path, quality_judge, args, result, out)
     assert len(result["points"]) == 2
     with pytest.raises(ValueError, match="square"):
-        curves.patch_for(48, 16)
+        quality_curves.patch_for(48, 16)
 
 
 def test_guidance_interval_outside_the_solver_grid_is_no_guidance(tmp_path, judge):
-    wallclock = load_script("equal_wallclock")
-    curves = load_script("quality_curves")
-    pareto = load_script("guidance_pareto")
-    run_dir = wallclock.train_arms(tmp_path, minutes=0.002, rounds=1, extra=TINY)["sprint"]
-    run = load_script("demo_accuracy").load_run(run_dir)
-    real, _ = load_script("digits_classifier").digits_tensors("test", 16, 1)
-    quality_judge = curves.Judge(judge, curves.FeatureStats.from_features(curves.judge_features(judge, real)))
-    grid = pareto.settings(["pdg"], [3.0], [pareto.parse_interval("0:0"), (0.0, 1.0)])
-    rows = [curves.sample_quality(run, quality_judge, g, per_class=2, steps=2) for g in grid]
+    run_dir = equal_wallclock.train_arms(tmp_path, minutes=0.002, rounds=1, extra=TINY)["sprint"]
+    run = harness.load_class_run(run_dir)
+    real, _ = digits_classifier.digits_tensors("test", 16, 1)
+    real_stats = quality_curves.FeatureStats.from_features(quality_curves.judge_features(judge, real))
+    quality_judge = quality_curves.Judge(judge, real_stats)
+    grid = guidance_pareto.settings(["pdg"], [3.0], [guidance_pareto.parse_interval("0:0"), (0.0, 1.0)])
+    rows = [quality_curves.sample_quality(run, quality_judge, g, per_class=2, steps=2) for g in grid]
     # Euler evaluates t = 1 and 0.5 only: an interval [0, 0] never guides, so it draws the unguided samples
     assert (rows[1]["accuracy"], rows[1]["frechet"]) == (rows[0]["accuracy"], rows[0]["frechet"])
     assert rows[2]["frechet"] != rows[0]["frechet"]
     with pytest.raises(Exception, match="interval"):
-        pareto.parse_interval("0.5")
+        guidance_pareto.parse_interval("0.5")
 
 
 def test_figures_and_tensorboard_curves_are_drawn_once(tmp_path):
-    plots = load_script("curve_plots")
     points = [{"arm": arm, "seed": seed, "budget_min": budget, "train_s": 60.0 * budget + seed,
                "quality": [{"guidance": g, "accuracy": 0.3 * budget + 0.01 * seed, "frechet": 10.0 / budget}
                            for g in (["cfg"] if arm == "dense" else ["cfg", "pdg"])]}
               for seed in (0, 1) for budget in (1.0, 2.0) for arm in ("dense", "sprint")]
-    seconds, accuracy = plots.curve(points, "sprint", "pdg", "accuracy")  # the mean over the seeds at each budget
+    seconds, accuracy = curve_plots.curve(points, "sprint", "pdg", "accuracy")  # the mean over the seeds at each budget
     assert seconds == pytest.approx([60.5, 120.5]) and accuracy == pytest.approx([0.305, 0.605])
     result = {"tokens": 64, "patch": 2, "seeds": [0, 1], "frechet_floor": 1.0, "points": points}
     (tmp_path / "quality_curves_64.json").write_text(json.dumps(result))
@@ -360,7 +342,7 @@ def test_figures_and_tensorboard_curves_are_drawn_once(tmp_path):
     (tmp_path / "guidance_pareto.json").write_text(json.dumps(
         {"run": "r", "samples": 200, "steps": 20, "settings": settings}))
     for _ in range(2):  # a redraw replaces the TensorBoard curves instead of adding to them
-        drawn = plots.main(["--results", str(tmp_path)])
+        drawn = curve_plots.main(["--results", str(tmp_path)])
     assert [p.name for p in drawn] == ["quality_curves.png", "guidance_pareto.png"]
     assert all(p.stat().st_size > 10_000 for p in drawn)
     events = sorted(p.parent.name for p in (tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
@@ -373,25 +355,23 @@ def test_figures_and_tensorboard_curves_are_drawn_once(tmp_path):
 
 
 def test_video_variant_spec_parses_steps_and_bindings():
-    variants = load_script("video_demo_variants")
-    v = variants.parse_variant("narrow:300:80:video_dit.mlp_ratio = 0.5; Trainer.lr = 1e-3")
+    v = video_demo_variants.parse_variant("narrow:300:80:video_dit.mlp_ratio = 0.5; Trainer.lr = 1e-3")
     assert (v.name, v.stage1_steps, v.stage2_steps) == ("narrow", 300, 80)
     assert v.bindings == ("video_dit.mlp_ratio = 0.5", "Trainer.lr = 1e-3")
-    assert variants.parse_variant("base:10:5").bindings == ()
+    assert video_demo_variants.parse_variant("base:10:5").bindings == ()
     for bad in ("base:10", "base:ten:5", ":10:5", "base:0:5"):
         with pytest.raises(ValueError, match="variant"):
-            variants.parse_variant(bad)
+            video_demo_variants.parse_variant(bad)
 
 
 def test_video_variant_trains_both_stages_for_its_steps_with_its_bindings(tmp_path):
-    variants = load_script("video_demo_variants")
     videos = tmp_path / "videos"
-    load_moving_digits_maker().write_moving_digits(videos, 10, 8, 16, digit_fraction=0.75)
-    variant = variants.parse_variant("narrow:3:2:video_dit.mlp_ratio = 0.5; Trainer.batch_size = 4")
-    stage2, seconds = variants.train_variant(variant, videos, tmp_path / "runs")
+    write_moving_digits(videos, 10, 8, 16, digit_fraction=0.75)
+    variant = video_demo_variants.parse_variant("narrow:3:2:video_dit.mlp_ratio = 0.5; Trainer.batch_size = 4")
+    stage2, seconds = video_demo_variants.train_variant(variant, videos, tmp_path / "runs")
     assert seconds > 0
     for stage, steps in (("stage1", 3), ("stage2", 2)):
         run = tmp_path / "runs" / "narrow" / stage
         assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == steps
-    model = load_script("demo_accuracy").load_run(stage2).model
+    model = harness.load_class_run(stage2).model
     assert model.backbone.blocks[0].mlp.fc1.out_features == 64  # hidden 128 x ratio 0.5

@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from sprint_mm.bucket_demo import write_still_digits
+from demos.buckets import BUCKET_STAGES, bucket_shapes, write_still_digits
 from sprint_mm.cli import sample_main, train_main
+from sprint_mm.configs import ConfigError
 from sprint_mm.data.bucket_sampler import BucketBatchSampler
 from sprint_mm.data.buckets import BucketedDataset, BucketTable
 from sprint_mm.data.images import ImageFolderDataset
 from sprint_mm.data.joint import JointDataset
 from sprint_mm.data.video import VideoFolderDataset
 from sprint_mm.runs import list_checkpoints
-from sprint_mm.video_demo import load_moving_digits_maker
+from sprint_mm.data.moving_digits import write_moving_digits
 from tests.test_faults import assert_same_weights, metrics
 from tests.test_training import weights
 
@@ -49,9 +50,8 @@ TINY_VIDEO = [
 def media(tmp_path_factory) -> Path:
     """8 clips of 4 frames at 16 px, 8 of 2 frames at 24 px, 16 stills at each of 16 and 24 px (real mp4 and png)."""
     root = tmp_path_factory.mktemp("buckets")
-    maker = load_moving_digits_maker()
-    maker.write_moving_digits(root / "clips_a", 8, frames=4, size=16, seed=0)
-    maker.write_moving_digits(root / "clips_b", 8, frames=2, size=24, seed=1)
+    write_moving_digits(root / "clips_a", 8, frames=4, size=16, seed=0)
+    write_moving_digits(root / "clips_b", 8, frames=2, size=24, seed=1)
     write_still_digits(root / "images", sizes=(16, 24), per_size=16)
     return root
 
@@ -111,6 +111,8 @@ def test_resume_refuses_a_changed_dataset_or_table(media, tmp_path, capsys):
 
 def test_sampling_at_every_bucket_shape(media, tmp_path):
     assert train(tmp_path / "run", media, 2) == 0
+    # the bucket demo samples the shapes the run's config.gin records (here the test's table, not the gin file's)
+    assert bucket_shapes([str(tmp_path / "run" / "config.gin")]) == tuple(tuple(b[:3]) for b in TABLE)
     for frames, height, width, *_ in TABLE:
         out = tmp_path / f"s_{frames}_{height}.mp4"
         argv = ["--run", str(tmp_path / "run"), "--out", str(out), "--guidance", "pdg", "--scale", "2", "--steps", "2",
@@ -160,14 +162,10 @@ def test_two_processes_over_mixed_buckets_killed_and_resumed_end_bit_identical(m
     assert_same_weights(tmp_path / "straight", tmp_path / "killed")
 
 
-def test_the_bucket_demo_samples_exactly_the_buckets_of_its_configuration():
-    import gin
-
-    from sprint_mm.bucket_demo import BUCKET_SHAPES
-    from sprint_mm.configs import parse_gin
-
-    parse_gin([STAGE1], [])
-    try:
-        assert tuple(bucket.shape for bucket in BucketTable()) == BUCKET_SHAPES
-    finally:
-        gin.clear_config()
+def test_the_bucket_demo_samples_the_buckets_of_the_configuration_it_trained_with():
+    assert bucket_shapes([BUCKET_STAGES[0]]) == ((8, 16, 16), (4, 24, 24), (1, 16, 16), (1, 24, 24))
+    assert bucket_shapes([BUCKET_STAGES[1]]) == bucket_shapes([BUCKET_STAGES[0]])  # stage 2 keeps stage 1's table
+    changed = bucket_shapes([BUCKET_STAGES[0]], ["BucketTable.buckets = [(2, 24, 16, 4), (1, 8, 8, 16)]"])
+    assert changed == ((2, 24, 16), (1, 8, 8))
+    with pytest.raises(ConfigError, match="digits_stage1.gin binds no BucketTable.buckets"):
+        bucket_shapes(["gin/image/digits_stage1.gin"])

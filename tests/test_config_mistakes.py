@@ -2,9 +2,7 @@
 no traceback: train.py, sample.py, evaluate.py and convert_checkpoint.py, one table row per mistake."""
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
 
@@ -18,22 +16,13 @@ from sprint_mm.cli import sample_main, train_main
 from sprint_mm.conditioning import ClassConditioning
 from sprint_mm.errors import check_number
 from sprint_mm.runs import list_checkpoints
+from tests.helpers import script_module
 from tests.test_text_e2e import STAGE1 as TEXT_STAGE1
 from tests.test_text_e2e import TINY_IMAGES as TEXT_TINY
 from tests.test_training import STAGE1, STAGE2, TINY
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_evaluate_command():
-    """evaluate.py by path: the name `evaluate` may also be an installed package."""
-    spec = importlib.util.spec_from_file_location("evaluate_command", REPO / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-COMMANDS = {"train": train_main, "sample": sample_main, "evaluate": load_evaluate_command().main,
+COMMANDS = {"train": train_main, "sample": sample_main,
+            "evaluate": script_module("evaluate.py", "evaluate_command").main,
             "convert": convert_checkpoint.main}
 
 
@@ -116,7 +105,7 @@ MISTAKES = [
      r"bad gin configuration: Unable to parse value in the binding: `Trainer\.max_steps = = 3`\.$"),
     ("train", train("Trainr.max_steps = 3"), r"Trainr.*Close configurable names: Trainer"),
     ("train", train("Trainer.max_step = 3"), r"max_step.*Close parameter names of Trainer: max_steps"),
-    ("train", ["--gin_param", "Trainer.max_steps = 3"], r"give --gin_file with --gin_param"),
+    ("train", ["--gin_param", "Trainer.max_steps = 3"], r"give --gin-file \(a configured run starts from at least one"),
     # the model
     ("train", train("build_model.backbone = 'vit'"), r"^error: unknown backbone 'vit'.*Known: .*sit"),
     ("train", train("sit.num_heads = 3"), r"hidden size 32 is not divisible by 3 heads \(in sit\)"),
@@ -152,7 +141,8 @@ MISTAKES = [
     ("sample", sample("--labels", "-1"), r"--labels -1 is outside \[0, 10\)"),
     ("sample", sample("--num", "0"), r"--num must be an integer >= 1, got 0$"),
     ("sample", sample("--num", "-3"), r"--num must be an integer >= 1, got -3$"),
-    ("sample", sample("--batch_size", "0"), r"--batch_size must be an integer >= 1, got 0$"),
+    ("sample", sample("--batch_size", "0"), r"--batch-size must be an integer >= 1, got 0$"),
+    ("sample", sample("--batch-size", "-2"), r"--batch-size must be an integer >= 1, got -2$"),
     ("sample", sample("--steps", "0"), r"--steps must be an integer >= 1, got 0$"),
     ("sample", sample("--scale", "-1"), r"guidance scale must be a number >= 0, got -1\.0$"),
     ("sample", sample("--interval", "0.5", "1.5"), r"0 <= low <= high <= 1, got \(0\.5, 1\.5\)"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -28,8 +27,7 @@ from sprint_mm.evaluation import (
     open_samples,
     write_reference_stats,
 )
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import script_module
 
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
@@ -88,10 +86,7 @@ def dinov2_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cli():
     """evaluate.py loaded from its path (the repository root need not be on sys.path)."""
-    spec = importlib.util.spec_from_file_location("evaluate_cli", REPO / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("evaluate.py", "evaluate_command")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ import io
 import json
 import pickle
 import shutil
-import sys
 import zipfile
 from pathlib import Path
 
@@ -17,11 +16,11 @@ from safetensors.torch import load_file
 
 from sprint_mm.data.latents import LatentDataset, VideoLatentDataset, image_member, latent_member
 from sprint_mm.latents import IdentityCodec, VAECodec, build_codec
+from tests.helpers import dataset_script
 from tests.latent_layouts import write_latent_layout
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
-import encode_images  # noqa: E402
-import encode_videos  # noqa: E402
+encode_images = dataset_script("encode_images")
+encode_videos = dataset_script("encode_videos")  # imports encode_images, loaded first
 
 diffusers = pytest.importorskip("diffusers")
 av = pytest.importorskip("av")

@@ -1,17 +1,14 @@
 """A trained run to an ADM .npz through sample.py, then evaluate.py on it (FDD with a tiny local DINOv2)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from sprint_mm.cli import sample_main
+from tests.helpers import script_module
 from tests.test_training import train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_sample_to_npz_to_evaluate(tmp_path):
@@ -28,9 +25,7 @@ def test_sample_to_npz_to_evaluate(tmp_path):
     real = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
     np.savez(reference, arr_0=real)
 
-    spec = importlib.util.spec_from_file_location("evaluate_cli", REPO / "evaluate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = script_module("evaluate.py", "evaluate_command")
     out = tmp_path / "result.json"
     assert cli.main(["--samples", str(samples), "--reference", str(reference), "--metric", "fdd",
                      "--weights", str(dino), "--batch-size", "8", "--out", str(out)]) == 0

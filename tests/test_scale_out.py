@@ -9,13 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks import train_speed as speed
 from registry import BACKBONES
 from sprint_mm.backbone import compile_blocks
 from sprint_mm.configs import parse_gin
 from sprint_mm.layers import DiTBlock, RotaryEmbedding, attention, grid_coordinates
 from sprint_mm.masking import TokenMasker
 from sprint_mm.tokens import TokenPositions
-from tests.helpers import load_script, randomize, tiny_sprint
+from tests.helpers import randomize, tiny_sprint
 
 
 class GraphRecorder:
@@ -111,7 +112,6 @@ def test_attention_kernel_is_a_backbone_option_that_reaches_every_attention():
 
 
 def test_fsdp_holds_a_world_size_share_of_the_training_state():
-    speed = load_script("train_speed")
     ddp, fsdp = speed.strategy_memory(["ddp", "fsdp"], world_size=2)
     assert 670e6 < ddp["parameter_count"] < 680e6  # SiT-XL/2
     assert ddp["total"] == 20 * ddp["parameter_count"]  # fp32 parameters, gradients, two AdamW moments, EMA

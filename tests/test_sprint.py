@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.train_speed import saved_activation_bytes
 from sprint_mm.masking import TokenMasker, structured_mask
 from sprint_mm.sprint import Sprint
 from sprint_mm.tokens import TokenPositions
-from tests.helpers import load_script, randomize, tiny_sit, tiny_sprint
+from tests.helpers import randomize, tiny_sit, tiny_sprint
 
 
 def inputs(batch: int = 4, seed: int = 0):
@@ -137,7 +138,6 @@ def test_errors():
 
 @pytest.mark.parametrize("wrapped", [True, False])
 def test_gradient_checkpointing_gives_the_same_gradients_with_less_activation_memory(wrapped):
-    saved_activation_bytes = load_script("train_speed").saved_activation_bytes
     model = tiny_sprint(depth=5).train() if wrapped else randomize(tiny_sit(depth=5)).train()
     backbone = model.backbone if wrapped else model
     g = torch.Generator().manual_seed(3)

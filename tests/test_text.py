@@ -1,7 +1,6 @@
 """Tests for sprint_mm.text (encoders, embedding cache, caption dropout) and datasets/cache_text_embeddings.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from sprint_mm.text import (
     caption_key,
     drop_captions,
 )
+from tests.helpers import dataset_script
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -24,7 +24,6 @@ tokenizers = pytest.importorskip("tokenizers")
 WORDS = "a an the photo of red blue cat dog digit seven handwritten on white paper".split()
 CAPTIONS = ["a red cat", "the handwritten digit seven", "", "a photo of a blue dog on white paper a cat"]
 MAX_LENGTH = 8
-SCRIPT = Path(__file__).resolve().parents[1] / "datasets" / "cache_text_embeddings.py"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,17 +248,10 @@ def test_caption_dropout_replaces_exactly_the_drawn_rows():
 # ----------------------------------------------------------------------------------------------
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("cache_text_embeddings", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cache_script_encodes_each_distinct_caption_once_and_resumes(
     tmp_path, t5, encoder_folders, monkeypatch, capsys
 ):
-    script = load_script()
+    script = dataset_script("cache_text_embeddings")
     index = tmp_path / "index.jsonl"
     captions = ["a red cat", "a blue dog", "a red cat", "the digit seven", "a photo of paper"]
     index.write_text("".join(json.dumps({"path": f"{i}.png", "caption": c}) + "\n" for i, c in enumerate(captions)))

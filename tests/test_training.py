@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gin
 import numpy as np
 import pytest
 import torch
@@ -240,3 +241,17 @@ def test_the_cpu_clock_does_not_count_time_the_process_spends_waiting(tmp_path, 
         elapsed[clock] = json.loads((tmp_path / clock / "metrics.jsonl").read_text().splitlines()[-1])["elapsed_s"]
     assert elapsed["wall"] >= 0.6  # the three waits count on the wall clock
     assert elapsed["cpu"] < elapsed["wall"] - 0.5  # and not on the CPU clock
+
+
+def test_digits_demo_trains_both_stages_and_writes_five_rows_of_digits(tmp_path):
+    from demos.digits import ROWS, run_digits_demo
+    from sprint_mm.media import image_grid
+
+    root = tmp_path / "demo"
+    out = run_digits_demo(str(root), [*TINY, "Trainer.max_steps = 2", "Trainer.preview_every = 0"])
+    assert out == root / "samples_pdg.png"
+    assert Image.open(out).size == image_grid(torch.zeros(10 * ROWS, 1, 8, 8), nrow=10).shape[1::-1]
+    assert [p.name for p in list_checkpoints(root / "stage1")] == ["step_0000002"]
+    parse_gin([str(root / "stage2" / "config.gin")], [])
+    assert gin.query_parameter("Trainer.init_from") == str(root / "stage1")  # stage 2 from stage 1
+    assert gin.query_parameter("TokenMasker.ratio") == 0.0  # with every token

@@ -1,4 +1,5 @@
-"""Tests for sprint_mm.data.video and datasets/make_moving_digits.py, on real mp4 files."""
+"""Tests for sprint_mm.data.video, sprint_mm.data.moving_digits and its command line datasets/make_moving_digits.py, on
+real mp4 files."""
 
 from __future__ import annotations
 
@@ -16,22 +17,22 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from sprint_mm.data import moving_digits
 from sprint_mm.data import video as video_module
 from sprint_mm.data.faults import BAD_ITEMS, BadDataError, BadDataLedger, SkippingDataset
 from sprint_mm.data.transforms import resize_center_crop
 from sprint_mm.data.video import VideoFolderDataset, clip_frame_indices
 from sprint_mm.media import save_video
-from sprint_mm.video_demo import load_moving_digits_maker
+from tests.helpers import dataset_script
 
 NUM_VIDEOS, FRAMES, SIZE, SEED = 6, 8, 32, 7
 LEVEL = 2.0 / 255.0  # one uint8 step in [-1, 1] units
-make_moving_digits = load_moving_digits_maker()
 
 
 @pytest.fixture(scope="module")
 def digits_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("digits")
-    make_moving_digits.write_moving_digits(root, NUM_VIDEOS, FRAMES, SIZE, SEED)
+    moving_digits.write_moving_digits(root, NUM_VIDEOS, FRAMES, SIZE, SEED)
     return root
 
 
@@ -74,7 +75,7 @@ def _expected_labels(dataset: VideoFolderDataset, bad: set[Path]) -> list[int]:
 
 
 def test_script_writes_balanced_class_folders_of_readable_videos(digits_root):
-    expected = list(make_moving_digits.moving_digit_videos(NUM_VIDEOS, FRAMES, SIZE, SEED))
+    expected = list(moving_digits.moving_digit_videos(NUM_VIDEOS, FRAMES, SIZE, SEED))
     for index, (digit, video) in enumerate(expected):
         assert digit == index % 10
         path = digits_root / str(digit) / f"{index:06d}.mp4"
@@ -86,11 +87,11 @@ def test_script_writes_balanced_class_folders_of_readable_videos(digits_root):
         assert np.abs(gray - video).max() < 0.25
 
 
-@pytest.mark.parametrize("digit_fraction", [make_moving_digits.DIGIT_FRACTION, 0.75])
+@pytest.mark.parametrize("digit_fraction", [moving_digits.DIGIT_FRACTION, 0.75])
 def test_moving_digit_stays_whole_on_the_canvas_and_moves(digit_fraction):
-    videos = [video for _, video in make_moving_digits.moving_digit_videos(10, 40, SIZE, 1, digit_fraction)]
+    videos = [video for _, video in moving_digits.moving_digit_videos(10, 40, SIZE, 1, digit_fraction)]
     grid = np.arange(SIZE, dtype=np.float32)
-    speed_limit = make_moving_digits.SPEED_RANGE[1] * SIZE
+    speed_limit = moving_digits.SPEED_RANGE[1] * SIZE
     for video in videos:
         assert video.min() >= 0.0 and video.max() <= 1.0
         mass = video.sum(axis=(1, 2))
@@ -101,25 +102,26 @@ def test_moving_digit_stays_whole_on_the_canvas_and_moves(digit_fraction):
         assert steps.max() <= speed_limit + 1.5  # rounding to whole pixels adds at most ~1.4 px
         assert np.hypot(centre_y - centre_y[0], centre_x - centre_x[0]).max() > 1.0
         lit_rows = np.flatnonzero(video[0].max(axis=1) > 0)  # the sprite's extent: its side in pixels
-        assert lit_rows[-1] - lit_rows[0] + 1 <= make_moving_digits.digit_side(SIZE, digit_fraction)
+        assert lit_rows[-1] - lit_rows[0] + 1 <= moving_digits.digit_side(SIZE, digit_fraction)
 
 
 @pytest.mark.parametrize("digit_fraction", [0.0, 1.0, 0.95, -0.2])
 def test_digit_fraction_that_leaves_no_room_is_rejected(digit_fraction):
     with pytest.raises(ValueError, match="digit_fraction"):
-        next(make_moving_digits.moving_digit_videos(1, 4, 16, 0, digit_fraction))
+        next(moving_digits.moving_digit_videos(1, 4, 16, 0, digit_fraction))
 
 
 def test_script_command_line_is_deterministic(tmp_path):
     argv = ["--num", "3", "--frames", "4", "--size", "16", "--seed", "3"]
-    first = make_moving_digits.main(["--out", str(tmp_path / "a"), *argv])
-    second = make_moving_digits.main(["--out", str(tmp_path / "b"), *argv])
+    command = dataset_script("make_moving_digits")
+    first = command.main(["--out", str(tmp_path / "a"), *argv, "--digit-fraction", "0.5"])
+    second = command.main(["--out", str(tmp_path / "b"), *argv, "--digit_fraction", "0.5"])  # the older spelling
     assert [p.relative_to(tmp_path / "a") for p in first] == [p.relative_to(tmp_path / "b") for p in second]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, second))
-    other = next(make_moving_digits.moving_digit_videos(1, 4, 16, seed=4))[1]
-    assert not np.array_equal(other, next(make_moving_digits.moving_digit_videos(1, 4, 16, seed=3))[1])
+    other = next(moving_digits.moving_digit_videos(1, 4, 16, seed=4))[1]
+    assert not np.array_equal(other, next(moving_digits.moving_digit_videos(1, 4, 16, seed=3))[1])
     with pytest.raises(ValueError, match="size"):
-        make_moving_digits.write_moving_digits(tmp_path / "c", 1, 4, 8, 0)
+        moving_digits.write_moving_digits(tmp_path / "c", 1, 4, 8, 0)
 
 
 # ---------------------------------------------------------------------------------------------- geometry

@@ -13,6 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from benchmarks import demo_accuracy
+from benchmarks.digits_classifier import DigitsClassifier
+from benchmarks.harness import load_class_run
+from demos.two_stages import stage_budgets
+from demos.video import run_video_demo
 from registry import BACKBONES
 from sprint_mm.cli import sample_main, train_main
 from sprint_mm.configs import parse_gin
@@ -21,8 +26,8 @@ from sprint_mm.masking import TokenMasker
 from sprint_mm.media import image_grid
 from sprint_mm.runs import list_checkpoints
 from sprint_mm.sprint import Sprint
-from sprint_mm.video_demo import load_moving_digits_maker, run_video_demo, stage_budgets
-from tests.helpers import load_script, randomize
+from sprint_mm.data.moving_digits import write_moving_digits
+from tests.helpers import randomize
 
 STAGE1 = "gin/video/moving_digits_stage1.gin"
 STAGE2 = "gin/video/moving_digits_stage2.gin"
@@ -49,16 +54,16 @@ TINY = [
 def videos(tmp_path_factory) -> Path:
     """Six moving-digit mp4s (digits 0..5, one per class folder) plus one corrupt file in class 0."""
     folder = tmp_path_factory.mktemp("moving_digits")
-    load_moving_digits_maker().write_moving_digits(folder, NUM_VIDEOS, frames=FRAMES, size=SIZE, seed=3)
+    write_moving_digits(folder, NUM_VIDEOS, frames=FRAMES, size=SIZE, seed=3)
     (folder / "0" / "zz_corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 4)
     return folder
 
 
 def train(run_dir: Path, videos: Path, steps: int, *extra: str, gin_file: str = STAGE1) -> int:
     params = TINY + [f"VideoFolderDataset.root = {str(videos)!r}", f"Trainer.max_steps = {steps}", *extra]
-    argv = ["--gin_file", gin_file, "--run_dir", str(run_dir)]
+    argv = ["--gin-file", gin_file, "--run-dir", str(run_dir)]
     for param in params:
-        argv += ["--gin_param", param]
+        argv += ["--gin-param", param]
     return train_main(argv)
 
 
@@ -129,15 +134,14 @@ def test_video_demo_reuses_existing_videos_and_samples_every_digit(tmp_path, vid
     assert gin.query_parameter("Trainer.init_from") == str(root / "stage1")
 
     # The demo's quality script judges video runs frame by frame (a one-epoch judge: only the bookkeeping is tested).
-    demo = load_script("demo_accuracy")
-    run = demo.load_run(root / "stage2")
-    judge = demo.DigitsClassifier.train(resolution=12, channels=3, epochs=1)
-    settings = demo.guidance_settings(["none", "pdg"], [1.0])  # scale 1: the very same samples under both
-    rows = demo.guided_accuracy(run, judge, settings, per_class=1, steps=2, progress=False)
+    run = load_class_run(root / "stage2")
+    judge = DigitsClassifier.train(resolution=12, channels=3, epochs=1)
+    settings = demo_accuracy.guidance_settings(["none", "pdg"], [1.0])  # scale 1: the very same samples under both
+    rows = demo_accuracy.guided_accuracy(run, judge, settings, per_class=1, steps=2, progress=False)
     assert rows[0]["accuracy"] == rows[1]["accuracy"] and rows[0]["frame_accuracy"] == rows[1]["frame_accuracy"]
     assert rows[0]["accuracy"] == pytest.approx(sum(rows[0]["per_class"]) / 10)
     assert 1 / FRAMES <= rows[0]["frame_agreement"] <= 1.0
-    assert "frame agreement" in demo.table_header(rows) and len(demo.table_rows(rows)[0]) == 7
+    assert "frame agreement" in demo_accuracy.table_header(rows) and len(demo_accuracy.table_rows(rows)[0]) == 7
 
 
 def test_demo_time_budget_is_split_three_to_one():

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import gin
 import numpy as np
@@ -15,11 +13,11 @@ from safetensors.torch import load_file
 from sprint_mm.configs import parse_gin
 from sprint_mm.data.latents import VideoLatentDataset
 from sprint_mm.latents import VIDEO_VAES, VideoVAECodec, build_codec
+from tests.helpers import dataset_script
 from tests.test_latents import write_test_video
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
-import encode_images  # noqa: E402
-import encode_videos  # noqa: E402
+encode_images = dataset_script("encode_images")
+encode_videos = dataset_script("encode_videos")  # imports encode_images, loaded first
 
 diffusers = pytest.importorskip("diffusers")
 av = pytest.importorskip("av")

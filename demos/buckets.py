@@ -1,9 +1,10 @@
-"""The bucket demo behind `video_demo.py --buckets`: one video DiT trained on moving digits of two shapes and still
+"""The bucket demo, `python video_demo.py --buckets`: one video DiT trained on moving digits of two shapes and still
 digits of two sizes in one run, then sampled with PDG at every bucket's shape.
 
 The data are real files read back by the datasets a user would use: two folders of mp4s (VideoFolderDataset, one
 per clip shape) and one folder of PNG stills of both sizes (ImageFolderDataset), joined by JointDataset and bucketed
-by the BucketTable of gin/video/moving_digits_buckets_stage1.gin.
+by the BucketTable of gin/video/moving_digits_buckets_stage1.gin. The shapes it samples are the buckets of the
+trained run's configuration (`bucket_shapes`), so a table changed with --gin-param is sampled as trained.
 """
 from __future__ import annotations
 
@@ -13,21 +14,30 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from sprint_mm.cli import sample_main, train_two_stages
+from demos.clips import ensure_clips
+from demos.two_stages import sample_run, stage_budgets, train_two_stages
+from sprint_mm.configs import ConfigError, parse_gin
+from sprint_mm.data.buckets import BucketTable, Shape
 from sprint_mm.data.digits import DigitsDataset
-from sprint_mm.video_demo import DIGIT_FRACTION, load_moving_digits_maker, stage_budgets
 
 BUCKET_STAGES = ("gin/video/moving_digits_buckets_stage1.gin", "gin/video/moving_digits_buckets_stage2.gin")
 BUCKET_RUN = "runs/moving_digits_buckets"
 CLIPS = ((8, 16), (4, 24))  # (frames, size) of the two moving-digit sets, one mp4 folder each
 CLIPS_PER_SHAPE = 300
 STILL_SIZES = (16, 24)
-# The shapes the demo samples, (frames, height, width): the buckets of the stage-1 gin file.
-BUCKET_SHAPES = ((8, 16, 16), (4, 24, 24), (1, 16, 16), (1, 24, 24))
-# PDG scale: judged at 2, 4 and 7 on one run (benchmarks/bucket_accuracy.py), 7 read the stills and the 24 px clips
-# best and 4 the 16 px clips; 6 sits between.
-BUCKET_SCALE = 6.0
+BUCKET_SCALE = 6.0  # PDG scale, chosen with benchmarks/bucket_accuracy.py (README, the bucket demo)
 BUCKET_SOLVER = "euler"
+
+
+def bucket_shapes(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> tuple[Shape, ...]:
+    """The (frames, height, width) of every bucket of `BucketTable` in a configuration (a run's config.gin, or the
+    demo's gin files), in the table's order."""
+    parse_gin(gin_files, bindings)
+    try:
+        table = BucketTable()
+    except TypeError:  # BucketTable.buckets is not bound
+        raise ConfigError(f"{', '.join(gin_files)} binds no BucketTable.buckets: not a bucketed run") from None
+    return tuple(bucket.shape for bucket in table)
 
 
 def clip_folder(root: Path, frames: int, size: int) -> Path:
@@ -52,11 +62,8 @@ def write_still_digits(folder: Path, sizes: Sequence[int] = STILL_SIZES, per_siz
 
 def ensure_bucket_data(root: Path) -> None:
     """Write the two clip folders and the stills unless they already hold files."""
-    maker = load_moving_digits_maker()
     for seed, (frames, size) in enumerate(CLIPS):
-        folder = clip_folder(root, frames, size)
-        if not any(folder.rglob("*.mp4")):
-            maker.write_moving_digits(folder, CLIPS_PER_SHAPE, frames, size, seed=seed, digit_fraction=DIGIT_FRACTION)
+        ensure_clips(clip_folder(root, frames, size), CLIPS_PER_SHAPE, frames, size, seed=seed)
     if not any((root / "images").rglob("*.png")):
         write_still_digits(root / "images")
 
@@ -74,8 +81,8 @@ def run_bucket_demo(
     steps: int = 50,
     solver: str = BUCKET_SOLVER,
 ) -> list[Path]:
-    """Write the data if absent, train both stages over the four buckets, then sample one PDG sample per digit 0..9
-    at every bucket's shape (`sample.py --frames/--size`). Returns the .mp4 per bucket (a .png strip lies beside)."""
+    """Write the data if absent, train both stages over the buckets, then sample one PDG sample per digit 0..9 at
+    every bucket's shape (`sample.py --frames/--size`). Returns the .mp4 per bucket (a .png strip lies beside)."""
     folder = Path(root)
     ensure_bucket_data(folder)
     (frames_a, size_a), (frames_b, size_b) = CLIPS
@@ -83,15 +90,10 @@ def run_bucket_demo(
               f"videos_{frames_b}f/VideoFolderDataset.root = {str(clip_folder(folder, frames_b, size_b))!r}",
               f"ImageFolderDataset.root = {str(folder / 'images')!r}", *gin_params]
     stage2 = train_two_stages(BUCKET_STAGES, folder, shared, stage_budgets(minutes))
-    outputs = []
-    for shape in BUCKET_SHAPES:
-        out = sample_path(folder, shape)
-        argv = ["--run", stage2, "--out", str(out), "--guidance", "pdg", "--scale", str(scale), "--steps", str(steps),
-                "--solver", solver, "--frames", str(shape[0]), "--size", str(shape[1]), str(shape[2]),
-                "--labels", *map(str, range(10))]
-        if sample_main(argv) != 0:
-            raise ValueError(f"sampling failed: sample.py {' '.join(argv)}")
-        outputs.append(out)
+    outputs = [sample_run(stage2, sample_path(folder, (frames, height, width)), "--guidance", "pdg",
+                          "--scale", str(scale), "--steps", str(steps), "--solver", solver, "--frames", str(frames),
+                          "--size", str(height), str(width), "--labels", *map(str, range(10)))
+               for frames, height, width in bucket_shapes([str(Path(stage2) / "config.gin")])]
     print(f"[sprint_mm] bucket demo done: one strip per bucket in {folder} "
           f"({', '.join(path.with_suffix('.png').name for path in outputs)}; one row per digit, frames left to right)")
     return outputs

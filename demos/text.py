@@ -1,4 +1,5 @@
-"""The text-to-image demo behind text_demo.py: captioned 16 px digits, MiniLM captions, stage 1, stage 2, CFG and PDG.
+"""The text-to-image demo, `python text_demo.py`: captioned 16 px digits, MiniLM captions, stage 1, stage 2, then
+CFG and PDG grids of prompts in runs/text_demo/samples_{cfg,pdg}.png, on a CPU in minutes.
 
 The sample grids have one row per phrasing and one column per digit 0..9: the first rows use phrasings seen in
 training, the last rows phrasings that never occur in training (HELD_OUT_PROMPTS).
@@ -12,15 +13,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from sprint_mm.cli import report_training, sample_main, train_two_stages
+from demos.two_stages import sample_run, train_two_stages
+from sprint_mm.cli import add_gin_param_option, report_training
 from sprint_mm.data.captioned_digits import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, prompts_for
 
 TEXT_STAGES = ("gin/text/digits_minilm_stage1.gin", "gin/text/digits_minilm_stage2.gin")
 TEXT_RUN = "runs/text_demo"
-GUIDANCES = ("cfg", "pdg")
+GRID_GUIDANCES = ("cfg", "pdg")  # one grid each
 DEFAULT_SCALE = 2.0
-# This model is small: with two threads a step is at best a little faster than with one, but when another process
-# shares a 2-core machine the threads wait on each other and a step becomes up to ~8x slower (measured 1.6 s vs 0.2 s).
+# This model is small: two threads make a step at best a little faster than one, and on a shared 2-core machine they
+# wait on each other and make it many times slower (README, text-conditioned digits).
 DEFAULT_THREADS = 1
 GRID_TEMPLATES = (*TRAIN_TEMPLATES[:2], *HELD_OUT_TEMPLATES)
 
@@ -43,13 +45,9 @@ def run_text_demo(
     prompts = Path(run_root) / "prompts.txt"
     prompts.write_text("\n".join(demo_prompts()) + "\n")
     grids = {}
-    for guidance in GUIDANCES:
-        out = Path(run_root) / f"samples_{guidance}.png"
-        argv = ["--run", stage2, "--prompts", str(prompts), "--guidance", guidance, "--scale", str(scale),
-                "--steps", str(steps), "--out", str(out)]
-        if sample_main(argv) != 0:
-            raise ValueError(f"sampling failed: sample.py {' '.join(argv)}")
-        grids[guidance] = out
+    for guidance in GRID_GUIDANCES:
+        grids[guidance] = sample_run(stage2, Path(run_root) / f"samples_{guidance}.png", "--prompts", str(prompts),
+                                     "--guidance", guidance, "--scale", str(scale), "--steps", str(steps))
     print(f"[sprint_mm] text demo done: {', '.join(map(str, grids.values()))} "
           f"(columns: digits 0-9; rows: {' | '.join(GRID_TEMPLATES)}; the last {len(HELD_OUT_TEMPLATES)} "
           "phrasings never occur in training)")
@@ -58,8 +56,9 @@ def run_text_demo(
 
 def text_demo_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train and sample the text-to-image digits demo (CPU, minutes).")
-    parser.add_argument("--run_root", default=TEXT_RUN, help="folder for both stages, the caption cache and the grids")
-    parser.add_argument("--gin_param", action="append", default=[], help="a gin binding applied to both stages")
+    parser.add_argument("--run-root", "--run_root", default=TEXT_RUN,
+                        help="folder for both stages, the caption cache and the grids")
+    add_gin_param_option(parser, "a gin binding applied to both stages (repeatable)")
     parser.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="guidance scale of the CFG and PDG grids")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
