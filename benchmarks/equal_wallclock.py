@@ -19,13 +19,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
 from benchmarks.demo_accuracy import guidance_settings, guided_accuracy
 from benchmarks.digits_classifier import DigitsClassifier, test_split_accuracy
-from benchmarks.harness import RESULTS, add_out_option, load_class_run, markdown_table, write_result
+from benchmarks.harness import RESULTS, add_out_option, load_class_run, markdown_table, training_record, write_result
 from sprint_mm.cli import add_gin_param_option, run_training
-from sprint_mm.runs import find_checkpoint
 
 STAGE1 = "gin/image/digits_stage1.gin"
 STAGE2 = "gin/image/digits_stage2.gin"
@@ -75,12 +72,6 @@ def train_arms(root: Path, minutes: float, rounds: int, extra: Sequence[str]) ->
             run_training(files[name], bindings)
             done[name] = budgets[name]
     return {"dense": runs["dense"], "sprint": runs["stage2"]}
-
-
-def training_record(run_dir: Path) -> dict:
-    """Steps done and training seconds (the budgeted step time) of a run's newest checkpoint."""
-    state = torch.load(find_checkpoint(run_dir) / "training_state.pt", map_location="cpu", weights_only=False)
-    return {"steps": int(state["step"]), "train_s": float(state["elapsed"])}
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

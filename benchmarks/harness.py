@@ -1,5 +1,5 @@
 """What the benchmark scripts share: interleaved timing with medians, markdown tables, result files, the command-line
-options several scripts take, and loading a trained run (`sprint_mm.trained.load_run`).
+options several scripts take, and reading trained runs (`sprint_mm.trained.load_run`, a checkpoint's training record).
 
 Timing: the compared variants run interleaved (A B, B A, A B, ...) after untimed warm-up rounds and their medians
 are compared, so a change of machine load hits every variant alike; a speed-up is measured in one run, never across
@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
+from sprint_mm.runs import find_checkpoint
 from sprint_mm.sharded import WEIGHTS
 from sprint_mm.trained import TrainedRun, load_run
 
@@ -169,3 +170,9 @@ def load_class_run(run: str | Path, step: Optional[int] = None, weights: str = "
         raise ValueError(f"the digits judge needs a class-conditional run; {str(run)!r} is conditioned on "
                          f"{loaded.kind!r}")
     return loaded
+
+
+def training_record(run_dir: Path) -> dict:
+    """Steps done and training seconds (the budgeted step time) of a run's newest checkpoint."""
+    state = torch.load(find_checkpoint(run_dir) / "training_state.pt", map_location="cpu", weights_only=False)
+    return {"steps": int(state["step"]), "train_s": float(state["elapsed"])}

@@ -40,8 +40,8 @@ import torch
 from benchmarks.curve_plots import curve, draw_quality_figures, time_to_reach
 from benchmarks.demo_accuracy import class_major_labels
 from benchmarks.digits_classifier import DigitsClassifier, digits_tensors, test_split_accuracy
-from benchmarks.equal_wallclock import DENSE, NO_STEP_LIMIT, STAGE1, STAGE2, training_record
-from benchmarks.harness import RESULTS, add_out_option, load_class_run, markdown_table, write_result
+from benchmarks.equal_wallclock import DENSE, NO_STEP_LIMIT, STAGE1, STAGE2
+from benchmarks.harness import RESULTS, add_out_option, load_class_run, markdown_table, training_record, write_result
 from sprint_mm.cli import add_gin_param_option, run_training
 from sprint_mm.evaluation.frechet import FeatureStats, frechet_distance
 from sprint_mm.runs import find_checkpoint

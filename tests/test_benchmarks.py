@@ -198,7 +198,7 @@ def test_guidance_settings_and_labels():
 
 def test_equal_wallclock_arms_train_and_are_judged_with_the_same_noise(tmp_path, judge):
     finals = equal_wallclock.train_arms(tmp_path, minutes=0.004, rounds=2, extra=TINY)
-    records = {name: equal_wallclock.training_record(path) for name, path in
+    records = {name: harness.training_record(path) for name, path in
                [("dense", finals["dense"]), ("stage1", tmp_path / "sprint_stage1"), ("stage2", finals["sprint"])]}
     assert all(r["steps"] >= 1 for r in records.values())
     assert records["stage1"]["train_s"] + records["stage2"]["train_s"] >= 0.004 * 60
