@@ -81,7 +81,7 @@ class FlowMatching:
     """The SPRINT objective: v-prediction MSE over all positions, with label dropout, token drop and path drop.
 
     `time_shift` (e.g. `@TimeShift()`) shifts the sampled times by the token count of each batch's grid; sampling reads
-    the same shift from the run's configuration (`trained_time_shift`).
+    the same shift from the run's configuration (`sampling.trained_sampling`).
     """
 
     def __init__(
@@ -171,11 +171,6 @@ class FlowMatching:
         if self.path_drop > 0:
             extra["skip_middle"] = torch.rand(b, device=device, generator=generator) < self.path_drop
         return mean_squared_error(model(x_t, t, cond, **extra), target)
-
-
-def trained_time_shift() -> Optional[TimeShift]:
-    """The time shift of the objective the parsed configuration trains with (None: no shift); samplers use it."""
-    return FlowMatching().time_shift
 
 
 def mean_squared_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ class Optimization:
     def build(self, parameters: Iterable[torch.nn.Parameter], fused: bool
               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         """AdamW over the parameters that require gradients, and its warm-up schedule. `fused` picks the fused kernel
-        (it also runs on the CPU, 3x faster there than the per-parameter loop)."""
+        (it also runs on the CPU, where it is faster than the per-parameter loop)."""
         trained = [p for p in parameters if p.requires_grad]
         optimizer = torch.optim.AdamW(trained, lr=self.lr, betas=tuple(self.betas), eps=self.adam_eps,
                                       weight_decay=self.weight_decay, fused=fused or None)
