@@ -169,7 +169,7 @@ def test_a_damaged_item_is_a_bad_item_the_skipping_dataset_replaces(digits_set, 
     (root / shard_name(0)).write_bytes(bytes(data))
     (root / shard_name(2)).write_bytes((root / shard_name(2)).read_bytes()[:-100])  # the last item cut short
     shards = ShardDataset(str(root))
-    with pytest.raises(BadItem, match=r"shard-00000.bin item 5 \(source item 5\): its bytes do not match the crc32"):
+    with pytest.raises(BadItem, match=r"shard-00000.bin item 5 \(source item 5\): its bytes do not match the checksum"):
         shards[5]
     with pytest.raises(BadItem, match=r"item 358 .*: the shard holds \d+ of the item's \d+ bytes \(truncated\)"):
         shards[358]
