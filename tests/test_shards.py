@@ -142,7 +142,8 @@ def test_the_command_line_writes_the_dataset_of_a_gin_configuration(digits_set, 
     assert write_shards_main(argv) == 0
     assert set_files(tmp_path / "set") == set_files(digits_set)
     assert "the set is complete: Trainer.dataset = @ShardDataset()" in capsys.readouterr().out
-    assert json.loads((tmp_path / "set" / MANIFEST).read_text())["source"]["gin_files"] == ["gin/image/digits_stage1.gin"]
+    source = json.loads((tmp_path / "set" / MANIFEST).read_text())["source"]
+    assert source["gin_files"] == ["gin/image/digits_stage1.gin"]
     assert write_shards_main([str(tmp_path / "none"), "--gin-file", "gin/base/sprint.gin"]) == 2
     assert "Trainer.dataset is not bound" in capsys.readouterr().err
     assert write_shards_main([str(tmp_path / "half"), "--gin-file", "gin/image/digits_stage1.gin", "--dtype",

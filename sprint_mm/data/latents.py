@@ -245,7 +245,8 @@ def crop_latent(where: str, moments: torch.Tensor, size: tuple[int, ...]) -> tor
                       "item sizes were read?)") from None
 
 
-def crop_image_with_latent(where: str, image: torch.Tensor, latent: tuple[int, int], crop: tuple[int, int]) -> torch.Tensor:
+def crop_image_with_latent(where: str, image: torch.Tensor, latent: tuple[int, int],
+                           crop: tuple[int, int]) -> torch.Tensor:
     """The region of `image` (3, H, W) that the centre `crop` of a latent of size `latent` encodes: the image must
     be a whole multiple f of the latent, the same in height and width."""
     if tuple(crop) == tuple(latent):

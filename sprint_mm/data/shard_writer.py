@@ -229,7 +229,8 @@ def merge_parts(out: str | os.PathLike) -> bool:
         raise ValueError(f"the shards of {out} hold items with different fields ({sorted(fields)}): the source "
                          "dataset changed between writers; write the set again into an empty folder")
     if not fields:
-        raise ValueError(f"no item of the {plan['items']} of {plan['dataset']} could be read: see {out / BAD_ITEMS_FILE}")
+        raise ValueError(f"no item of the {plan['items']} of {plan['dataset']} could be read: see "
+                         f"{out / BAD_ITEMS_FILE}")
     index = np.concatenate([np.load(_part_paths(out, number)[0]) for number in numbers])
     buffer = _npy_bytes(index)
     _write_atomically(out / INDEX, lambda file: file.write(buffer))
@@ -237,12 +238,13 @@ def merge_parts(out: str | os.PathLike) -> bool:
     _write_atomically(out / BAD_ITEMS_FILE, lambda file: file.write("".join(json.dumps(line) + "\n"
                                                                              for line in bad).encode()))
     labels = [part["max_label"] for part in parts if part["max_label"] is not None]
+    classes = plan["num_classes"] if plan["num_classes"] is not None else (max(labels) + 1 if labels else None)
     manifest = {
         "format": FORMAT, "version": VERSION, "items": len(index), "index_sha256": hashlib.sha256(buffer).hexdigest(),
         "fields": json.loads(fields.pop()), "bad_items": len(bad),
         "shards": [{"name": shard_name(number), "items": part["items"], "bytes": part["bytes"],
                     "sha256": part["sha256"]} for number, part in zip(numbers, parts)],
-        "num_classes": plan["num_classes"] if plan["num_classes"] is not None else (max(labels) + 1 if labels else None),
+        "num_classes": classes,
         **{key: plan[key] for key in ("crop_only", "captions", "dataset", "source", "seed", "dtype",
                                       "items_per_shard")},
         "source_items": plan["items"]}
