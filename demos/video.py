@@ -91,7 +91,11 @@ def video_demo_parser() -> argparse.ArgumentParser:
 
 
 def video_demo_main(argv: Optional[Sequence[str]] = None) -> int:
-    args = video_demo_parser().parse_args(argv)
+    parser = video_demo_parser()
+    args = parser.parse_args(argv)
+    if args.buckets and args.shards:
+        parser.error("--shards writes the single-size demo's clips into shards; the bucket demo (--buckets) reads its "
+                     "folders")
     if args.buckets:
         root = BUCKET_RUN if args.root == VIDEO_RUN else args.root
         scale = BUCKET_SCALE if args.scale is None else args.scale

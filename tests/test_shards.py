@@ -311,3 +311,17 @@ def test_a_resume_on_other_shards_or_from_another_kind_of_data_is_refused(digits
         stream.load_state_dict(plain.state_dict(5), 5)
     with pytest.raises(ValueError, match="shuffle_window must be an integer >= 1, got 0"):
         ShardDataset(str(digits_set), shuffle_window=0)
+
+
+def test_the_video_demo_writes_its_clips_into_shards_that_give_the_same_items(tmp_path):
+    from demos.clips import ensure_clips
+    from demos.video import ensure_shards, video_demo_parser
+    from sprint_mm.data.video import VideoFolderDataset
+
+    videos = ensure_clips(tmp_path / "videos", 12, 8, 16)
+    shards = ShardDataset(str(ensure_shards(videos, tmp_path / "shards")))
+    clips = VideoFolderDataset(videos, clip_length=8, reader="pyav", fallback_reader=None)
+    assert len(shards) == len(clips) == 12 and shards.num_classes == 10
+    for index in range(12):
+        assert torch.equal(shards[index]["x"], clips[index]["x"]) and shards[index]["label"] == clips[index]["label"]
+    assert video_demo_parser().parse_args(["--shards"]).shards
