@@ -1,5 +1,5 @@
-"""The command lines behind train.py (a configured run) and sample.py, and the two pieces the demos share with them:
-`run_training` (parse gin, train) and `report_training` (a training command's exit status).
+"""The command lines behind train.py (a configured run), sample.py and datasets/write_shards.py, and the two pieces
+the demos share with them: `run_training` (parse gin, train) and `report_training` (a training command's exit status).
 
 Flags are spelled in kebab-case (`--gin-file`); the snake_case spellings of earlier versions (`--gin_file`) stay
 accepted as aliases.
@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import gin
 import torch
 from tqdm.auto import tqdm
 
 from sprint_mm.checkpoints import atomic_write
 from sprint_mm.conditioning import check_labels
+from sprint_mm.data.shard_writer import FLOAT_DTYPES, WriteReport, items_per_shard_for, write_shards
 from sprint_mm.configs import ConfigError, parse_gin
 from sprint_mm.errors import check_number, report_mistakes
 from sprint_mm.media import pack_uint8, save_image_grid, save_npz, save_video, save_video_preview, unpack_uint8
@@ -27,6 +29,8 @@ from sprint_mm.sampling import GUIDANCES, SOLVERS, Guidance
 from sprint_mm.sharded import WEIGHTS
 from sprint_mm.trained import TrainedRun, load_run
 from sprint_mm.training import Trainer
+
+DEFAULT_SHARD_SIZE = "256M"
 
 
 def add_gin_param_option(parser: argparse.ArgumentParser,
@@ -76,6 +80,75 @@ def train_configured(gin_files: Sequence[str], gin_params: Sequence[str]) -> Pat
         raise ConfigError("give --gin-file (a configured run starts from at least one .gin file; `python train.py` "
                           "with no arguments runs the digits demo)")
     return run_training(gin_files, gin_params)
+
+
+def write_shards_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Write the items of the dataset a gin configuration trains on (Trainer.dataset) into a shard set "
+                    "that Trainer.dataset = @ShardDataset() reads: shards of a chosen size, an index of every item's "
+                    "size and checksum, corrupt source items skipped and listed. Rerun the same command to resume; "
+                    "--shard i --num-shards n splits the work between n writers.")
+    parser.add_argument("out", help="the shard set's folder (resumes what is already there)")
+    parser.add_argument("--gin-file", "--gin_file", action="append", default=[],
+                        help="a .gin file that binds Trainer.dataset (repeatable, applied in order)")
+    add_gin_param_option(parser)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--items-per-shard", "--items_per_shard", type=int, help="items in every shard")
+    size.add_argument("--shard-size", "--shard_size", default=DEFAULT_SHARD_SIZE,
+                      help=f"bytes per shard, about (K, M, G suffixes; default {DEFAULT_SHARD_SIZE}): the items per "
+                           "shard come from the mean size of the first items")
+    parser.add_argument("--shard", type=int, default=0, help="which writer this is (0 .. --num-shards - 1)")
+    parser.add_argument("--num-shards", "--num_shards", type=int, default=1, help="how many writers share the work")
+    parser.add_argument("--dtype", choices=FLOAT_DTYPES, help="store floating tensors in this type (default: as the "
+                                                               "dataset gives them)")
+    parser.add_argument("--seed", type=int, default=0, help="items with random augmentations are read under a seed "
+                                                           "of (seed, item)")
+    return parser
+
+
+def parse_bytes(text: str) -> int:
+    """'256M', '1G', '64MB', '1000': a count of bytes (K, M, G, T are powers of 1024)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    spelled = text.strip().upper().removesuffix("B")
+    number, unit = (spelled[:-1], spelled[-1]) if spelled[-1:] in units else (spelled, "")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise ValueError(f"--shard-size {text!r} is not a size in bytes such as 256M, 1G or 1000000") from None
+    check_number("--shard-size", value, low=1)
+    return int(value)
+
+
+def configured_dataset() -> Any:
+    """The dataset the parsed gin configuration binds to Trainer.dataset."""
+    try:
+        reference = gin.query_parameter("Trainer.dataset")
+    except ValueError:
+        raise ConfigError("Trainer.dataset is not bound: bind it in a .gin file, e.g. `Trainer.dataset = "
+                          "@DigitsDataset()`") from None
+    if not isinstance(reference, gin.config.ConfigurableReference) or not reference.evaluate:
+        raise ConfigError(f"Trainer.dataset must be bound to a dataset, e.g. `@DigitsDataset()`, got {reference!r}")
+    return reference.scoped_configurable_fn()
+
+
+def write_configured_shards(args: argparse.Namespace) -> WriteReport:
+    """The shard writer's command line: parse gin, build the dataset, write this writer's shards."""
+    parse_gin(args.gin_file, args.gin_param)
+    dataset = configured_dataset()
+    per_shard = args.items_per_shard or items_per_shard_for(dataset, parse_bytes(args.shard_size), args.seed,
+                                                            args.dtype)
+    source = {"gin_files": list(args.gin_file), "gin_params": list(args.gin_param)}
+    report = write_shards(dataset, args.out, per_shard, args.shard, args.num_shards, args.seed, args.dtype, source)
+    bad = f"; {report.bad_items} corrupt source item(s) skipped (listed above)" if report.bad_items else ""
+    print(f"[sprint_mm] wrote {report.written} shard(s) of {per_shard} items into {args.out} ({report.already_done} "
+          f"already there){bad}; " + ("the set is complete: Trainer.dataset = @ShardDataset(), ShardDataset.root = "
+                                      f"{str(args.out)!r}" if report.complete else
+                                      "the set is complete once the other writers finish"))
+    return report
+
+
+def write_shards_main(argv: Optional[Sequence[str]] = None) -> int:
+    return report_mistakes(write_configured_shards, write_shards_parser().parse_args(argv))
 
 
 def sample_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from benchmarks import (
-    curve_plots, demo_accuracy, digits_classifier, equal_wallclock, fault_drill, guidance_pareto, guidance_speed,
+    curve_plots, data_speed, demo_accuracy, digits_classifier, equal_wallclock, fault_drill, guidance_pareto,
+    guidance_speed,
     harness, quality_curves, train_speed, video_demo_variants,
 )
 from sprint_mm.data.moving_digits import digit_side, moving_digit_videos, write_moving_digits
@@ -375,3 +376,22 @@ def test_video_variant_trains_both_stages_for_its_steps_with_its_bindings(tmp_pa
         assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == steps
     model = harness.load_class_run(stage2).model
     assert model.backbone.blocks[0].mlp.fc1.out_features == 64  # hidden 128 x ratio 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# data_speed.py
+# ----------------------------------------------------------------------------------------------
+
+
+def test_data_speed_reads_every_source_and_measures_the_index(tmp_path):
+    result = data_speed.main(["--items", "8", "--batch", "4", "--items-per-shard", "5", "--repeats", "1",
+                              "--index-items", "30", "--work", str(tmp_path / "work"),
+                              "--out", str(tmp_path / "r.json")])
+    readers = {(row["source"], row["reader"]) for row in result["reads"]}
+    assert readers == {(source, reader) for source in ("mp4 clips", "video latents", "image latents")
+                       for reader in ("files", "shards")} | {("video latents", "wids (tar shards)"),
+                                                             ("video latents", "webdataset (streamed)")}
+    assert all(row["items_per_s"] > 0 and row["first_batch_s"] > 0 for row in result["reads"])
+    index = result["index"]
+    assert (index["items"], index["shards"]) == (30, 1) and index["index_bytes"] > 30 * 44
+    assert json.loads((tmp_path / "r.json").read_text())["index"] == index

@@ -21,7 +21,7 @@ import convert_checkpoint
 import demos
 from demos.text import text_demo_main
 from demos.video import video_demo_main
-from sprint_mm.cli import sample_main, train_main
+from sprint_mm.cli import sample_main, train_main, write_shards_main
 from tests.helpers import dataset_script, script_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,6 +160,7 @@ def command_mains() -> dict[str, Callable[[list[str]], object]]:
              "convert_checkpoint.py": convert_checkpoint.main, "consolidate_checkpoint.py": consolidate_checkpoint.main}
     for name in ("make_moving_digits", "encode_images", "encode_videos", "cache_text_embeddings"):  # encode_videos
         mains[f"datasets/{name}.py"] = dataset_script(name).main  # imports encode_images: load that first
+    mains["datasets/write_shards.py"] = write_shards_main
     for module in pkgutil.iter_modules(benchmarks.__path__):
         script = importlib.import_module(f"benchmarks.{module.name}")
         if hasattr(script, "main"):
@@ -190,6 +191,8 @@ SPELLINGS = [
     ("sample.py", ["--run-dir", "runs/r", "--num-samples", "8", "--batch-size", "4", "--gin-param", "x = 1"],
      ["--run_dir", "runs/r", "--num_samples", "8", "--batch_size", "4", "--gin_param", "x = 1"]),
     ("video_demo.py", ["--gin-param", "x = 1"], ["--gin_param", "x = 1"]),
+    ("datasets/write_shards.py", ["out", "--gin-file", "a.gin", "--items-per-shard", "3", "--num-shards", "2"],
+     ["out", "--gin_file", "a.gin", "--items_per_shard", "3", "--num_shards", "2"]),
     ("text_demo.py", ["--run-root", "runs/t", "--gin-param", "x = 1"],
      ["--run_root", "runs/t", "--gin_param", "x = 1"]),
     ("datasets/make_moving_digits.py", ["--out", "d", "--digit-fraction", "0.5"],

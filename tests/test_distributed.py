@@ -67,3 +67,26 @@ def test_ddp_runs_a_static_graph_when_whole_micro_batches_skip_the_middle(tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     weights = load_file(str(list_checkpoints(tmp_path / "run")[-1] / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed support")
+def test_a_run_on_shards_resumed_on_another_process_count_reads_the_same_global_sequence_of_items(tmp_path,
+                                                                                                monkeypatch):
+    from sprint_mm.data.digits import DigitsDataset
+    from sprint_mm.data.shard_writer import write_shards
+    from sprint_mm.data.stream import DataStream
+    from tests import shard_worker
+
+    assert write_shards(DigitsDataset(resolution=8, split="test"), tmp_path / "shards", 120, progress=False).complete
+    done = torchrun("tests/shard_worker.py", str(tmp_path))  # two processes, steps 1-4, checkpoint at step 4
+    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setattr(DataStream, "next_batch", shard_worker.recording_next_batch(DataStream.next_batch))
+    monkeypatch.setitem(shard_worker.RECORDING, "prefix", tmp_path / "one")
+    shard_worker.train_on_shards(tmp_path, "resumed", 8)  # one process, steps 5-8
+    monkeypatch.setitem(shard_worker.RECORDING, "prefix", tmp_path / "straight")
+    shard_worker.train_on_shards(tmp_path, "straight", 8)  # one process, never stopped
+    straight = shard_worker.recorded(tmp_path / "straight")
+    two = [sorted(a + b) for a, b in zip(*(shard_worker.recorded(tmp_path / "two", rank) for rank in (0, 1)))]
+    assert [len(rows) for rows in straight] == [8] * 8 and len(two) == 4
+    assert two + shard_worker.recorded(tmp_path / "one") == straight
+    assert len({row for rows in straight for row in rows}) == 64  # 64 distinct items: the hashes tell them apart

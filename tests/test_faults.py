@@ -204,3 +204,29 @@ def test_a_failing_write_stops_the_run_and_keeps_the_previous_checkpoint(tmp_pat
     checkpoints = list_checkpoints(tmp_path / "run")
     assert [p.name for p in checkpoints] == ["step_0000003"] and checkpoint_problems(checkpoints[0]) == []
     assert not list((tmp_path / "run" / "checkpoints").glob(".*"))  # no staging folder left behind
+
+
+# ------------------------------------------------------------------------------------------ shards
+def test_a_run_on_three_shards_killed_mid_epoch_and_restarted_ends_bit_identical(tmp_path):
+    from sprint_mm.data.digits import DigitsDataset
+    from sprint_mm.data.shard_writer import write_shards
+
+    shards = tmp_path / "shards"  # 359 digits in shards of 120, 119: an epoch is 44 steps of 8
+    assert write_shards(DigitsDataset(resolution=8, split="test"), shards, 120, progress=False).complete
+    steps, data = 60, ["Trainer.dataset = @ShardDataset()", f"ShardDataset.root = '{shards}'",
+                       "ShardDataset.shuffle_window = 2", "Trainer.checkpoint_every = 10"]
+    straight = start_training(tmp_path / "straight", steps, *data)
+    killed = start_training(tmp_path / "killed", steps, *data)
+    wait_for_step(tmp_path / "killed", 23, killed)
+    killed.kill()  # SIGKILL: no handler runs, the newest checkpoint (every 10 steps) is where it resumes
+    killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    last = int(list_checkpoints(tmp_path / "killed")[-1].name.split("_")[1])
+    assert 20 <= last < steps and last % 44  # mid-epoch
+    restarted = start_training(tmp_path / "killed", steps, *data)
+    _, err = restarted.communicate(timeout=300)
+    assert restarted.returncode == 0, err
+    assert straight.wait(timeout=300) == 0
+    assert_same_weights(tmp_path / "straight", tmp_path / "killed")
+    state = torch.load(list_checkpoints(tmp_path / "killed")[-1] / "training_state.pt", weights_only=True)
+    assert state["data_position"] == steps * 8 and state["data"]["stream"] == "shards"  # past the first epoch

@@ -35,7 +35,7 @@ class EpochPlan(NamedTuple):
     left_out: list[int]
 
 
-def _seed(*parts: int) -> int:
+def seed_of(*parts: int) -> int:
     """A 63-bit generator seed from integers; distinct tuples give unrelated streams."""
     digest = hashlib.sha256("/".join(str(part) for part in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
@@ -106,7 +106,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         for number, (bucket, items, slots) in enumerate(zip(self.table, self.members, self.slots)):
             if not items:
                 continue
-            generator = torch.Generator().manual_seed(_seed(self.seed, epoch, number))
+            generator = torch.Generator().manual_seed(seed_of(self.seed, epoch, number))
             copies = -(-slots // len(items))  # enough permutations to fill the slots
             order = torch.cat([torch.randperm(len(items), generator=generator) for _ in range(copies)])[:slots]
             chosen = [items[position] for position in order.tolist()]
@@ -114,7 +114,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             batches.extend((number, chosen[first:first + bucket.batch_size])
                            for first in range(0, full, bucket.batch_size))
             left_out.extend(chosen[full:])
-        shuffle = torch.randperm(len(batches), generator=torch.Generator().manual_seed(_seed(self.seed, epoch)))
+        shuffle = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed_of(self.seed, epoch)))
         plan = EpochPlan([batches[position] for position in shuffle.tolist()], left_out)
         self._cached = (epoch, plan)
         return plan

@@ -22,7 +22,7 @@ from typing import Any, Callable, NamedTuple, TypeVar
 import gin
 from torch.utils.data import Dataset, default_collate
 
-KINDS = ("image", "video", "latent", "caption")
+KINDS = ("image", "video", "latent", "caption", "shard")
 BAD_ITEMS = "bad_items"  # the item and batch key that holds the records of the bad items passed
 EXAMPLES = 5  # how many bad items an error or summary names
 

@@ -56,6 +56,7 @@ SHOWN = 5  # how many offending names an error lists
 SHAPE_SAMPLES = 5  # how many evenly spaced items set the shapes every item must have
 NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 MAX_SAFETENSORS_HEADER = 100_000_000  # the format's own limit on its JSON header
+POSTERIOR_FIELDS = ("mean", "std", "posterior_scale", "posterior_shift")  # a latent item in a shard
 
 
 def image_member(index: int) -> str:
@@ -164,9 +165,14 @@ def _read_labels(tree: Tree) -> dict[str, int] | None:
     return None if content["labels"] is None else {name: int(label) for name, label in content["labels"]}
 
 
-def _posterior_sample(mean: torch.Tensor, std: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
+def posterior_sample(mean: torch.Tensor, std: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
     z = mean + std * torch.randn_like(std)
     return (z - shift) * scale
+
+
+def posterior_record(mean: torch.Tensor, std: torch.Tensor, scale: float, shift: float) -> dict:
+    """A latent item as a shard stores it: the posterior and how a sample of it is scaled (`POSTERIOR_FIELDS`)."""
+    return dict(zip(POSTERIOR_FIELDS, (mean, std, float(scale), float(shift))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +235,7 @@ def _check_channels(loaded: list[Loaded], shapes: list[tuple[int, ...]], sized: 
                           f"{shape[:-sized]} before their last {sized} dimensions")
 
 
-def _crop_latent(where: str, moments: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+def crop_latent(where: str, moments: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """The centre `size` (the trailing dimensions) of the moments, never resized; a latent smaller than `size`
     (its file changed since the sizes were indexed) is a bad item."""
     try:
@@ -239,7 +245,8 @@ def _crop_latent(where: str, moments: torch.Tensor, size: tuple[int, ...]) -> to
                       "item sizes were read?)") from None
 
 
-def _crop_image(where: str, image: torch.Tensor, latent: tuple[int, int], crop: tuple[int, int]) -> torch.Tensor:
+def crop_image_with_latent(where: str, image: torch.Tensor, latent: tuple[int, int],
+                           crop: tuple[int, int]) -> torch.Tensor:
     """The region of `image` (3, H, W) that the centre `crop` of a latent of size `latent` encodes: the image must
     be a whole multiple f of the latent, the same in height and width."""
     if tuple(crop) == tuple(latent):
@@ -353,6 +360,17 @@ class LatentDataset(Dataset):
     def __getitem__(self, item: int) -> dict:
         return self._item(item, None)
 
+    def record(self, item: int) -> dict:
+        """What a shard stores of `item` (`sprint_mm.data.shard_writer`): the posterior, not a sample of it, at the
+        latent's own size, with its label (and image)."""
+        loaded = self._read(item)
+        _check_channels(loaded, self.shapes, sized=2)
+        mean, std = loaded[0][1].chunk(2)
+        out = {**posterior_record(mean, std, self.scale, self.shift), "label": self.labels[item]}
+        if self.images is not None:
+            out["image"] = loaded[1][1]
+        return out
+
     def load(self, item: int, shape: Shape) -> dict:
         """Item `item` with its latent centre-cropped to (h, w) = shape[1:] (and its image to the region that
         encodes); shape[0] must be 1."""
@@ -368,12 +386,12 @@ class LatentDataset(Dataset):
             _check_shapes(loaded, self.shapes)
         else:
             _check_channels(loaded, self.shapes, sized=2)
-            moments = _crop_latent(where, moments, size)
+            moments = crop_latent(where, moments, size)
         mean, std = moments.chunk(2)
-        out = {"x": _posterior_sample(mean, std, self.scale, self.shift), "label": self.labels[item]}
+        out = {"x": posterior_sample(mean, std, self.scale, self.shift), "label": self.labels[item]}
         if self.images is not None:
             where, image = loaded[1]
-            out["image"] = image if size is None else _crop_image(where, image, latent, size)
+            out["image"] = image if size is None else crop_image_with_latent(where, image, latent, size)
         return out
 
     def item_size(self, item: int) -> Shape:
@@ -444,6 +462,13 @@ class VideoLatentDataset(Dataset):
     def __getitem__(self, item: int) -> dict:
         return self._item(item, None)
 
+    def record(self, item: int) -> dict:
+        """What a shard stores of `item`: the posterior at the latent's own size, with its label."""
+        loaded = self._read(item)
+        _check_channels(loaded, self.shapes, sized=3)
+        mean, std = loaded[0][1]
+        return {**posterior_record(mean, std, self.scale, self.shift), "label": self.entries[item][1]}
+
     def load(self, item: int, shape: Shape) -> dict:
         """Item `item` with its latent centre-cropped to (T, h, w) = `shape`."""
         return self._item(item, tuple(shape))
@@ -456,9 +481,9 @@ class VideoLatentDataset(Dataset):
             _check_shapes(loaded, self.shapes)
         else:
             _check_channels(loaded, self.shapes, sized=3)
-            moments = _crop_latent(where, moments, size)
+            moments = crop_latent(where, moments, size)
         mean, std = moments
-        return {"x": _posterior_sample(mean, std, self.scale, self.shift), "label": self.entries[item][1]}
+        return {"x": posterior_sample(mean, std, self.scale, self.shift), "label": self.entries[item][1]}
 
     def item_size(self, item: int) -> Shape:
         """(T, h, w) of the latent of `item`, from its safetensors header."""

@@ -3,8 +3,10 @@ seeded by (seed, e)) or buckets, read by a DataLoader from the position of any s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from functools import partial
+from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -12,17 +14,30 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from sprint_mm.data.bucket_sampler import BucketBatchSampler
 from sprint_mm.data.buckets import BucketedDataset, BucketTable
 from sprint_mm.data.faults import BAD_ITEMS, BadDataLedger, SkippingDataset
+from sprint_mm.data.shard_dataset import ShardDataset
 from sprint_mm.errors import check_number
+
+SHOWN_SIZES = 5  # how many item sizes an error names
+
+
+EpochOrder = Callable[[int, int], torch.Tensor]  # (seed, epoch) -> a permutation of the dataset's indices
+
+
+def random_order(dataset_size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The plain stream's epoch: a uniform permutation seeded by (seed, epoch)."""
+    return torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 class IndexStream(Sampler[int]):
     """Yields this rank's share of the global index stream, starting after `start` indices of the share.
 
-    The global stream is the concatenation of per-epoch permutations; rank r takes every world-th index from r,
-    so the data position of a run is one number (indices consumed per rank) and resume is exact.
+    The global stream is the concatenation of per-epoch permutations (`order(seed, epoch)`, by default
+    `random_order`); rank r takes every world-th index from r, so the data position of a run is one number (indices
+    consumed per rank) and resume is exact.
     """
 
-    def __init__(self, dataset_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+    def __init__(self, dataset_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0,
+                 order: Optional[EpochOrder] = None) -> None:
         if dataset_size < 1:
             raise ValueError(f"the dataset is empty (size {dataset_size}); nothing to train on")
         if not 0 <= rank < world_size:
@@ -32,10 +47,14 @@ class IndexStream(Sampler[int]):
         self.rank = rank
         self.world_size = world_size
         self.start = start
+        self.order = order or partial(random_order, dataset_size)
 
     def _epoch(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.dataset_size, generator=generator)
+        order = self.order(self.seed, epoch)
+        if order.shape != (self.dataset_size,):
+            raise ValueError(f"an epoch order must hold each of the {self.dataset_size} indices once, got a tensor of "
+                             f"shape {tuple(order.shape)}")
+        return order
 
     def __iter__(self) -> Iterator[int]:
         position = self.rank + self.start * self.world_size  # position in the global stream
@@ -107,11 +126,10 @@ class DataStream:
     def load_state_dict(self, state: dict[str, Any], step: int) -> None:
         """Continue a checkpoint's counts; refuse data whose position would now point at other items."""
         saved, now = (state.get("data") if step > 0 else None), self.fingerprint()
-        if step > 0 and (saved is None) != (now is None):
-            was, is_ = ("without", "with") if saved is None else ("with", "without")
-            raise ValueError(f"this run was trained {was} Trainer.buckets up to step {step} and now resumes {is_} "
-                             "them, which would read other items: keep its configuration, or start a new run with "
-                             "Trainer.init_from = <this run>")
+        if step > 0 and stream_kind(saved) != stream_kind(now):
+            raise ValueError(f"this run was trained on {stream_kind(saved)} up to step {step} and now resumes on "
+                             f"{stream_kind(now)}, which would read other items at this position: keep its "
+                             "configuration, or start a new run with Trainer.init_from = <this run>")
         if saved is not None:
             self.check_resumable(saved)
         if "bad_data" in state:  # checkpoints written before bad data was counted have none
@@ -159,8 +177,12 @@ class DataStream:
 
     def _batching(self, step: int) -> dict[str, Any]:
         sampler = IndexStream(len(self.data), self.batching.seed, self.accelerator.process_index,
-                              self.accelerator.num_processes, start=self.position(step))
+                              self.accelerator.num_processes, start=self.position(step), order=self.epoch_order())
         return {"batch_size": self.micro_batch, "drop_last": True, "sampler": sampler}
+
+    def epoch_order(self) -> Optional[EpochOrder]:
+        """The order of an epoch (None: `random_order`)."""
+        return None
 
     def next_batch(self) -> dict[str, Any]:
         """The next micro-batch, its bad items counted (and the run stopped past the ledger's limit)."""
@@ -194,10 +216,16 @@ class BucketStream(DataStream):
         return step  # global batches consumed: one per step
 
     def fingerprint(self) -> dict[str, Any]:
-        return self.sampler.fingerprint()
+        """The sampler's (table and assignment), and a shard set's own (its content, which sizes alone miss)."""
+        shards = {"shards": self.dataset.fingerprint()} if isinstance(self.dataset, ShardDataset) else {}
+        return {**self.sampler.fingerprint(), **shards}
 
     def check_resumable(self, saved: dict[str, Any]) -> None:
         self.sampler.check_resumable(saved)
+        if saved.get("shards") != self.fingerprint().get("shards"):
+            raise ValueError(f"the shard set changed since this run's checkpoint ({saved.get('shards')} then, "
+                             f"{self.fingerprint().get('shards')} now): resuming would read other items at this "
+                             "position; restore it, or start a new run with Trainer.init_from = <this run>")
 
     def label(self, step: int) -> str:
         return "x".join(map(str, self.table[self.sampler.bucket_at(step)].shape))
@@ -229,9 +257,39 @@ class BucketStream(DataStream):
         return {"batch_size": None, "micro_batch": None, "buckets": self.table.to_list()}
 
 
+class ShardStream(DataStream):
+    """A shard set (`ShardDataset`): the plain stream's position (step x batch_size items) over the set's own epoch
+    order, which shuffles within windows of shards so that every process reads from the same few shards at a time.
+    The fingerprint names the set (its index's sha256) and the window: a resume on other shards is refused."""
+
+    def __init__(self, dataset: ShardDataset, batching: Batching, accelerator: Accelerator) -> None:
+        super().__init__(dataset, batching, accelerator)
+        sizes = np.unique(dataset.sizes(), axis=0)
+        if len(sizes) > 1:
+            shown = ", ".join("x".join(map(str, size)) for size in sizes[:SHOWN_SIZES].tolist())
+            raise ValueError(f"the shard set {dataset.shards.root} holds items of {len(sizes)} sizes (frames x height "
+                             f"x width: {shown}{' ...' if len(sizes) > SHOWN_SIZES else ''}), which cannot share a "
+                             "batch: train it with Trainer.buckets = @BucketTable()")
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"stream": "shards", **self.dataset.fingerprint()}
+
+    def epoch_order(self) -> EpochOrder:
+        return self.dataset.epoch_order
+
+
+def stream_kind(fingerprint: Optional[dict[str, Any]]) -> str:
+    """What a stream with this fingerprint reads, in words."""
+    if fingerprint is None:
+        return "a dataset read in a random order of its indices"
+    return "a shard set" if fingerprint.get("stream") == "shards" else "Trainer.buckets"
+
+
 def open_stream(dataset: Dataset, batching: Batching, accelerator: Accelerator,
                 buckets: Optional[BucketTable] = None) -> DataStream:
-    """The stream a run reads: plain, or from buckets when a table is given."""
-    if buckets is None:
-        return DataStream(dataset, batching, accelerator)
-    return BucketStream(dataset, batching, accelerator, buckets)
+    """The stream a run reads: from buckets when a table is given, else from a shard set, or plain."""
+    if buckets is not None:
+        return BucketStream(dataset, batching, accelerator, buckets)
+    if isinstance(dataset, ShardDataset):
+        return ShardStream(dataset, batching, accelerator)
+    return DataStream(dataset, batching, accelerator)
