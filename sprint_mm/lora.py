@@ -88,7 +88,10 @@ class LoRA:
             raise ValueError(f"LoRA.full {list(self.full)} covers the adapted layers {overlap[:4]}: a layer is adapted "
                              "or trained in full, not both")
         config = self.peft_config([prefix + name for name in adapted])
-        peft_module().inject_adapter_in_model(config, model)
+        outside = [(p, p.requires_grad) for name, p in model.named_parameters() if prefix and not name.startswith(prefix)]
+        peft_module().inject_adapter_in_model(config, model)  # which leaves only the adapters trainable
+        for parameter, trained in outside:  # the wrapper's own tensors train as they did (the fusion does)
+            parameter.requires_grad_(trained)
         for name, parameter in backbone.named_parameters():
             trained = ADAPTER_KEY.search("." + name) is not None or any(name.startswith(f + ".") for f in full)
             parameter.requires_grad_(trained)
