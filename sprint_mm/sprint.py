@@ -90,7 +90,7 @@ class Sprint(nn.Module):
         for name, value, allowed in (("fusion", fusion, FUSIONS), ("fusion_init", fusion_init, FUSION_INITS),
                                      ("fill", fill, FILLS)):
             if value not in allowed:
-                raise ValueError(f"unknown Sprint.{name} {value!r}; allowed: {', '.join(allowed)}")
+                raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)} (Sprint.{name})")
         if fusion == "none" and fusion_init != "xavier":
             raise ValueError(f"Sprint.fusion_init = {fusion_init!r} initialises the fusion, but Sprint.fusion = 'none' "
                              "has none (it passes the sparse path through already)")

@@ -177,8 +177,8 @@ def test_starting_errors_are_one_line(tmp_path, capsys):
 
 def test_bad_sprint_options_are_one_line():
     backbone = tiny_sit()
-    for options, message in ((dict(fill="carry"), "unknown Sprint.fill 'carry'; allowed: mask, route"),
-                             (dict(fusion_init="zeros"), "unknown Sprint.fusion_init 'zeros'; allowed: xavier, identity"),
+    for options, message in ((dict(fill="carry"), "unknown fill 'carry'; allowed: mask, route"),
+                             (dict(fusion_init="zeros"), "unknown fusion_init 'zeros'; allowed: xavier, identity"),
                              (dict(fusion="none", fusion_init="identity"), "has none"),
                              (dict(fill="route", learnable_mask_token=True), "never uses the mask token")):
         with pytest.raises(ValueError, match=message):
