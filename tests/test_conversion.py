@@ -183,3 +183,16 @@ def test_bad_sprint_options_are_one_line():
                              (dict(fill="route", learnable_mask_token=True), "never uses the mask token")):
         with pytest.raises(ValueError, match=message):
             Sprint(backbone, **options)
+
+
+def test_the_routing_fill_trains_from_scratch(tmp_path):
+    assert train(tmp_path / "route", 4, "Sprint.fill = 'route'", "Trainer.lr = 3e-3") == 0
+    first, last = (load_file(str(folder / "model.safetensors")) for folder in list_checkpoints(tmp_path / "route"))
+    assert not torch.equal(first["fusion.weight"], last["fusion.weight"])
+    model = started_model(tmp_path / "route")
+    assert model.fill == "route"
+    # every trainable parameter is in the graph even when every row skips the middle (DDP needs no unused scan)
+    model.train()
+    x, t, y = inputs()
+    model(x, t, y, skip_middle=torch.ones(BATCH, dtype=torch.bool)).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
