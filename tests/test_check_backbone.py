@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from sprint_mm.backbone import run_stack
 from sprint_mm.dit import DiT
 from sprint_mm.layers import DiTBlock
 from sprint_mm.testing import PROPERTIES, BackboneContractError, check_backbone
@@ -91,6 +92,15 @@ class BatchStatistics(MyDiT):
         return embedded
 
 
+class GlobalSkipInForward(MyDiT):
+    """Adds the embedded tokens to the last block's output in its own dense forward, outside the seam: a model that
+    runs the seam (SPRINT) never adds them, so converting it changes what it computes."""
+
+    def forward(self, x, t, cond):
+        embedded = self.embed(x, t, cond)
+        return self.unembed(run_stack(self, embedded).tokens + embedded.tokens, embedded)
+
+
 class NoiseBlock(DiTBlock):
     """Training noise from its own generator, which checkpointing's recomputation does not replay."""
 
@@ -129,6 +139,7 @@ BROKEN = {
     "keep-all mask = no mask": (PositionsInContext, IMAGE),
     "drop_condition replaces the dropped rows": (IgnoresDrop, IMAGE),
     "skipped rows = mask-token path": (MiddleStateInDecoder, IMAGE),
+    "identity fusion = dense forward": (GlobalSkipInForward, IMAGE),
     "PDG batch = two passes": (BatchStatistics, IMAGE),
     "gradient checkpointing gives the same gradients": (PrivateNoise, IMAGE),
     "image = one-frame video": (VideoFrameEmbedding, VIDEO),

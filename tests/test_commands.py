@@ -21,7 +21,7 @@ import convert_checkpoint
 import demos
 from demos.text import text_demo_main
 from demos.video import video_demo_main
-from sprint_mm.cli import sample_main, train_main, write_shards_main
+from sprint_mm.cli import merge_main, sample_main, train_main, write_shards_main
 from tests.helpers import dataset_script, script_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,8 @@ def command_mains() -> dict[str, Callable[[list[str]], object]]:
     """Every command of the repository by its path: the top-level scripts, the demos, datasets/ and benchmarks/."""
     mains = {"train.py": train_main, "sample.py": sample_main, "video_demo.py": video_demo_main,
              "text_demo.py": text_demo_main, "evaluate.py": script_module("evaluate.py", "evaluate_command").main,
-             "convert_checkpoint.py": convert_checkpoint.main, "consolidate_checkpoint.py": consolidate_checkpoint.main}
+             "convert_checkpoint.py": convert_checkpoint.main, "consolidate_checkpoint.py": consolidate_checkpoint.main,
+             "merge_lora.py": merge_main}
     for name in ("make_moving_digits", "encode_images", "encode_videos", "cache_text_embeddings"):  # encode_videos
         mains[f"datasets/{name}.py"] = dataset_script(name).main  # imports encode_images: load that first
     mains["datasets/write_shards.py"] = write_shards_main

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import gin
 import torch
 from sklearn.datasets import load_digits
@@ -22,12 +24,14 @@ class DigitsDataset(Dataset):
 
     The 8x8 images are scaled from 0..16 to [-1, 1] and resized bilinearly to `resolution` (with buckets: to cover
     the bucket's height and width, then centre-cropped).
-    The train/test split is deterministic: the first 80% train, the last 20% test.
+    The train/test split is deterministic: the first 80% train, the last 20% test. `classes` keeps only the digits
+    it lists (e.g. 0-4 to pretrain a model that later learns the others); labels stay the digits themselves.
     """
 
     num_classes = 10
 
-    def __init__(self, resolution: int = 16, split: str = "all", channels: int = 1) -> None:
+    def __init__(self, resolution: int = 16, split: str = "all", channels: int = 1,
+                 classes: Optional[Sequence[int]] = None) -> None:
         if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
             raise ValueError(f"resolution must be a positive int, got {resolution!r}")
         if split not in SPLITS:
@@ -44,6 +48,12 @@ class DigitsDataset(Dataset):
         rows = {"all": slice(None), "train": slice(None, first_test), "test": slice(first_test, None)}
         self.images = images[rows[split]].unsqueeze(1)  # (count, 1, NATIVE, NATIVE)
         self.labels = labels[rows[split]]  # (count,)
+        if classes is not None:
+            unknown = sorted(set(classes) - set(range(self.num_classes)))
+            if unknown or not classes:
+                raise ValueError(f"DigitsDataset.classes must list digits 0-9, got {list(classes)!r}")
+            keep = torch.isin(self.labels, torch.tensor(list(classes)))
+            self.images, self.labels = self.images[keep], self.labels[keep]
 
     def __len__(self) -> int:
         return len(self.labels)
