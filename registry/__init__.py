@@ -10,11 +10,12 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import gin
 from torch import nn
 
+from sprint_mm.lora import LoRA
 from sprint_mm.sprint import Sprint
 
 T = TypeVar("T")
@@ -84,14 +85,17 @@ BACKBONES = Registry("backbone")
 
 
 @gin.configurable
-def build_model(backbone: str = "sit", sprint: bool = True, gradient_checkpointing: bool = False) -> nn.Module:
+def build_model(backbone: str = "sit", sprint: bool = True, gradient_checkpointing: bool = False,
+                lora: Optional[LoRA] = None) -> nn.Module:
     """The backbone named in the registry, wrapped in `Sprint` (or alone: the dense baseline).
 
-    `gradient_checkpointing` recomputes each block's activations in the backward pass instead of keeping them.
+    `gradient_checkpointing` recomputes each block's activations in the backward pass instead of keeping them;
+    `lora` (e.g. `@LoRA()`) adapts the backbone's linear layers with low-rank adapters and freezes the rest of it.
     """
     model = BACKBONES.build(backbone)
     model.gradient_checkpointing = gradient_checkpointing
-    return Sprint(model) if sprint else model
+    model = Sprint(model) if sprint else model
+    return model if lora is None else lora.apply(model)
 
 
 def build_backbone(name: str, **options: Any) -> nn.Module:

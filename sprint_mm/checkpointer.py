@@ -1,13 +1,13 @@
 """What a training run resumes from, in one place: the parts of its state, written into a step checkpoint of the run
 folder, restored from the newest intact one, or started from another run's weights (stage 2).
 
-    step_NNNNNNN/model.safetensors, ema.safetensors, training_state.pt, rng_rank{r}.pt, [projector.safetensors ...],
-                 manifest.json
+    step_NNNNNNN/model.safetensors, ema.safetensors, training_state.pt, rng_rank{r}.pt, [projector.safetensors,
+                 adapter_config.json + adapter_model.safetensors (LoRA) ...], manifest.json
     sharded (FSDP): .metadata and __{r}_0.distcp (model, EMA and optimizer) instead of the two safetensors files
 
 `training_state.pt` holds the scheduler, the step and elapsed time, the data stream's position and fingerprint, the
 bad-data counts and (not sharded) the optimizer; every process writes its RNG; an objective's own modules (REPA's
-projector) write their files. A checkpoint is written into a hidden staging folder, checked finite, described by a
+projector) and a LoRA model's adapters write their files. A checkpoint is written into a hidden staging folder, checked finite, described by a
 manifest (`sprint_mm.runs`) and renamed into place; resume verifies the newest one against its manifest, falls back
 past damaged ones, and reshards sharded files onto any number of processes.
 """
@@ -27,8 +27,10 @@ from torch import nn
 from torch.distributed.checkpoint import CheckpointException
 from tqdm.auto import tqdm
 
-from sprint_mm.checkpoints import check_fits, load_strict, read_state_dict, save_state_dict, upgrade_keys
+from sprint_mm.checkpoints import check_fits, load_strict, read_state_dict, save_state_dict
+from sprint_mm.conversion import describe_fresh, starting_state
 from sprint_mm.data.stream import DataStream
+from sprint_mm.lora import ADAPTER_CONFIG
 from sprint_mm.repa import PROJECTOR_FILE
 from sprint_mm.runs import (
     DamagedCheckpoint,
@@ -40,7 +42,7 @@ from sprint_mm.runs import (
     staging_folder,
     write_manifest,
 )
-from sprint_mm.sharded import is_sharded, load_full, load_sharded, local, read_weights, save_sharded
+from sprint_mm.sharded import full_tensor, is_sharded, load_full, load_sharded, local, read_weights, save_sharded
 
 STATE_FILE = "training_state.pt"
 # What numpy arrays unpickle through (RNG files written before the states became tensors held numpy's as an array).
@@ -48,11 +50,15 @@ NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, t
 KINDS = ("DDP (full safetensors)", "FSDP (sharded)")
 # Files of parts a configuration may lack, and what resuming them needs.
 OPTIONAL_FILES = {PROJECTOR_FILE: "it was trained with REPA alignment: bind Trainer.alignment = @RepaAlignment() "
-                                  "to resume it"}
+                                  "to resume it",
+                  ADAPTER_CONFIG: "it was trained with LoRA adapters: bind build_model.lora = @LoRA() as it did to "
+                                  "resume it"}
 
 
 class FilePart(Protocol):
-    """A part of the training state that keeps its own files in a checkpoint folder (an objective's modules)."""
+    """A part of the training state that keeps its own files in a checkpoint folder (an objective's modules, a LoRA
+    model's adapters). The main process saves it; a part that reads sharded tensors may also have a `gather()`, which
+    every process calls first (gathering is collective)."""
 
     files: tuple[str, ...]
 
@@ -134,6 +140,9 @@ class Checkpointer:
         torch.save(rng_state(), staging / f"rng_rank{rank}.pt")
         if self.sharded:
             save_sharded(staging, parts.model, parts.ema, parts.optimizer)
+        for part in parts.extras.values():
+            if hasattr(part, "gather"):
+                part.gather()
         if rank != 0:
             return
         state = {"scheduler": parts.scheduler.state_dict(), "step": parts.progress.step,
@@ -203,17 +212,24 @@ class Checkpointer:
                                         f"{name}, so it cannot be resumed with it")
 
     def _start_from(self, source: str) -> None:
-        """Stage 2: model and EMA from a stage-1 EMA (strictly); the parts with files of their own from beside it."""
+        """Stage 2 (or a start from a dense run, a converted SiT/REPA file, a plain model under LoRA): model and EMA
+        from the source's EMA, every tensor it has loaded strictly, the ones it lacks (SPRINT's fusion and mask token,
+        LoRA adapters; `sprint_mm.conversion`) kept as initialised and named in the log; the parts with files of their
+        own from beside it."""
+        model = self.parts.model
         weights = resolve_weights(source, "ema.safetensors")
-        state = upgrade_keys(self.parts.model, read_weights(weights))  # a sharded model loads no other layout
-        check_fits(self.parts.model, state, f"stage-1 weights {weights}")
+        state, fresh = starting_state(model, read_weights(weights), f"init_from weights {weights}")
+        own = model.state_dict()
+        state.update({key: full_tensor(own[key]).detach().clone() for key in fresh})  # a sharded model loads full ones
+        check_fits(model, state, f"init_from weights {weights}")
         if self.sharded:
-            load_full(self.parts.model, state)
+            load_full(model, state)
             load_full(self.parts.ema, state)
         else:
-            self.parts.model.load_state_dict(state)
-            self.parts.ema.load_state_dict(self.parts.model.state_dict())
-        self.say(f"initialised model and EMA from {weights} (fresh optimizer)")
+            model.load_state_dict(state)
+            self.parts.ema.load_state_dict(model.state_dict())
+        new = describe_fresh(model, fresh)
+        self.say(f"initialised model and EMA from {weights} (fresh optimizer)" + (f"; new here: {new}" if new else ""))
         for part in self.parts.extras.values():
             note = part.start_from(weights.parent)
             if note:

@@ -1,5 +1,6 @@
-"""The command lines behind train.py (a configured run), sample.py and datasets/write_shards.py, and the two pieces
-the demos share with them: `run_training` (parse gin, train) and `report_training` (a training command's exit status).
+"""The command lines behind train.py (a configured run), sample.py, merge_lora.py and datasets/write_shards.py, and
+the two pieces the demos share with them: `run_training` (parse gin, train) and `report_training` (a training
+command's exit status).
 
 Flags are spelled in kebab-case (`--gin-file`); the snake_case spellings of earlier versions (`--gin_file`) stay
 accepted as aliases.
@@ -17,12 +18,14 @@ import gin
 import torch
 from tqdm.auto import tqdm
 
-from sprint_mm.checkpoints import atomic_write
+from sprint_mm.checkpoints import atomic_write, load_strict, save_state_dict
 from sprint_mm.conditioning import check_labels
 from sprint_mm.data.shard_writer import FLOAT_DTYPES, WriteReport, items_per_shard_for, write_shards
 from sprint_mm.configs import ConfigError, parse_gin
 from sprint_mm.errors import check_number, report_mistakes
+from sprint_mm.lora import adapted_layers, lora_of, merge_adapters
 from sprint_mm.media import pack_uint8, save_image_grid, save_npz, save_video, save_video_preview, unpack_uint8
+from sprint_mm.models import build_model
 from sprint_mm.preemption import EXIT_PREEMPTED, Preempted
 from sprint_mm.checkpointer import CheckpointWriteError, NonFiniteTraining
 from sprint_mm.sampling import GUIDANCES, SOLVERS, Guidance
@@ -349,3 +352,37 @@ def write_output(packed: torch.Tensor, out: Path) -> None:
         save_video_preview(samples, out)
     else:
         save_image_grid(samples, out, nrow=10 if samples.shape[0] % 10 == 0 else None)
+
+
+def merge_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Fold a LoRA run's adapters into its weights: a plain full checkpoint "
+                                                 "that loads strictly into the model without LoRA.")
+    parser.add_argument("run", help="run folder of a LoRA run (config.gin + checkpoints)")
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    parser.add_argument("--weights", choices=WEIGHTS, default="ema")
+    return parser
+
+
+def merge_main(argv: Optional[Sequence[str]] = None) -> int:
+    return report_mistakes(merge_lora, merge_parser().parse_args(argv))
+
+
+def merge_lora(args: argparse.Namespace) -> Path:
+    """Load the run's checkpoint, merge every adapter into its layer, check that the result loads strictly into the
+    run's model built without LoRA (`build_model.lora = None`), write it."""
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must end in .safetensors, got {args.out!r}")
+    run = load_run(args.run, args.step, args.weights)
+    if lora_of(run.model) is None:
+        raise ValueError(f"run {args.run!r} has no LoRA adapters (its config.gin binds no build_model.lora): its "
+                         f"{args.weights}.safetensors is a plain checkpoint already")
+    layers = len(adapted_layers(run.model))
+    state = merge_adapters(run.model).state_dict()
+    gin.bind_parameter("build_model.lora", None)
+    load_strict(build_model(), state, "the merged weights")
+    save_state_dict(state, out)
+    print(f"[sprint_mm] merged the adapters of {layers} layers of {run.checkpoint} ({args.weights}) into {out}: it "
+          f"loads strictly into the model without LoRA; start a run from it with Trainer.init_from = '{out}'")
+    return out

@@ -69,15 +69,25 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """An fp32 copy that never trains: the EMA."""
-    return copy.deepcopy(model).float().eval().requires_grad_(False)
+    """A copy that never trains: the EMA, in fp32. The model's frozen parameters (the mask token; a LoRA run's
+    frozen base) are shared with it, not copied: their average is themselves, so the EMA costs memory only for what
+    trains (FSDP then shards the EMA's own view of them)."""
+    frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
+    ema = copy.deepcopy(model, memo=dict(frozen))
+    for module in ema.modules():
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None and id(tensor) not in frozen and tensor.is_floating_point():
+                tensor.data = tensor.data.float()
+    return ema.eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied. Sharded (FSDP) parameters update
-    shard by shard: the EMA is sharded like the model, so each process's local shards line up."""
+    """ema <- decay * ema + (1 - decay) * model for the parameters that train (a frozen one is its own average);
+    buffers are copied. Sharded (FSDP) parameters update shard by shard: the EMA is sharded like the model, so each
+    process's local shards line up."""
     for e, p in zip(ema.parameters(), model.parameters()):
-        local(e).lerp_(local(p).detach().float(), 1.0 - decay)
+        if p.requires_grad:
+            local(e).lerp_(local(p).detach().float(), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)

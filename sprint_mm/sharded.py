@@ -70,6 +70,12 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor gathered from every process (collective: every process must call it), a plain
+    tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def save_sharded(folder: Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every process writes its shards of model, EMA and optimizer into `folder` (collective)."""
     model_state, optimizer_state = get_state_dict(model, optimizer)

@@ -3,6 +3,17 @@
 One forward serves training (token drop, path drop), dense fine-tuning and inference, CFG and PDG: samples flagged in
 `skip_middle` never run the middle blocks and get the mask token as their whole sparse-path output.
 
+What a token the middle did not compute carries into the fusion is `fill`: 'mask' (SPRINT's), the mask token; 'route'
+(TREAD's routing), its own encoder output, so it goes around the middle blocks unchanged. A row that skips the middle
+(path drop, PDG's weak half) is a row whose every token was dropped: it gets the fill everywhere, the mask token under
+'mask' and the encoder output under 'route' (its weak estimate is then the shallow network encoder -> decoder).
+
+`fusion_init = 'identity'` starts the fusion as [I | 0] (the sparse path passed through, the dense one ignored): with no
+token dropped and no row skipping, the middle then runs on the encoder's output of every token and the SPRINT model
+computes exactly its dense backbone, whatever the backbone's weights. That is how a pretrained dense model becomes a
+SPRINT model without changing what it computes. With long skips the statement holds as it is: the skips into the
+decoder come from the encoder (the split guarantees it) and so see every token either way.
+
 A backbone's long skips (U-ViT) run across the split: the middle reads an encoder block's output at its kept tokens
 (gathered with their true positions), middle blocks feed middle blocks, encoder blocks feed decoder blocks. A middle
 block cannot feed a decoder block (the tokens and rows the middle drops have no value there): `Sprint` refuses such a
@@ -22,6 +33,8 @@ from sprint_mm.flops import TransformerShape
 from sprint_mm.masking import TokenMask
 
 FUSIONS = ("concat_linear", "none")
+FUSION_INITS = ("xavier", "identity")  # xavier: SPRINT's; identity: [I | 0], the dense model exactly (conversion)
+FILLS = ("mask", "route")  # what a token the middle did not compute carries: the mask token, or its encoder output
 
 
 def middle_rows(batch: int, skip_middle: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -64,6 +77,8 @@ class Sprint(nn.Module):
         decoder_depth: int = 2,
         fusion: str = "concat_linear",
         learnable_mask_token: bool = False,
+        fusion_init: str = "xavier",
+        fill: str = "mask",
     ) -> None:
         super().__init__()
         depth = len(backbone.blocks)
@@ -72,18 +87,31 @@ class Sprint(nn.Module):
                 f"encoder_depth {encoder_depth} + decoder_depth {decoder_depth} must leave at least one middle block "
                 f"of the backbone's {depth} blocks"
             )
-        if fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {fusion!r}; allowed: {', '.join(FUSIONS)}")
+        for name, value, allowed in (("fusion", fusion, FUSIONS), ("fusion_init", fusion_init, FUSION_INITS),
+                                     ("fill", fill, FILLS)):
+            if value not in allowed:
+                raise ValueError(f"unknown Sprint.{name} {value!r}; allowed: {', '.join(allowed)}")
+        if fusion == "none" and fusion_init != "xavier":
+            raise ValueError(f"Sprint.fusion_init = {fusion_init!r} initialises the fusion, but Sprint.fusion = 'none' "
+                             "has none (it passes the sparse path through already)")
+        if fill == "route" and learnable_mask_token:
+            raise ValueError("Sprint.fill = 'route' never uses the mask token (dropped tokens carry their encoder "
+                             "output), so it cannot learn: set Sprint.learnable_mask_token = False")
         check_split(backbone, encoder_depth, decoder_depth)
         self.backbone = backbone
         self.encoder_depth = encoder_depth
         self.decoder_depth = decoder_depth
+        self.fill = fill
         dim = backbone.hidden_size
         # The reference keeps the mask token frozen at its random initialisation; learnable is opt-in.
         self.mask_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02, requires_grad=learnable_mask_token)
         self.fusion = nn.Linear(2 * dim, dim) if fusion == "concat_linear" else None
         if self.fusion is not None:
-            nn.init.xavier_uniform_(self.fusion.weight)
+            if fusion_init == "identity":
+                with torch.no_grad():
+                    self.fusion.weight.copy_(torch.cat([torch.eye(dim), torch.zeros(dim, dim)], dim=1))
+            else:
+                nn.init.xavier_uniform_(self.fusion.weight)
             nn.init.zeros_(self.fusion.bias)
 
     @property
@@ -146,19 +174,19 @@ class Sprint(nn.Module):
         return self.backbone.unembed(h, emb)
 
     def _middle(self, encoded: Embedded, mask: Optional[TokenMask], skip_middle: Optional[torch.Tensor]) -> torch.Tensor:
-        """Run the middle blocks on the kept tokens of the rows that do not skip; mask token everywhere else.
+        """Run the middle blocks on the kept tokens of the rows that do not skip; the fill everywhere else.
 
         There is no shortcut for "no row runs the middle" or "every row keeps every token": the blocks then run on an
         empty batch and the mask token is overwritten, so every parameter is in every graph (with a zero gradient
         where it did nothing) and DDP needs no scan for unused parameters."""
         dense = encoded.tokens
         b, n, d = dense.shape
-        canvas = self.mask_token.to(dense.dtype).expand(b, n, d)
+        canvas = dense if self.fill == "route" else self.mask_token.to(dense.dtype).expand(b, n, d)
         rows = middle_rows(b, skip_middle, dense.device)
         ids_keep = None if mask is None else mask.ids_keep.to(dense.device)[rows]  # (b_run, M)
         # each kept token keeps its true position and the encoder's skip states at its place
         sparse = encoded.subset(dense, rows, ids_keep)
         h = run_stack(self.backbone, sparse, self.encoder_depth, self.decoder_start).tokens
         if ids_keep is not None:
-            h = canvas[: rows.numel()].scatter(1, ids_keep[..., None].expand(-1, -1, d), h)  # (b_run, N, D)
+            h = canvas[rows].scatter(1, ids_keep[..., None].expand(-1, -1, d), h)  # (b_run, N, D)
         return canvas.index_copy(0, rows, h)

@@ -8,13 +8,17 @@ AssertionError) naming the backbone, the property and the split. The properties:
 - keep-all mask = no mask: a shuffled mask that keeps every token changes nothing (positions, per-token data and
   long-skip states follow the tokens);
 - drop_condition replaces exactly the dropped rows, with a null condition that changes every row's prediction;
-- skipped rows = mask-token path: a row that skips the middle gets exactly encoder, mask token, fusion, decoder, and
-  the middle blocks' weights cannot change it; the other rows are as without skipping;
+- skipped rows = mask-token path: a row that skips the middle gets exactly encoder, mask token (under
+  `Sprint.fill = 'route'`: its encoder output), fusion, decoder, and the middle blocks' weights cannot change it; the
+  other rows are as without skipping;
+- identity fusion = dense forward: `Sprint(..., fusion_init='identity')` around the perturbed backbone computes the
+  backbone's own dense forward (within 1e-6 relative) when no token is dropped, under both fills: a pretrained dense
+  model converts to SPRINT exactly;
 - PDG batch = two passes: PDG's doubled batch equals a strong and a middle-skipping weak pass run apart;
 - gradient checkpointing gives the same gradients;
 - image = one-frame video, where the backbone takes both.
 
-The mask, PDG and skipped-row properties run at every legal split with encoder and decoder blocks.
+The mask, PDG, skipped-row and identity properties run at every legal split with encoder and decoder blocks.
 """
 from __future__ import annotations
 
@@ -30,11 +34,12 @@ from sprint_mm.checkpoints import load_strict, read_state_dict, save_state_dict
 from sprint_mm.masking import TokenMasker, random_mask
 from sprint_mm.models import build_backbone
 from sprint_mm.sampling import Guidance, guided_velocity
-from sprint_mm.sprint import Sprint, check_split
+from sprint_mm.sprint import FILLS, Sprint, check_split
 from sprint_mm.tokens import select_rows
 
 BATCH = 3
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
+EXACT = 1e-6  # identity conversion: largest deviation from the dense forward, relative to its largest value
 Split = tuple[int, int]  # (encoder_depth, decoder_depth)
 
 
@@ -68,10 +73,10 @@ class ContractCase:
             return build_backbone(self.factory, **self.options)
         return self.factory(**self.options)
 
-    def model(self, split: Split, seed: int = 0) -> Sprint:
+    def model(self, split: Split, seed: int = 0, **sprint_options: Any) -> Sprint:
         """A tiny SPRINT model in eval mode, its parameters perturbed; the same seed gives the same model."""
         torch.manual_seed(seed)
-        return randomize(Sprint(self.backbone(), *split), seed + 1).eval()
+        return randomize(Sprint(self.backbone(), *split, **sprint_options), seed + 1).eval()
 
 
 def legal_splits(backbone: Backbone) -> list[Split]:
@@ -176,7 +181,8 @@ def skipped_rows_equal_the_mask_token_path(case: ContractCase, split: Split) -> 
     # By hand: encoder, the mask token in place of the whole middle output, fusion, decoder.
     backbone = model.backbone
     encoded = run_stack(backbone, backbone.embed(x, t, cond), 0, model.encoder_depth)
-    fused = model.fusion(torch.cat([model.mask_token.expand_as(encoded.tokens), encoded.tokens], dim=-1))
+    fill = encoded.tokens if model.fill == "route" else model.mask_token.expand_as(encoded.tokens)
+    fused = model.fusion(torch.cat([fill, encoded.tokens], dim=-1))
     by_hand = backbone.unembed(run_stack(backbone, encoded.with_tokens(fused), model.decoder_start).tokens, encoded)
     torch.testing.assert_close(out[skip], by_hand[skip], **TOLERANCE)
     torch.testing.assert_close(out[~skip], model(x, t, cond, mask=mask)[~skip], **TOLERANCE)
@@ -184,6 +190,20 @@ def skipped_rows_equal_the_mask_token_path(case: ContractCase, split: Split) -> 
         for p in block.parameters():
             p.add_(1.0)
     torch.testing.assert_close(model(x, t, cond, mask=mask, skip_middle=skip)[skip], out[skip])
+    return True
+
+
+@torch.no_grad()
+def identity_fusion_equals_the_dense_forward(case: ContractCase, split: Split) -> bool:
+    for fill in FILLS:
+        torch.manual_seed(0)
+        backbone = randomize(case.backbone(), seed=1)  # every backbone weight perturbed; the wrapper's fusion is [I | 0]
+        model = Sprint(backbone, *split, fusion_init="identity", fill=fill).eval()
+        x, t, cond = inputs(model)
+        dense, converted = backbone(x, t, cond), model(x, t, cond)
+        error = float((converted - dense).abs().max() / dense.abs().max())
+        require(error <= EXACT, f"with fill {fill!r} the converted model deviates from the dense forward by {error:.2e} "
+                                f"of its largest value (allowed {EXACT:.0e})")
     return True
 
 
@@ -244,6 +264,10 @@ PROPERTIES: dict[str, tuple[Callable[[ContractCase, Split], bool], bool, str]] =
     "skipped rows = mask-token path": (
         skipped_rows_equal_the_mask_token_path, True,
         "no state may pass from the middle blocks to the decoder outside the seam"),
+    "identity fusion = dense forward": (
+        identity_fusion_equals_the_dense_forward, True,
+        "with every token kept the middle must see the encoder's output of every token, and the decoder (with its "
+        "long skips) what follows the middle, as in the dense forward"),
     "PDG batch = two passes": (
         pdg_batch_equals_two_passes, True, "a row's prediction must not depend on the other rows of its batch"),
     "gradient checkpointing gives the same gradients": (

@@ -97,6 +97,7 @@ def load_run(
     model = build_model()
     file = checkpoint / f"{weights}.safetensors"
     load_strict(model, read_weights(file), str(file))
+    model.float()  # a LoRA run may hold its frozen base in bf16 for training; sampling computes in fp32
     if check is not None:
         check(model)
     conditioning = build_conditioning()

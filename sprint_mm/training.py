@@ -26,6 +26,7 @@ from sprint_mm.data.stream import Batching, open_stream
 from sprint_mm.flow import FlowMatching
 from sprint_mm.generation import Previewer
 from sprint_mm.latents import build_codec
+from sprint_mm.lora import adapter_parts, lora_of
 from sprint_mm.metrics_log import MetricsLog, StepResult, flops_saved
 from sprint_mm.models import build_model
 from sprint_mm.optimization import Optimization, frozen_copy, update_ema
@@ -91,6 +92,7 @@ class Trainer:
         data = open_stream(self.dataset, self.batching, acc, self.buckets)
         torch.manual_seed(self.batching.seed)  # identical initialisation on every process
         model = self.build_model()
+        self._check_precision(model)
         data.check_fits(model.backbone)
         self.conditioning = self.build_conditioning()
         self.conditioning.prepare(model)
@@ -99,7 +101,8 @@ class Trainer:
         self.trained = parallelize(model, ema, trained, acc, self.parallelism)
         optimizer, scheduler = self.optimization.build(self.trained.parameters(), fused_optimizer(acc, self.parallelism))
         self.optimizer = acc.prepare(optimizer)
-        self.parts = TrainingParts(model, ema, optimizer, scheduler, data, extras=self.objective.checkpoint_parts())
+        self.parts = TrainingParts(model, ema, optimizer, scheduler, data,
+                                   extras={**self.objective.checkpoint_parts(), **adapter_parts(model, ema)})
         self.log = MetricsLog(self.run_dir, acc, self.schedule.max_steps, self.schedule.log_every, self.progress,
                               data.ledger)
         self.checkpointer = Checkpointer(self.run_dir, self.parts, acc, self.parallelism.sharded,
@@ -115,6 +118,13 @@ class Trainer:
             codec = self.build_codec() if self.schedule.preview_every else None  # only previews decode
             self.previewer = Previewer(self.run_dir / "samples", self.conditioning, codec, self.dataset)
         self.log.open(self.parts.progress.step, flops_saved(model, self.objective))
+
+    def _check_precision(self, model: torch.nn.Module) -> None:
+        """A LoRA base held in bf16 computes only under bf16 autocast."""
+        lora = lora_of(model)
+        if lora is not None and lora.base_dtype == "bfloat16" and self.parallelism.precision != "bf16":
+            raise ValueError(f"LoRA.base_dtype = 'bfloat16' holds the frozen base in bf16, which computes under bf16 "
+                             f"autocast only: set Trainer.precision = 'bf16' (it is {self.parallelism.precision!r})")
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Path:
@@ -135,7 +145,7 @@ class Trainer:
                                                               "elapsed_s": progress.elapsed})
                 bad_in_a_row = self._count_bad(result, bad_in_a_row)
                 if schedule.preview_due(progress.step) and self.accelerator.is_main_process:
-                    self.previewer.save(parts.ema, progress.step)
+                    self._preview()
                 if schedule.checkpoint_due(progress.step):
                     self.checkpointer.save()
                     last_saved = progress.step
@@ -147,11 +157,16 @@ class Trainer:
                 self.checkpointer.save()
         self.log.close()
         if schedule.preview_every and not stopped and self.accelerator.is_main_process:
-            self.previewer.save(parts.ema, progress.step)
+            self._preview()
         self.accelerator.wait_for_everyone()
         if stopped:
             raise Preempted(signals.received or "a stop signal to another process", progress.step)
         return self.run_dir
+
+    def _preview(self) -> None:
+        """Sample grids from the EMA, under the run's autocast (a LoRA base held in bf16 computes only there)."""
+        with self.accelerator.autocast():
+            self.previewer.save(self.parts.ema, self.parts.progress.step)
 
     def _train_step(self) -> StepResult:
         """One optimizer step over grad_accum micro-batches. A step whose loss or gradient norm is not finite (on any
