@@ -3,26 +3,20 @@ encoders with word-level tokenizers, VAE, scheduler) written by the diffusers pi
 have 3 channels, so that the captioned digits (1 or 3 channels) stand in for them in end-to-end runs."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 WORDS = ("a an the of red blue cat dog digit zero one two three four five six seven eight nine handwritten number "
          "written by hand image picture drawing").split()
-# family -> the diffusers transformer config (tiny: 4 blocks, hidden 16 or 24)
-CONFIGS = {
-    "wan": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=3, out_channels=3,
-                text_dim=16, freq_dim=32, ffn_dim=32, num_layers=4, rope_max_seq_len=32),
-    "ltx_video": dict(in_channels=3, out_channels=3, patch_size=1, patch_size_t=1, num_attention_heads=2,
-                      attention_head_dim=8, cross_attention_dim=16, num_layers=4, caption_channels=12),
-    "sd3": dict(sample_size=16, patch_size=2, in_channels=3, num_layers=4, attention_head_dim=8, num_attention_heads=2,
-                joint_attention_dim=24, caption_projection_dim=16, pooled_projection_dim=10, out_channels=3,
-                pos_embed_max_size=16),
-}
+# family -> the tiny diffusers transformer config (4 blocks, hidden 16 or 24) and sample the GPU suite's --tiny uses too
+TINY = {entry["family"]: entry["tiny"] for entry in
+        json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "family_configs.json").read_text()).values()}
+CONFIGS = {family: tiny["config"] for family, tiny in TINY.items()}
+SAMPLES = {family: dict(input_size=tuple(tiny["sample"]["input_size"]), text_length=tiny["sample"]["text_length"])
+           for family, tiny in TINY.items()}
 CLASSES = {"wan": "WanTransformer3DModel", "ltx_video": "LTXVideoTransformer3DModel", "sd3": "SD3Transformer2DModel"}
-# family -> backbone options of a tiny sample (latent units) and caption length
-SAMPLES = {"wan": dict(input_size=(3, 8, 8), text_length=6), "ltx_video": dict(input_size=(3, 4, 4), text_length=6),
-           "sd3": dict(input_size=(8, 8), text_length=77 + 6)}
 SD3_CLIP_LENGTH, SD3_T5_LENGTH = 77, 6
 
 

@@ -7,12 +7,15 @@ import json
 from pathlib import Path
 
 import av
+import gin
 import pytest
 import torch
 from PIL import Image
 
+from registry import BACKBONES
 from sprint_mm.cli import sample_main, train_main
-from sprint_mm.lora import ADAPTER_CONFIG
+from sprint_mm.configs import parse_gin
+from sprint_mm.lora import ADAPTER_CONFIG, LoRA
 from sprint_mm.runs import list_checkpoints
 from sprint_mm.sharded import read_weights
 from tests.families import SAMPLES, write_pipeline
@@ -45,6 +48,14 @@ def tiny(family: str, folder: Path, cache: Path) -> list[str]:
             "Trainer.log_every = 1", "Trainer.progress = False", "import sprint_mm.data.captioned_digits"]
 
 
+def gin_list(gin_file: str, binding: str) -> list:
+    """The value a recipe binds (a list)."""
+    parse_gin([gin_file], [])
+    value = gin.query_parameter(binding)
+    gin.clear_config()
+    return value
+
+
 def train(gin_file: str, run: Path, bindings: list[str]) -> int:
     argv = ["--gin-file", gin_file, "--run-dir", str(run)]
     for binding in bindings:
@@ -65,6 +76,13 @@ def test_a_family_trains_both_stages_from_its_folder_and_samples_with_pdg(family
     assert any(key.startswith("backbone.transformer.") for key in weights)
     assert any(".lora_A." in key for key in weights) == lora
     assert (list_checkpoints(stage1)[-1] / ADAPTER_CONFIG).is_file() == lora
+    if lora:  # a checkpoint folder is a LoRA file for LoRA.weights: its EMA's adapters, under the diffusers names
+        backbone = BACKBONES.build(family, path=str(folder), **SAMPLES[family])
+        LoRA(rank=4, targets=tuple(gin_list(RECIPES[family][0], "LoRA.targets")),
+             weights=str(list_checkpoints(stage1)[-1])).apply(backbone)
+        for key, value in backbone.state_dict().items():
+            if ".lora_" in key:
+                assert torch.equal(value, weights[f"backbone.{key}"]), key
     assert train(second, stage2, [*bindings, f"Trainer.init_from = {str(stage1)!r}"]) == 0
     assert json.loads((stage2 / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
 

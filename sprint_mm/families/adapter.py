@@ -129,16 +129,16 @@ class DiffusersBackbone(Backbone):
 
     def __init__(self, path: Optional[str], config: Optional[dict], input_size: Any, text_length: int) -> None:
         super().__init__()
-        self.transformer = load_transformer(self.family, self.class_name, path, config)
         self.input_size = sample_size(self.family, input_size, (2, 3) if self.video else (2,))
+        if isinstance(text_length, bool) or not isinstance(text_length, int) or text_length < 1:
+            raise ValueError(f"{self.family}.text_length must be a positive int (the caption tokens of a condition), "
+                             f"got {text_length!r}")
+        self.transformer = load_transformer(self.family, self.class_name, path, config)
         for block in self.blocks:
             block.__class__ = seam_class(self.seam, type(block))
         settings = self.transformer.config
         self.in_channels = settings.in_channels
         self.hidden_size = settings.num_attention_heads * settings.attention_head_dim
-        if isinstance(text_length, bool) or not isinstance(text_length, int) or text_length < 1:
-            raise ValueError(f"{self.family}.text_length must be a positive int (the caption tokens of a condition), "
-                             f"got {text_length!r}")
         pooled = settings[self.pooled_dim_key] if self.pooled_dim_key else 0
         self.caption = CaptionCondition(settings[self.text_dim_key], text_length, pooled)
         self.condition = self.caption.spec
