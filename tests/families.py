@@ -6,18 +6,36 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gin
 import torch
+
+from sprint_mm.configs import parse_gin
 
 WORDS = ("a an the of red blue cat dog digit zero one two three four five six seven eight nine handwritten number "
          "written by hand image picture drawing").split()
+TABLE = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "family_configs.json").read_text())
+# family -> the published transformer config (of the GPU suite's real shapes)
+PUBLISHED = {entry["family"]: entry["config"] for entry in TABLE.values()}
 # family -> the tiny diffusers transformer config (4 blocks, hidden 16 or 24) and sample the GPU suite's --tiny uses too
-TINY = {entry["family"]: entry["tiny"] for entry in
-        json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "family_configs.json").read_text()).values()}
+TINY = {entry["family"]: entry["tiny"] for entry in TABLE.values()}
 CONFIGS = {family: tiny["config"] for family, tiny in TINY.items()}
 SAMPLES = {family: dict(input_size=tuple(tiny["sample"]["input_size"]), text_length=tiny["sample"]["text_length"])
            for family, tiny in TINY.items()}
 CLASSES = {"wan": "WanTransformer3DModel", "ltx_video": "LTXVideoTransformer3DModel", "sd3": "SD3Transformer2DModel"}
 SD3_CLIP_LENGTH, SD3_T5_LENGTH = 77, 6
+
+
+def without_folder(gin_files: list[str]) -> list[str]:
+    """Bindings that build a configuration of a diffusers family without its folder (not on this machine): the
+    published transformer config with random weights; none for the other backbones."""
+    parse_gin(gin_files, [])
+    try:
+        backbone = gin.query_parameter("build_model.backbone")
+    except ValueError:
+        return []
+    finally:
+        gin.clear_config()
+    return [f"{backbone}.path = None", f"{backbone}.config = {PUBLISHED[backbone]!r}"] if backbone in PUBLISHED else []
 
 
 def transformer(family: str, seed: int = 0) -> torch.nn.Module:

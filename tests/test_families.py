@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from registry import BACKBONES
 from sprint_mm.errors import mistake_message
@@ -19,7 +20,7 @@ from sprint_mm.masking import random_mask
 from sprint_mm.sprint import FILLS, Sprint
 from sprint_mm.testing import randomize
 from sprint_mm.text import TextEncoder
-from tests.families import CLASSES, SAMPLES, SD3_T5_LENGTH, write_pipeline
+from tests.families import CLASSES, SAMPLES, SD3_T5_LENGTH, transformer, write_pipeline
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -277,6 +278,15 @@ def test_bad_folders_and_inputs_get_one_line_each(folders, tmp_path):
     one_line(err)
     with pytest.raises(ValueError, match="give `path`"):
         BACKBONES.build("sd3")
+    transformer("wan").save_pretrained(tmp_path / "partial")  # diffusers itself only warns of a missing tensor
+    weights = tmp_path / "partial" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state.pop("blocks.0.attn1.to_q.weight")
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"do not fill WanTransformer3DModel exactly: 1 missing keys \(e\.g\. "
+                                         r"blocks\.0\.attn1\.to_q\.weight\)") as err:
+        BACKBONES.build("wan", path=str(tmp_path / "partial"), **SAMPLES["wan"])
+    one_line(err)
 
     model = backbone("wan", folders)
     x, t, cond = inputs(model)

@@ -63,7 +63,7 @@ def test_captioned_clips_become_captioned_latents_of_the_family_vae_and_their_ca
 
     # the captions cached with the encoder the Wan recipe trains with, under its cache key
     cache = tmp_path / "text_cache"
-    cache_text_embeddings.main(["--index", str(out / "index.jsonl"), "--gin-file", "gin/video/wan_t2v.gin",
+    cache_text_embeddings.main(["--index", str(out / "index.jsonl"), "--gin-file", "gin/base/wan.gin",
                                 "--gin-param", f"WAN = {str(folders['wan'])!r}", "--gin-param",
                                 "TextEncoder.max_length = 6", "--gin-param", "TextEncoder.dtype = 'float32'",
                                 "--gin-param", f"TextConditioner.cache_dir = {str(cache)!r}"])
