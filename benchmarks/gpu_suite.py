@@ -10,7 +10,8 @@ as a fraction of `--peak-tflops` (989: H100/H200 bf16 dense).
     bash benchmarks/gpu_suite.sh --tiny        # a tiny model on the CPU in fp32, seconds: checks the suite itself
 
 The four training variants are four SiT-XL/2 copies with AdamW (about 11 GB each in fp32) plus one step's
-activations: plan for 60-70 GB of GPU memory. Writes benchmarks/results/gpu_suite.json (gpu_suite_tiny.json with --tiny).
+activations: plan for 60-70 GB of GPU memory. Writes benchmarks/results/gpu_suite.json (gpu_suite_tiny.json with
+--tiny).
 
 A second table: the diffusers families at their real shapes (`--families`, default Wan 2.1 T2V-1.3B at 81 frames of
 480p and SD3-medium at 1024 px; the configs are data, benchmarks/family_configs.json), random weights built from the

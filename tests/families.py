@@ -39,8 +39,8 @@ def without_folder(gin_files: list[str]) -> list[str]:
 
 
 def transformer(family: str, seed: int = 0) -> torch.nn.Module:
-    """The tiny diffusers transformer of `family`, its weights drawn from `seed` and perturbed so that no zero-initialised
-    output layer hides anything."""
+    """The tiny diffusers transformer of `family`, its weights drawn from `seed` and perturbed so that no
+    zero-initialised output layer hides anything."""
     import diffusers
 
     torch.manual_seed(seed)

@@ -75,7 +75,8 @@ def test_captioned_clips_become_captioned_latents_of_the_family_vae_and_their_ca
 
 def test_captioned_images_become_captioned_latents_and_sd3_captions_cache_their_pooled_vector(folders, tmp_path):
     (tmp_path / "photos").mkdir()
-    Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "photos/c.png")
+    pixels = np.random.default_rng(1).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photos/c.png")
     out = tmp_path / "latents"
     assert encode_images.encode_image_folder(None, out, str(folders["sd3"]), resolution=8, width=16,
                                              captions=caption_index(tmp_path, ["photos/c.png"])) == 1

@@ -44,7 +44,8 @@ def tiny(family: str, folder: Path, cache: Path) -> list[str]:
             "Sprint.encoder_depth = 1", "Sprint.decoder_depth = 1",
             "Trainer.dataset = @CaptionedDigitsDataset()", f"CaptionedDigitsDataset.resolution = {size[-1]}",
             "CaptionedDigitsDataset.channels = 3", *frames, "Trainer.precision = 'no'", "LoRA.base_dtype = 'float32'",
-            "LoRA.rank = 4", "Trainer.batch_size = 4", "Trainer.max_steps = 2", "Trainer.num_workers = 0", "Trainer.warmup_steps = 0",
+            "LoRA.rank = 4", "Trainer.batch_size = 4", "Trainer.max_steps = 2", "Trainer.num_workers = 0",
+            "Trainer.warmup_steps = 0",
             "Trainer.log_every = 1", "Trainer.progress = False", "import sprint_mm.data.captioned_digits"]
 
 

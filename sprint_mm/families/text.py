@@ -32,8 +32,9 @@ class SD3TextEncoder(nn.Module):
 
         folder = resolve_encoder_path(path)
         if not is_pipeline_folder(folder):
-            raise FileNotFoundError(f"SD3TextEncoder.path {path!r} is not a diffusers pipeline folder (model_index.json "
-                                    f"with {', '.join(CLIP_COMPONENTS)}, {T5_COMPONENT} and their tokenizers)")
+            raise FileNotFoundError(f"SD3TextEncoder.path {path!r} is not a diffusers pipeline folder "
+                                    f"(model_index.json with {', '.join(CLIP_COMPONENTS)}, {T5_COMPONENT} and their "
+                                    "tokenizers)")
         self.dtype = parse_dtype(dtype)
         clips = [load_encoder(str(folder), name, clip_length, self.dtype, transformers.CLIPTextModelWithProjection)
                  for name in CLIP_COMPONENTS]

@@ -1,4 +1,4 @@
-"""Wan 2.1 / 2.2 text-to-video (diffusers `WanTransformer3DModel`) as a SPRINT backbone.
+"""Wan 2.1 text-to-video (diffusers `WanTransformer3DModel`) as a SPRINT backbone.
 
 Wan's conventions, as its diffusers model and `WanPipeline` have them:
 - input (B, 16, T, H, W) latents of the Wan VAE (4x temporal, 8x spatial; images are one-frame clips), patch 1x2x2
@@ -11,7 +11,8 @@ Wan's conventions, as its diffusers model and `WanPipeline` have them:
   ignores the mask otherwise;
 - positions: 3D RoPE (`WanRotaryPosEmbed`: a head's channels split t / h / w), cos and sin (1, N, 1, head_dim) per
   token: gathered with the tokens, so a kept token keeps its rotation.
-Image-to-video Wan (an image encoder's tokens beside the text) and Wan 2.2's per-token timesteps are not adapted.
+Image-to-video Wan (an image encoder's tokens beside the text) and Wan 2.2 (two experts split by noise level,
+per-token timesteps) are not adapted.
 """
 from __future__ import annotations
 
