@@ -79,7 +79,7 @@ def t5(kind: str, width: int, vocab: int) -> torch.nn.Module:
     return transformers.T5EncoderModel(transformers.T5Config(**config)).eval()
 
 
-def clip(width: int, projection: int, vocab: int, eos_id: int) -> torch.nn.Module:
+def clip_text_model(width: int, projection: int, vocab: int, eos_id: int) -> torch.nn.Module:
     import transformers
 
     torch.manual_seed(2)
@@ -118,8 +118,8 @@ def write_pipeline(family: str, folder: Path) -> Path:
         words = tokenizer(SD3_CLIP_LENGTH, eos="<|endoftext|>", bos="<|startoftext|>")
         eos = words.convert_tokens_to_ids("<|endoftext|>")
         pipeline = diffusers.StableDiffusion3Pipeline(
-            tokenizer=words, text_encoder=clip(8, 4, len(words), eos), tokenizer_2=words,
-            text_encoder_2=clip(12, 6, len(words), eos), tokenizer_3=tokenizer(SD3_T5_LENGTH),
+            tokenizer=words, text_encoder=clip_text_model(8, 4, len(words), eos), tokenizer_2=words,
+            text_encoder_2=clip_text_model(12, 6, len(words), eos), tokenizer_3=tokenizer(SD3_T5_LENGTH),
             text_encoder_3=t5("t5", 24, len(words)), **parts)
     else:
         words = tokenizer(64)

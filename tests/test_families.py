@@ -135,7 +135,7 @@ def test_kept_tokens_run_the_diffusers_blocks_at_their_true_positions(family, fo
     embedded = model.backbone.embed(x, t, cond)
     mask = random_mask(3, embedded.grid, 0.5, generator=torch.Generator().manual_seed(4))
     skip = torch.tensor([False, True, False])
-    rope, blocks = rotary(family, ref, model.backbone.clip(x)), getattr(ref, model.backbone.blocks_attribute)
+    rope, blocks = rotary(family, ref, model.backbone.as_clip(x)), getattr(ref, model.backbone.blocks_attribute)
     rows = []
     for row in range(3):
         text = embedded.context[row:row + 1] if family == "sd3" else None

@@ -184,7 +184,7 @@ class DiffusersBackbone(Backbone):
         """The diffusers timestep of sprint_mm's t (B,): 1000 t."""
         return t * TIME_SCALE
 
-    def clip(self, x: torch.Tensor) -> torch.Tensor:
+    def as_clip(self, x: torch.Tensor) -> torch.Tensor:
         """A video family's input as a clip (B, C, T, H, W): an image is a one-frame clip."""
         return x.unsqueeze(2) if x.dim() == 4 else x
 

@@ -65,7 +65,7 @@ class LTXVideo(DiffusersBackbone):
         grid = self.token_grid(tuple(x.shape))
         model, b = self.transformer, x.shape[0]
         tokens, mask = self.caption.check(cond)
-        h = model.proj_in(pack(self.clip(x), self.patch))  # (B, N, D)
+        h = model.proj_in(pack(self.as_clip(x), self.patch))  # (B, N, D)
         temb, embedded_timestep = model.time_embed(self.timestep(t).flatten(), batch_size=b, hidden_dtype=h.dtype)
         text = model.caption_projection(tokens).view(b, -1, h.size(-1))  # (B, L, D)
         bias = ((1 - mask.to(h.dtype)) * -10000.0).unsqueeze(1)  # (B, 1, L), as the model turns its mask

@@ -63,7 +63,7 @@ class Wan(DiffusersBackbone):
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> Embedded:
         grid = self.token_grid(tuple(x.shape))
-        model, clip = self.transformer, self.clip(x)
+        model, clip = self.transformer, self.as_clip(x)
         tokens, mask = self.caption.check(cond)
         text = tokens * mask[..., None].to(tokens.dtype)  # WanPipeline's zero padding
         cos, sin = model.rope(clip)  # (1, N, 1, head_dim) each
