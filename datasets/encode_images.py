@@ -3,11 +3,17 @@
     python datasets/encode_images.py --source imagenet/train --dest data/imagenet256 \
         --vae weights/sd-vae-ft-mse --resolution 256 [--zip]
 
+    python datasets/encode_images.py --captions data/photos.jsonl --dest data/sd3-latents \
+        --vae weights/stable-diffusion-3-medium-diffusers --resolution 1024
+
 Writes `images/` (ADM centre crops as PNG) and `vae-sd/` (float32 `[mean; std]` of the VAE posterior),
 each with a `dataset.json`, in folders of 1000 files; `--zip` packs each tree into `images.zip` and
 `vae-sd.zip` at the end (the folders are removed after packing, so rerunning a finished `--zip` run
 encodes afresh). Every file is written atomically, so a stopped run resumes where it stopped.
-Class ids follow the sorted names of the class folders `source/<class>/...`.
+Class ids follow the sorted names of the class folders `source/<class>/...`. With `--captions INDEX` (a JSONL or
+CSV caption index, `path, caption`, as `CaptionDataset` reads it) the images are the index's, unlabeled, and
+`dataset.json` also lists their captions (`LatentDataset` items then carry them, for text-to-image). `--width W`
+crops `--resolution` x W instead of a square. `--vae` is a VAE folder or a diffusers pipeline folder (its vae/).
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from sprint_mm.data.latents import IMAGES_TREE, LABELS_FILE, LATENTS_TREE, image_member, latent_member
+from sprint_mm.data.captions import read_caption_index
+from sprint_mm.data.latents import CAPTIONS_ENTRY, IMAGES_TREE, LABELS_FILE, LATENTS_TREE, image_member, latent_member
 from sprint_mm.data.transforms import resize_center_crop
 from sprint_mm.latents import VAECodec
 
@@ -72,14 +79,15 @@ def write_atomically(path: Path, payload: bytes) -> None:
     os.replace(partial, path)
 
 
-def center_crop_adm(image: Image.Image, resolution: int) -> np.ndarray:
-    """ADM's centre crop: box-halve while the short side is >= 2x `resolution`, bicubic-resize the
-    short side to `resolution`, cut the central square. Returns (resolution, resolution, 3) uint8."""
+def center_crop_adm(image: Image.Image, resolution: int, width: int | None = None) -> np.ndarray:
+    """ADM's centre crop: box-halve while the image is at least twice the target on both sides, bicubic-resize it
+    to cover `resolution` x `width` (default: a square), cut the centre. Returns (resolution, width, 3) uint8."""
     image = image.convert("RGB")
-    while min(image.size) >= 2 * resolution:
+    height, width = resolution, width or resolution
+    while image.size[0] >= 2 * width and image.size[1] >= 2 * height:
         image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
     rgb = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
-    return resize_center_crop(rgb, resolution, Image.Resampling.BICUBIC).permute(1, 2, 0).numpy()
+    return resize_center_crop(rgb, (height, width), Image.Resampling.BICUBIC).permute(1, 2, 0).numpy()
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
@@ -94,9 +102,20 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_labels(tree: Path, members: list[str], labels: list[int]) -> None:
-    content = {"labels": [[member, label] for member, label in zip(members, labels)]}
+def _write_labels(tree: Path, members: list[str], labels: list[int] | None, captions: list[str] | None = None) -> None:
+    content = {"labels": None if labels is None else [[member, label] for member, label in zip(members, labels)]}
+    if captions is not None:
+        content[CAPTIONS_ENTRY] = [[member, caption] for member, caption in zip(members, captions)]
     write_atomically(tree / LABELS_FILE, json.dumps(content).encode())
+
+
+def list_sources(src: str | os.PathLike | None, captions: str | None, unlabeled: bool) -> list[tuple[Path, int | str]]:
+    """(file, class id) of a class folder, or (file, caption) of a caption index."""
+    if captions is not None:
+        return [(record.path, record.caption) for record in read_caption_index(captions)]
+    if src is None:
+        raise ValueError("give --source (a class folder) or --captions (a caption index)")
+    return list_class_folder(src, IMAGE_EXTENSIONS, unlabeled)
 
 
 def pack_tree(folder: Path) -> Path:
@@ -113,7 +132,7 @@ def pack_tree(folder: Path) -> Path:
 
 
 def encode_image_folder(
-    src: str | os.PathLike,
+    src: str | os.PathLike | None,
     out: str | os.PathLike,
     vae_path: str,
     resolution: int = 256,
@@ -121,11 +140,14 @@ def encode_image_folder(
     zip_output: bool = False,
     unlabeled: bool = False,
     device: str = "cpu",
+    width: int | None = None,
+    captions: str | None = None,
 ) -> int:
-    """Encode `src` into the layout under `out`; returns how many items this call encoded (0 if all were done)."""
-    if resolution < 1:
-        raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
-    items = list_class_folder(src, IMAGE_EXTENSIONS, unlabeled)
+    """Encode `src` (or the images of the caption index `captions`) into the layout under `out`; returns how many
+    items this call encoded (0 if all were done)."""
+    if resolution < 1 or (width is not None and width < 1):
+        raise ValueError(f"resolution and width must be positive numbers of pixels, got {resolution} and {width}")
+    items = list_sources(src, captions, unlabeled)
     images_dir, latents_dir = Path(out) / IMAGES_TREE, Path(out) / LATENTS_TREE
     todo = [
         index
@@ -139,7 +161,7 @@ def encode_image_folder(
             pixels = []
             for index in batch:
                 with Image.open(items[index][0]) as image:
-                    pixels.append(center_crop_adm(image, resolution))
+                    pixels.append(center_crop_adm(image, resolution, width))
             x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W)
             mean, std = codec.moments(x)
             moments = torch.cat([mean, std], dim=1).float().numpy()  # (B, 2C, h, w)
@@ -147,9 +169,10 @@ def encode_image_folder(
                 write_atomically(images_dir / image_member(index), _png_bytes(image_pixels))
                 write_atomically(latents_dir / latent_member(index), _npy_bytes(item_moments))
             progress.update(len(batch))
-    labels = [label for _, label in items]
-    _write_labels(images_dir, [image_member(i) for i in range(len(items))], labels)
-    _write_labels(latents_dir, [latent_member(i) for i in range(len(items))], labels)
+    tags = [tag for _, tag in items]
+    labels, texts = (None, tags) if captions is not None else (tags, None)
+    _write_labels(images_dir, [image_member(i) for i in range(len(items))], labels, texts)
+    _write_labels(latents_dir, [latent_member(i) for i in range(len(items))], labels, texts)
     if zip_output:
         pack_tree(images_dir)
         pack_tree(latents_dir)
@@ -158,17 +181,20 @@ def encode_image_folder(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, help="image folder: <source>/<class>/<image>")
+    parser.add_argument("--source", help="image folder: <source>/<class>/<image>")
+    parser.add_argument("--captions", help="a caption index (JSONL/CSV: path, caption) instead of --source")
     parser.add_argument("--dest", required=True, help="output folder (resumes what is already there)")
     parser.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder")
-    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--resolution", type=int, default=256, help="height (and width, unless --width) in pixels")
+    parser.add_argument("--width", type=int, help="width in pixels (default: --resolution)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--zip", action="store_true", help="pack each tree into a .zip archive at the end")
     parser.add_argument("--unlabeled", action="store_true", help="take every image under --source, all class 0")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     encoded = encode_image_folder(
-        args.source, args.dest, args.vae, args.resolution, args.batch_size, args.zip, args.unlabeled, args.device
+        args.source, args.dest, args.vae, args.resolution, args.batch_size, args.zip, args.unlabeled, args.device,
+        args.width, args.captions,
     )
     print(f"encoded {encoded} new image(s) into {args.dest}")
 

@@ -105,4 +105,4 @@ def build_backbone(name: str, **options: Any) -> nn.Module:
 
 
 # Importing the backbone modules registers them.
-from registry import sit, text_dit, uvit, video_dit  # noqa: E402,F401
+from registry import diffusers_families, sit, text_dit, uvit, video_dit  # noqa: E402,F401

@@ -5,6 +5,8 @@ data: patches, positions, conditioning, the blocks, unpatchify. `Sprint` owns th
 mask token, the fusion and path drop, and reaches the backbone only through this seam:
 
 - `embed(x, t, cond) -> Embedded` and `unembed(tokens, embedded)`; `blocks`, each `block(x, c, positions, context)`;
+- `updates_context`: the blocks return `(x, context)`, a context stream that every block updates (MMDiT's text tokens,
+  SD3); the seam hands each block the context the previous one returned; most backbones read a fixed context;
 - `long_skips`: (source, target) block pairs; the seam keeps the source's output and hands it to the target block as
   a fifth argument, `block(x, c, positions, context, skip)` (U-ViT); most backbones declare none;
 - `token_grid(input_shape)`, `sample_shape`, `drop_condition(cond, drop)` / `null_condition(cond)`;
@@ -42,14 +44,16 @@ LongSkip = tuple[int, int]  # (source block, target block), indices into the bac
 @dataclass(frozen=True)
 class ConditionSpec:
     """What `cond` is. 'class': int ids in [0, num_classes), id num_classes is the null class. 'text': a dict
-    {"text_tokens": (B, text_length, text_dim), "text_mask": (B, text_length) bool}; the null caption is the text
-    encoder's empty caption, given with `set_null_text`, unless the backbone learns it (`learned_null`)."""
+    {"text_tokens": (B, text_length, text_dim), "text_mask": (B, text_length) bool} (and "pooled" (B, pooled_dim)
+    when pooled_dim > 0); the null caption is the text encoder's empty caption, given with `set_null_text`, unless the
+    backbone learns it (`learned_null`)."""
 
     kind: str
     num_classes: int = 0
     text_length: int = 0
     text_dim: int = 0
     learned_null: bool = False
+    pooled_dim: int = 0  # > 0: the text condition also holds "pooled" (B, pooled_dim), a whole-caption vector (SD3)
 
     def __post_init__(self) -> None:
         check_condition_kind(self.kind)
@@ -64,13 +68,15 @@ class Embedded:
     positions: TokenPositions  # per-token grid coordinates (and RoPE), gathered with the tokens
     grid: Grid  # token grid (T, H, W); T = 1 for images
     image: bool = False  # the input was (B, C, H, W): unembed gives back an image, not a one-frame video
-    context: Any = None  # per-sample data every block reads (e.g. text tokens), batch axis 0; never gathered by token
+    context: Any = None  # per-sample data every block reads (e.g. text tokens), batch axis 0; never gathered by token;
+    # a backbone that `updates_context` gets it back from every block (a text stream)
     skips: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> its output (B, N, D), kept for a
     # long skip; restricted to rows and kept tokens with the tokens
 
-    def with_tokens(self, tokens: torch.Tensor) -> Embedded:
-        """The same conditioning, positions and kept skips around other hidden states of all tokens (B, N, D)."""
-        return replace(self, tokens=tokens)
+    def with_tokens(self, tokens: torch.Tensor, context: Any = None) -> Embedded:
+        """The same conditioning, positions and kept skips around other hidden states of all tokens (B, N, D) and,
+        when given, another context (a context stream's state)."""
+        return replace(self, tokens=tokens, context=self.context if context is None else context)
 
     def subset(self, tokens: torch.Tensor, rows: torch.Tensor, ids_keep: Optional[torch.Tensor] = None) -> Embedded:
         """Hidden states tokens (B, N, D) restricted to the batch `rows` and, with ids_keep (len(rows), M), to the kept
@@ -100,6 +106,7 @@ class Backbone(nn.Module):
     blocks: nn.ModuleList
     condition: ConditionSpec
     long_skips: tuple[LongSkip, ...] = ()  # (source, target): block target reads the output of block source
+    updates_context: bool = False  # blocks return (x, context): every block updates the context (a text stream)
     gradient_checkpointing: bool = False  # set by build_model; read by the dense forward and by Sprint
 
     @property
@@ -126,8 +133,10 @@ class Backbone(nn.Module):
         """The null condition with the batch size of `cond` (CFG/PDG's weak branch)."""
         return self.drop_condition(cond, torch.ones(batch_size_of(cond), dtype=torch.bool, device=device_of(cond)))
 
-    def set_null_text(self, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> None:
-        """Text backbones: use the text encoder's empty-caption embedding as the null condition."""
+    def set_null_text(self, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+                      pooled: Optional[torch.Tensor] = None) -> None:
+        """Text backbones: use the text encoder's empty-caption embedding (and its pooled vector, for a backbone whose
+        condition has one) as the null condition."""
         raise ValueError(f"{type(self).__name__} is conditioned on {self.condition.kind}, not on text")
 
     @property
@@ -166,28 +175,31 @@ def run_stack(backbone: Backbone, embedded: Embedded, start: int = 0, stop: Opti
     skips' source blocks that ran added to `skips`. The target of a long skip gets its source's kept output as
     `skip`; a source outside the span must have run before (its state in `embedded.skips`). With the backbone's
     `gradient_checkpointing`, while gradients are recorded, each block keeps only its inputs and recomputes its
-    activations in the backward pass: activation memory of one block instead of all, for one more forward pass."""
+    activations in the backward pass: activation memory of one block instead of all, for one more forward pass. When
+    the backbone `updates_context`, each block gets the context the previous one returned, and so does the result."""
     sources = skip_sources(backbone)
     kept = {source for source, _ in backbone.long_skips}
-    h, skips = embedded.tokens, dict(embedded.skips)
+    h, skips, context = embedded.tokens, dict(embedded.skips), embedded.context
     stop = len(backbone.blocks) if stop is None else stop
     for index in range(start, stop):
-        block, args = backbone.blocks[index], (h, embedded.c, embedded.positions, embedded.context)
+        block, args = backbone.blocks[index], (h, embedded.c, embedded.positions, context)
         if index in sources:
             if sources[index] not in skips:
                 raise ValueError(f"block {index} takes the long skip of block {sources[index]}, which has not run on "
                                  f"these tokens (blocks {start}..{stop - 1} run here, after {sorted(skips) or 'none'})")
             args += (skips[sources[index]],)
         h = call_block(block, args, backbone.gradient_checkpointing)
+        if backbone.updates_context:
+            h, context = h
         if index in kept:
             skips[index] = h
-    return replace(embedded, tokens=h, skips=skips)
+    return replace(embedded, tokens=h, skips=skips, context=context)
 
 
 def run_blocks(blocks: Sequence[nn.Module], embedded: Embedded, checkpointing: bool = False) -> torch.Tensor:
-    """Apply `blocks` (none of them the target of a long skip) in order to `embedded.tokens` with its conditioning,
-    positions and context; `checkpointing` as in `run_stack`. A span of a backbone's own blocks runs with
-    `run_stack`, which also carries the long skips."""
+    """Apply `blocks` (none of them the target of a long skip, of a backbone that does not update its context) in order
+    to `embedded.tokens` with its conditioning, positions and context; `checkpointing` as in `run_stack`. A span of a
+    backbone's own blocks runs with `run_stack`, which also carries the long skips and a context stream."""
     h = embedded.tokens
     for block in blocks:
         h = call_block(block, (h, embedded.c, embedded.positions, embedded.context), checkpointing)

@@ -7,6 +7,7 @@ import gin
 import torch
 
 from sprint_mm.backbone import check_condition_kind
+from sprint_mm.text import POOLED, TextConditioner, condition_keys
 
 
 class ClassConditioning:
@@ -45,13 +46,12 @@ class TextConditioning:
     kind = "text"
 
     def __init__(self) -> None:
-        from sprint_mm.text import TextConditioner  # imported lazily: transformers is the optional 'text' extra
-
         self.conditioner = TextConditioner()
 
     def from_batch(self, batch: dict, device: torch.device) -> dict:
-        if "text_tokens" in batch:
-            return {"text_tokens": batch["text_tokens"].to(device), "text_mask": batch["text_mask"].to(device).bool()}
+        if "text_tokens" in batch:  # cached embeddings (and the pooled vector of encoders that give one)
+            return {key: batch[key].to(device).bool() if key == "text_mask" else batch[key].to(device)
+                    for key in condition_keys(batch)}
         if "caption" not in batch:
             raise KeyError(f"text conditioning needs a 'caption' in each item; the batch has {sorted(batch)}")
         return self.conditioner(list(batch["caption"]), device=device)
@@ -66,10 +66,17 @@ class TextConditioning:
     def prepare(self, model: torch.nn.Module) -> None:
         """Give the backbone the empty-caption embedding as its null condition (unless it learns its own)."""
         check_kind(model, self.kind)
-        backbone = model.backbone
-        if not backbone.condition.learned_null:
+        backbone, spec = model.backbone, model.backbone.condition
+        if not spec.learned_null:
             empty = self.conditioner.null(1, device=next(backbone.parameters()).device)
-            backbone.set_null_text(empty["text_tokens"][0], empty["text_mask"][0])
+            given = tuple(empty["text_tokens"].shape[1:])
+            if given != (spec.text_length, spec.text_dim):
+                raise ValueError(f"the text encoder ({self.conditioner.encoder.identity}) gives captions of {given[0]} "
+                                 f"tokens of width {given[1]}, but {type(backbone).__name__} reads {spec.text_length} "
+                                 f"tokens of width {spec.text_dim}: use the encoder it was trained with and its "
+                                 f"length (max_length {spec.text_length})")
+            pooled = {"pooled": empty[POOLED][0]} if spec.pooled_dim else {}
+            backbone.set_null_text(empty["text_tokens"][0], empty["text_mask"][0], **pooled)
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, source: str) -> None:

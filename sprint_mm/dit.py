@@ -204,10 +204,11 @@ class DiT(Backbone):
     def null_condition(self, cond: Any) -> Any:
         return self.y_embedder.null(cond)
 
-    def set_null_text(self, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> None:
+    def set_null_text(self, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+                      pooled: Optional[torch.Tensor] = None) -> None:
         if self.condition.kind != "text":
             super().set_null_text(text_tokens, text_mask)
-        self.y_embedder.set_null_text(text_tokens, text_mask)
+        self.y_embedder.set_null_text(text_tokens, text_mask, pooled)
 
     def upgrade_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "") -> None:
         """Rename in place the keys that DiTs written before condition modules gave the condition's tensors (e.g.

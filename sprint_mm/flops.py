@@ -29,6 +29,8 @@ class TransformerShape:
     out_patch_dim: int | None = None  # output features per token; defaults to patch_dim
     context_tokens: int = 0  # text tokens read by cross-attention (0 = no cross-attention)
     context_dim: int = 0  # text embedding width (input of the cross-attention K/V projections)
+    joint_tokens: int = 0  # tokens of a second stream that every block updates beside these (MMDiT's text, SD3): their
+    # own projections, adaLN and MLP, one attention over both streams; never dropped, so the middle keeps them all
     fusion: bool = True  # SPRINT concat-linear fusion present (only counted when E + L > 0)
     skip_projections: tuple[int, int, int] = (0, 0, 0)  # long-skip Linear(2D, D) per stack (encoder, middle, decoder)
 
@@ -51,6 +53,7 @@ class TransformerShape:
             _require_int("out_patch_dim", self.out_patch_dim, minimum=1)
         _require_int("context_tokens", self.context_tokens, minimum=0)
         _require_int("context_dim", self.context_dim, minimum=0)
+        _require_int("joint_tokens", self.joint_tokens, minimum=0)
         if self.context_tokens > 0 and self.context_dim == 0:
             raise ValueError(
                 f"context_tokens={self.context_tokens} needs a positive context_dim (the text "
@@ -72,14 +75,16 @@ class TransformerShape:
 def block_flops(shape: TransformerShape, tokens: int) -> float:
     """FLOPs of one block at `tokens` tokens.
 
-    With a GELU MLP of ratio 4 and no cross-attention this is F(N) = 24 N D^2 + 4 N^2 D + 12 D^2.
+    With a GELU MLP of ratio 4 and no cross-attention this is F(N) = 24 N D^2 + 4 N^2 D + 12 D^2. A joint stream of
+    L tokens adds the same per-token work for its L tokens, its own adaLN, and attention over N + L tokens.
     """
     _require_int("tokens", tokens, minimum=1)
     n, d = tokens, shape.hidden
-    self_attention = 8 * n * d * d + 4 * n * n * d  # qkv + proj, then QK^T and AV
+    both = n + shape.joint_tokens  # every token of both streams is projected and goes through an MLP
     mlp_matrices = 3 if shape.gated_mlp else 2
-    mlp = 2 * mlp_matrices * n * d * shape.mlp_hidden
-    ada_ln = 12 * d * d  # Linear(D, 6D) on the conditioning vector
+    self_attention = 8 * both * d * d + 4 * both * both * d  # qkv + proj, then QK^T and AV
+    mlp = 2 * mlp_matrices * both * d * shape.mlp_hidden
+    ada_ln = 12 * d * d * (2 if shape.joint_tokens else 1)  # Linear(D, 6D) on the conditioning vector, per stream
     total = self_attention + mlp + ada_ln
     if shape.context_tokens > 0:
         lc, dc = shape.context_tokens, shape.context_dim

@@ -50,16 +50,27 @@ def score_from_velocity(path: str, x: torch.Tensor, v: torch.Tensor, t: torch.Te
     return -eps / k.sigma
 
 
+class Shift:
+    """A timestep shift t -> s t / (1 + (s - 1) t) by a factor s that may depend on a sample's token count.
+
+    Time 1 is noise; s > 1 moves time toward it, so training and sampling spend more time at the high noise levels
+    where a sample's coarse layout forms (at a fixed noise level, more tokens keep more of the signal). The map fixes 0
+    and 1 and is monotone, so a sampling grid stays a grid.
+    """
+
+    def factor(self, tokens: int) -> float:
+        raise NotImplementedError
+
+    def __call__(self, t: torch.Tensor, tokens: int) -> torch.Tensor:
+        s = self.factor(tokens)
+        return s * t / (1 + (s - 1) * t)
+
+
 @gin.configurable
 @dataclass(frozen=True)
-class TimeShift:
-    """A timestep shift that grows with the token count (SD3's resolution-dependent shift; Open-Sora shifts by
-    resolution and frames alike): with s = (tokens / base_tokens) ** exponent, t -> s t / (1 + (s - 1) t).
-
-    Time 1 is noise; s > 1 moves time toward it, so larger samples spend more of training and sampling at the high
-    noise levels where their coarse layout forms (at a fixed noise level, more tokens keep more of the signal). s = 1
-    at `base_tokens`; the map fixes 0 and 1 and is monotone, so a sampling grid stays a grid.
-    """
+class TimeShift(Shift):
+    """A shift that grows with the token count (SD3's resolution-dependent shift; Open-Sora shifts by resolution and
+    frames alike): s = (tokens / base_tokens) ** exponent, so s = 1 at `base_tokens`."""
 
     base_tokens: int = 256
     exponent: float = 0.5
@@ -71,17 +82,49 @@ class TimeShift:
     def factor(self, tokens: int) -> float:
         return (tokens / self.base_tokens) ** self.exponent
 
-    def __call__(self, t: torch.Tensor, tokens: int) -> torch.Tensor:
-        s = self.factor(tokens)
-        return s * t / (1 + (s - 1) * t)
+
+@gin.configurable
+@dataclass(frozen=True)
+class ConstantShift(Shift):
+    """One factor at every size: the `shift` of diffusers' FlowMatchEulerDiscreteScheduler (SD3 trained and samples
+    at 3.0; Wan 2.1 samples at 3.0 for 480p and 5.0 for 720p)."""
+
+    shift: float = 3.0
+
+    def __post_init__(self) -> None:
+        check_number("ConstantShift.shift", self.shift, low=1e-3)
+
+    def factor(self, tokens: int) -> float:
+        return self.shift
+
+
+@gin.configurable
+@dataclass(frozen=True)
+class SequenceShift(Shift):
+    """diffusers' dynamic shifting (LTX-Video, Flux): s = exp(mu), mu linear in the token count through
+    (base_tokens, base_shift) and (max_tokens, max_shift). The defaults are LTX-Video's scheduler's."""
+
+    base_tokens: int = 1024
+    max_tokens: int = 4096
+    base_shift: float = 0.95
+    max_shift: float = 2.05
+
+    def __post_init__(self) -> None:
+        check_number("SequenceShift.base_tokens", self.base_tokens, low=1, integer=True)
+        check_number("SequenceShift.max_tokens", self.max_tokens, low=self.base_tokens + 1, integer=True)
+
+    def factor(self, tokens: int) -> float:
+        slope = (self.max_shift - self.base_shift) / (self.max_tokens - self.base_tokens)
+        return math.exp(self.base_shift + slope * (tokens - self.base_tokens))
 
 
 @gin.configurable
 class FlowMatching:
     """The SPRINT objective: v-prediction MSE over all positions, with label dropout, token drop and path drop.
 
-    `time_shift` (e.g. `@TimeShift()`) shifts the sampled times by the token count of each batch's grid; sampling reads
-    the same shift from the run's configuration (`sampling.trained_sampling`).
+    `time_shift` (e.g. `@TimeShift()`, `@ConstantShift()`, `@SequenceShift()`) shifts the sampled times by the token
+    count of each batch's grid; sampling reads the same shift from the run's configuration
+    (`sampling.trained_sampling`).
     """
 
     def __init__(
@@ -93,7 +136,7 @@ class FlowMatching:
         label_dropout: float = 0.1,
         path_drop: float = 0.1,
         masker: Optional[TokenMasker] = None,
-        time_shift: Optional[TimeShift] = None,
+        time_shift: Optional[Shift] = None,
     ) -> None:
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}; allowed: {', '.join(PATHS)}")

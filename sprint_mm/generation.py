@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 import gin
 import torch
 
-from sprint_mm.flow import TimeShift
+from sprint_mm.flow import Shift
 from sprint_mm.latents import LatentCodec
 from sprint_mm.media import save_image_grid, save_video_preview
 from sprint_mm.sampling import Guidance, sample, trained_sampling
@@ -27,7 +27,7 @@ def generate(
     batch_size: int = 64,
     generator: Optional[torch.Generator] = None,
     progress: bool = False,
-    time_shift: Optional[TimeShift] = None,
+    time_shift: Optional[Shift] = None,
     path: str = "linear",
 ) -> torch.Tensor:
     """Samples for `cond` from the given noise, decoded to [-1, 1], in batches of `batch_size`. `path` and

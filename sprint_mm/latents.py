@@ -2,6 +2,7 @@
 
 Images are `(B, C, H, W)`, videos `(B, C, T, H, W)`. `VAECodec` (an image AutoencoderKL) takes videos frame by frame;
 `VideoVAECodec` (a causal video VAE: Wan, CogVideoX, LTX-Video) also compresses time, 1 + r*k frames to 1 + k.
+A VAE's `path` is its own folder or a diffusers pipeline folder (its `vae/`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from sprint_mm.dtypes import parse_dtype
+from sprint_mm.families.folders import pipeline_component
 
 Tensors = tuple[torch.Tensor, ...]
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -147,6 +149,7 @@ class VAECodec(FrozenVAECodec):
         sample: bool = False,
     ) -> None:
         super().__init__("VAECodec", batch_size, dtype, sample)
+        path = str(pipeline_component(path, "vae", "VAE"))
         _check_vae_folder(path, "AutoencoderKL", "a local copy of stabilityai/sd-vae-ft-mse")
         from diffusers import AutoencoderKL  # optional dependency: the "latent" extra
 
@@ -285,6 +288,7 @@ class VideoVAECodec(FrozenVAECodec):
         decode_timestep: float = 0.0,
     ) -> None:
         super().__init__("VideoVAECodec", batch_size, dtype, sample)
+        path = str(pipeline_component(path, "vae", "video VAE"))
         _check_vae_folder(
             path, f"causal video VAE ({', '.join(VIDEO_VAES)})", "the vae/ folder of Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
         )

@@ -28,7 +28,7 @@ import gin
 import torch
 from torch import nn
 
-from sprint_mm.checkpoints import save_state_dict
+from sprint_mm.checkpoints import read_state_dict, save_state_dict
 from sprint_mm.errors import check_number
 from sprint_mm.sharded import full_tensor
 
@@ -55,7 +55,7 @@ def peft_module() -> Any:
 class LoRA:
     """Low-rank adapters of `rank` (scaled by alpha / rank, `dropout` on their input) on the backbone's linear layers
     that `targets` names; `full`: backbone modules trained in full beside them; `base_dtype`: how the frozen rest of
-    the backbone is held."""
+    the backbone is held; `weights`: a LoRA file to start the adapters from (`load_adapter_file`)."""
 
     rank: int = 16
     alpha: float = 16.0
@@ -63,6 +63,7 @@ class LoRA:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     full: tuple[str, ...] = ()
     base_dtype: str = "float32"
+    weights: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_number("LoRA.rank", self.rank, low=1, integer=True)
@@ -97,6 +98,8 @@ class LoRA:
             parameter.requires_grad_(trained)
             if not trained:
                 parameter.data = parameter.data.to(BASE_DTYPES[self.base_dtype])
+        if self.weights is not None:
+            load_adapter_file(backbone, self.weights)
         model.lora = self
         return model
 
@@ -140,6 +143,51 @@ def matching(backbone: nn.Module, pattern: str, option: str, kind: type) -> list
     kinds = sorted({type(module).__name__ for _, module in found})
     raise ValueError(f"{option} pattern {pattern!r} names no {kind.__name__} layer of {what}: it names "
                      f"{', '.join(kinds)} modules ({found[0][0]}, ...); LoRA adapts linear layers, {have}")
+
+
+LORA_WEIGHT = re.compile(r"^(?P<layer>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
+FILE_PREFIXES = (PEFT_PREFIX, "backbone.")  # what keys of our adapter files start with, before the backbone's names
+
+
+def load_adapter_file(backbone: nn.Module, path: str) -> None:
+    """Copy the adapters of a LoRA file into the backbone's adapters (`LoRA.weights`). The file is a safetensors file
+    of `<layer>.lora_A.weight` / `<layer>.lora_B.weight` (peft's keys), or a folder holding one as peft's
+    adapter_model.safetensors: a checkpoint of a LoRA run here, or a diffusers LoRA of a diffusers family (whose
+    `transformer.<layer>` names are the family backbone's). Its other tensors are not read; layers it does not adapt
+    keep B = 0. One line for a file without adapters, adapters of layers this backbone does not adapt (a LoRA of
+    another model), or of other shapes (another rank, another width)."""
+    file = Path(path) / ADAPTER_WEIGHTS if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"LoRA.weights {str(path)!r} is neither a safetensors file nor a folder holding "
+                                f"{ADAPTER_WEIGHTS}")
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    state = read_state_dict(file)
+    for key, tensor in state.items():
+        for prefix in FILE_PREFIXES:
+            key = key.removeprefix(prefix)
+        match = LORA_WEIGHT.match(key)
+        if match:
+            found.setdefault(match["layer"], {})[match["part"]] = tensor
+    if not found:
+        raise ValueError(f"LoRA.weights {str(file)!r} holds no LoRA adapters (keys <layer>.lora_A.weight and "
+                         f"<layer>.lora_B.weight); it holds e.g. {sorted(state)[:2]}")
+    layers = adapted_layers(backbone)
+    unknown = sorted(set(found) - set(layers))
+    if unknown:
+        raise ValueError(f"LoRA.weights {str(file)!r} is a LoRA of another model or of other layers: {len(unknown)} "
+                         f"of its {len(found)} adapted layers are not adapted layers of this "
+                         f"{type(backbone).__name__} (e.g. {unknown[0]}; here e.g. {min(layers)}); start from a "
+                         "LoRA of this model, with LoRA.targets naming its layers")
+    with torch.no_grad():
+        for name, parts in found.items():
+            for part, tensor in parts.items():
+                target = getattr(layers[name], f"lora_{part}")["default"].weight
+                if tensor.shape != target.shape:
+                    rank = target.shape[0 if part == "A" else 1]
+                    raise ValueError(f"LoRA.weights {str(file)!r}: {name}.lora_{part} is {tuple(tensor.shape)} there "
+                                     f"and {tuple(target.shape)} here (LoRA.rank {rank}); bind the rank it was trained "
+                                     "with, on the model it was trained on")
+                target.copy_(tensor)
 
 
 def lora_of(model: nn.Module) -> Optional[LoRA]:

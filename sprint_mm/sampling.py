@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from sprint_mm.errors import check_number
 from sprint_mm.tokens import batch_size_of, concat_rows
 from sprint_mm.flops import GUIDANCE_MODES as GUIDANCES
-from sprint_mm.flow import FlowMatching, TimeShift, score_from_velocity
+from sprint_mm.flow import FlowMatching, Shift, score_from_velocity
 
 SOLVERS = ("euler", "heun", "sde")
 
@@ -22,7 +22,7 @@ class SamplingDefaults:
     """What training fixed for sampling: the interpolation path (the SDE sampler's score) and the time shift."""
 
     path: str = "linear"
-    time_shift: Optional[TimeShift] = None
+    time_shift: Optional[Shift] = None
 
 
 def trained_sampling() -> SamplingDefaults:
@@ -95,7 +95,7 @@ def sample(
     path: str = "linear",
     generator: Optional[torch.Generator] = None,
     progress: bool = False,
-    time_shift: Optional[TimeShift] = None,
+    time_shift: Optional[Shift] = None,
 ) -> torch.Tensor:
     """Integrate from noise at t = 1 to data at t = 0; the state is kept in float64 between steps. `path` (the SDE
     sampler's score) and `time_shift` (which warps the time grid by the noise's token count) must be the ones the

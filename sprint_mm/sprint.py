@@ -14,6 +14,13 @@ computes exactly its dense backbone, whatever the backbone's weights. That is ho
 SPRINT model without changing what it computes. With long skips the statement holds as it is: the skips into the
 decoder come from the encoder (the split guarantees it) and so see every token either way.
 
+A backbone whose blocks update a context stream (`Backbone.updates_context`: SD3's MMDiT text tokens, which every block
+updates beside the image tokens) passes it through the split as a per-sample state, never dropped as tokens: the
+encoder updates it for every row; the middle updates it, attending to the kept tokens only, for the rows that run the
+middle; a row that skips the middle (path drop, PDG's weak half) carries the encoder's context stream into the decoder
+unchanged (it goes around the middle, as 'route' does for tokens). The fusion mixes image tokens only. With every
+token kept and no row skipping, the decoder so reads the stream the middle computed, as in the dense forward.
+
 A backbone's long skips (U-ViT) run across the split: the middle reads an encoder block's output at its kept tokens
 (gathered with their true positions), middle blocks feed middle blocks, encoder blocks feed decoder blocks. A middle
 block cannot feed a decoder block (the tokens and rows the middle drops have no value there): `Sprint` refuses such a
@@ -31,6 +38,7 @@ from torch import nn
 from sprint_mm.backbone import Backbone, Embedded, run_stack, skip_sources
 from sprint_mm.flops import TransformerShape
 from sprint_mm.masking import TokenMask
+from sprint_mm.tokens import assign_rows
 
 FUSIONS = ("concat_linear", "none")
 FUSION_INITS = ("xavier", "identity")  # xavier: SPRINT's; identity: [I | 0], the dense model exactly (conversion)
@@ -168,13 +176,16 @@ class Sprint(nn.Module):
             )
         encoded = run_stack(self.backbone, emb, 0, self.encoder_depth)  # tokens (B, N, D), encoder skip states
         dense = encoded.tokens
-        sparse = self._middle(encoded, mask, skip_middle)  # (B, N, D)
+        sparse, context = self._middle(encoded, mask, skip_middle)  # (B, N, D), the context after the middle
         h = sparse if self.fusion is None else self.fusion(torch.cat([sparse, dense], dim=-1))
-        h = run_stack(self.backbone, encoded.with_tokens(h), self.decoder_start).tokens  # (B, N, D)
+        h = run_stack(self.backbone, encoded.with_tokens(h, context), self.decoder_start).tokens  # (B, N, D)
         return self.backbone.unembed(h, emb)
 
-    def _middle(self, encoded: Embedded, mask: Optional[TokenMask], skip_middle: Optional[torch.Tensor]) -> torch.Tensor:
-        """Run the middle blocks on the kept tokens of the rows that do not skip; the fill everywhere else.
+    def _middle(self, encoded: Embedded, mask: Optional[TokenMask], skip_middle: Optional[torch.Tensor]
+                ) -> tuple[torch.Tensor, Any]:
+        """Run the middle blocks on the kept tokens of the rows that do not skip; the fill everywhere else. Returns
+        the tokens (B, N, D) and the context the decoder reads: the encoder's, with the rows that ran the middle
+        updated by it when the backbone `updates_context`.
 
         There is no shortcut for "no row runs the middle" or "every row keeps every token": the blocks then run on an
         empty batch and the mask token is overwritten, so every parameter is in every graph (with a zero gradient
@@ -186,7 +197,9 @@ class Sprint(nn.Module):
         ids_keep = None if mask is None else mask.ids_keep.to(dense.device)[rows]  # (b_run, M)
         # each kept token keeps its true position and the encoder's skip states at its place
         sparse = encoded.subset(dense, rows, ids_keep)
-        h = run_stack(self.backbone, sparse, self.encoder_depth, self.decoder_start).tokens
+        ran = run_stack(self.backbone, sparse, self.encoder_depth, self.decoder_start)
+        h = ran.tokens
         if ids_keep is not None:
             h = canvas[rows].scatter(1, ids_keep[..., None].expand(-1, -1, d), h)  # (b_run, N, D)
-        return canvas.index_copy(0, rows, h)
+        context = assign_rows(encoded.context, rows, ran.context) if self.backbone.updates_context else encoded.context
+        return canvas.index_copy(0, rows, h), context

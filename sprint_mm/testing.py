@@ -101,8 +101,11 @@ def condition(backbone: Backbone, seed: int = 0) -> Any:
     if spec.kind == "class":
         return torch.randint(0, spec.num_classes, (BATCH,), generator=g)
     lengths = torch.tensor([[min(2, spec.text_length)], [spec.text_length], [1]])
-    return {"text_tokens": torch.randn(BATCH, spec.text_length, spec.text_dim, generator=g),
+    cond = {"text_tokens": torch.randn(BATCH, spec.text_length, spec.text_dim, generator=g),
             "text_mask": torch.arange(spec.text_length)[None] < lengths}
+    if spec.pooled_dim:
+        cond["pooled"] = torch.randn(BATCH, spec.pooled_dim, generator=g)
+    return cond
 
 
 def inputs(model: Sprint, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, Any]:

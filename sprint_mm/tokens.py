@@ -59,6 +59,20 @@ def select_rows(obj: Any, rows: torch.Tensor) -> Any:
     raise TypeError(f"cannot select batch rows of {type(obj).__name__}")
 
 
+def assign_rows(base: Any, rows: torch.Tensor, values: Any) -> Any:
+    """`base` (a tensor, or a dict / tuple of them, batch axis 0) with its batch rows `rows` replaced by `values`
+    (as many rows, the same structure); out of place, so gradients reach both."""
+    if base is None:
+        return None
+    if isinstance(base, torch.Tensor):
+        return base.index_copy(0, rows, values.to(base.dtype))
+    if isinstance(base, dict):
+        return {k: assign_rows(v, rows, values[k]) for k, v in base.items()}
+    if isinstance(base, (tuple, list)):
+        return type(base)(assign_rows(b, rows, v) for b, v in zip(base, values, strict=True))
+    raise TypeError(f"cannot assign batch rows of {type(base).__name__}")
+
+
 def concat_rows(a: Any, b: Any) -> Any:
     """Concatenate two conditions (tensors or dicts of tensors) along the batch axis."""
     if isinstance(a, torch.Tensor):

@@ -14,6 +14,7 @@ import tests.my_dit  # noqa: F401  registers 'my_dit', the README's "Add a backb
 from registry import BACKBONES
 from sprint_mm.cli import sample_main, train_main
 from sprint_mm.testing import PROPERTIES, check_backbone
+from tests.families import CONFIGS, SAMPLES
 
 SMALL = dict(hidden_size=48, depth=4, num_heads=2)
 TEXT = dict(text_dim=8, text_length=5)
@@ -30,8 +31,9 @@ TINY = {
              "absolute video": dict(SMALL, depth=7, input_size=(2, 8, 8), in_channels=3, num_classes=4,
                                     position="absolute")},
     "my_dit": {"image": dict(SMALL, image_size=8, channels=3, num_classes=4)},
+    **{family: {"tiny": dict(config=CONFIGS[family], **SAMPLES[family])} for family in CONFIGS},
 }
-IMAGE_ONLY = {"my_dit"}  # backbones that do not take one-frame videos
+IMAGE_ONLY = {"my_dit", "sd3"}  # backbones that do not take one-frame videos
 
 
 def variants() -> list:

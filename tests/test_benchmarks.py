@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from benchmarks import (
-    curve_plots, data_speed, demo_accuracy, digits_classifier, equal_wallclock, fault_drill, guidance_pareto,
-    guidance_speed,
+    curve_plots, data_speed, demo_accuracy, digits_classifier, equal_wallclock, fault_drill, gpu_suite,
+    guidance_pareto, guidance_speed,
     harness, quality_curves, train_speed, video_demo_variants,
 )
 from sprint_mm.data.moving_digits import digit_side, moving_digit_videos, write_moving_digits
@@ -243,7 +243,9 @@ def test_gpu_suite_tiny_prints_one_table_of_training_and_sampling_steps(tmp_path
                            "--out", str(out)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
-    table = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
+    lines = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
+    families = lines.index(next(cells for cells in lines if cells[0].strip() == "model"))
+    table, family_table = lines[:families], lines[families:]
     assert [cells[0].strip() for cells in table] == ["step"] + ["training step"] * 4 + ["sampling step"] * 2
     assert [cells[1].strip() for cells in table[1:]] == ["dense", "sprint", "dense compiled", "sprint compiled",
                                                         "cfg", "pdg"]
@@ -254,6 +256,13 @@ def test_gpu_suite_tiny_prints_one_table_of_training_and_sampling_steps(tmp_path
         assert row["peak_fraction"] == pytest.approx(row["tflops"] / 989.0)
     assert rows["sprint"]["tflop"] < rows["dense"]["tflop"] == rows["dense compiled"]["tflop"]
     assert rows["pdg"]["tflop"] < rows["cfg"]["tflop"]
+    # the families at their (here: tiny) shapes, dense then SPRINT, as the recipes train them
+    assert [(cells[0].strip(), cells[2].strip()) for cells in family_table[1:]] == [
+        (name, variant) for name in gpu_suite.DEFAULT_FAMILIES for variant in ("dense", "sprint")]
+    family_rows = json.loads(out.read_text())["families"]
+    for dense, sprint in zip(family_rows[::2], family_rows[1::2]):
+        assert sprint["tflop"] < dense["tflop"] and sprint["parameters"] > dense["parameters"]  # + the fusion
+        assert dense["tokens"] == sprint["tokens"] and dense["seconds"] > 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from sprint_mm.data.images import image_size, read_rgb
 from sprint_mm.data.index import read_index
 from sprint_mm.data.transforms import resize_center_crop
 from sprint_mm.data.video import clip_frame_indices, video_size
-from sprint_mm.text import TEXT_KEYS, EmbeddingCache
+from sprint_mm.text import TEXT_KEYS, EmbeddingCache, condition_keys
 
 MEDIA = ("image", "video")
 INDEX_FIELDS = ("path", "caption")
@@ -210,5 +210,5 @@ def collate_captions(items: list[dict]) -> dict:
         raise ValueError("collate_captions needs at least one item")
     batch = {"x": torch.stack([item["x"] for item in items]), "caption": [item["caption"] for item in items]}
     if all(TEXT_KEYS[0] in item for item in items):
-        batch.update({key: torch.stack([item[key] for item in items]) for key in TEXT_KEYS})
+        batch.update({key: torch.stack([item[key] for item in items]) for key in condition_keys(items[0])})
     return batch

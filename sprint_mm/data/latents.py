@@ -30,7 +30,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, NamedTuple, Optional
 
 import gin
 import numpy as np
@@ -48,6 +48,7 @@ from sprint_mm.data.transforms import center_crop
 IMAGES_TREE = "images"
 LATENTS_TREE = "vae-sd"
 LABELS_FILE = "dataset.json"
+CAPTIONS_ENTRY = "captions"  # dataset.json's optional [[name, caption], ...] (captioned images, text-to-image)
 VIDEO_INDEX = "index.jsonl"
 FILES_PER_FOLDER = 1000
 IMAGE_NAME = re.compile(r"img(\d{8})\.png")
@@ -152,8 +153,9 @@ def _require_partners(
         raise FileNotFoundError(f"{partner_tree} lacks {len(missing)} partner file(s): {listed}{more}")
 
 
-def _read_labels(tree: Tree) -> dict[str, int] | None:
-    """Member name -> class from the tree's dataset.json; None when it says `"labels": null` (unlabeled)."""
+def _read_labels(tree: Tree) -> tuple[dict[str, int] | None, dict[str, str] | None]:
+    """Member name -> class from the tree's dataset.json (None when it says `"labels": null`: unlabeled), and member
+    name -> caption when it also lists `"captions"` (None otherwise)."""
     try:
         content = json.loads(tree.read(LABELS_FILE))
     except (FileNotFoundError, KeyError):  # a folder raises the first, a zip archive the second
@@ -162,7 +164,9 @@ def _read_labels(tree: Tree) -> dict[str, int] | None:
         ) from None
     if "labels" not in content:
         raise KeyError(f"{tree}/{LABELS_FILE} has no 'labels' entry; keys: {sorted(content)}")
-    return None if content["labels"] is None else {name: int(label) for name, label in content["labels"]}
+    labels = None if content["labels"] is None else {name: int(label) for name, label in content["labels"]}
+    captions = content.get(CAPTIONS_ENTRY)
+    return labels, None if captions is None else {name: str(caption) for name, caption in captions}
 
 
 def posterior_sample(mean: torch.Tensor, std: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
@@ -296,7 +300,8 @@ def _safetensors_shapes(tree: Tree, name: str) -> dict[str, tuple[int, ...]]:
 
 @gin.configurable
 class LatentDataset(Dataset):
-    """REPA/EDM2 latents: items `{"x": (C, h, w) float32, "label": int}`, plus `"image"` (3, H, W) uint8.
+    """REPA/EDM2 latents: items `{"x": (C, h, w) float32, "label": int}`, plus `"image"` (3, H, W) uint8, and
+    `"caption"` (str) when dataset.json lists captions (`encode_images.py --captions`: text-to-image).
 
     Images and latents are paired by the index in their names, never by position; a missing partner
     raises naming it. An unlabeled dataset (`"labels": null`) gives every item label 0.
@@ -315,13 +320,15 @@ class LatentDataset(Dataset):
         latents = _by_index(self.latents, LATENT_NAME)
         if not latents:
             raise FileNotFoundError(f"{self.latents} holds no img-mean-std-<8 digits>.npy files")
-        labels = _read_labels(self.latents)
-        no_label = sorted(name for name in latents.values() if labels is not None and name not in labels)
-        if no_label:
-            raise KeyError(f"{self.latents}/{LABELS_FILE} has no label for {', '.join(no_label[:SHOWN])}")
+        labels, captions = _read_labels(self.latents)
+        for what, table in (("label", labels), ("caption", captions)):
+            lacking = sorted(name for name in latents.values() if table is not None and name not in table)
+            if lacking:
+                raise KeyError(f"{self.latents}/{LABELS_FILE} has no {what} for {', '.join(lacking[:SHOWN])}")
         self.indices = sorted(latents)
         self.latent_names = [latents[i] for i in self.indices]
         self.labels = [0 if labels is None else labels[name] for name in self.latent_names]
+        self.captions = None if captions is None else [captions[name] for name in self.latent_names]
         self.images: Tree | None = None
         if with_images:
             self.images = Tree.find(path, IMAGES_TREE)
@@ -366,10 +373,14 @@ class LatentDataset(Dataset):
         loaded = self._read(item)
         _check_channels(loaded, self.shapes, sized=2)
         mean, std = loaded[0][1].chunk(2)
-        out = {**posterior_record(mean, std, self.scale, self.shift), "label": self.labels[item]}
+        out = {**posterior_record(mean, std, self.scale, self.shift), **self.tags(item)}
         if self.images is not None:
             out["image"] = loaded[1][1]
         return out
+
+    def tags(self, item: int) -> dict:
+        """The item's label, and its caption when the dataset has captions."""
+        return {"label": self.labels[item], **({} if self.captions is None else {"caption": self.captions[item]})}
 
     def load(self, item: int, shape: Shape) -> dict:
         """Item `item` with its latent centre-cropped to (h, w) = shape[1:] (and its image to the region that
@@ -388,7 +399,7 @@ class LatentDataset(Dataset):
             _check_channels(loaded, self.shapes, sized=2)
             moments = crop_latent(where, moments, size)
         mean, std = moments.chunk(2)
-        out = {"x": posterior_sample(mean, std, self.scale, self.shift), "label": self.labels[item]}
+        out = {"x": posterior_sample(mean, std, self.scale, self.shift), **self.tags(item)}
         if self.images is not None:
             where, image = loaded[1]
             out["image"] = image if size is None else crop_image_with_latent(where, image, latent, size)
@@ -407,9 +418,23 @@ class LatentDataset(Dataset):
         return self.latents.location, self.latents.fingerprint(self.latent_names)
 
 
+class VideoEntry(NamedTuple):
+    """One row of a video latent index: the latent file, and its class or its caption (or both)."""
+
+    path: str
+    label: Optional[int]
+    caption: Optional[str]
+
+    def fields(self) -> dict:
+        """What an item carries besides its latent."""
+        return {key: value for key, value in (("label", self.label), ("caption", self.caption)) if value is not None}
+
+
 @gin.configurable
 class VideoLatentDataset(Dataset):
-    """Per-video latent files listed in `index.jsonl`: items `{"x": (C, T, h, w) float32, "label": int}`.
+    """Per-video latent files listed in `index.jsonl`: items `{"x": (C, T, h, w) float32, "label": int}`, or with a
+    `"caption"` (str) where the index rows have one (captioned clips, for text-to-video; `encode_videos.py
+    --captions`): rows `{"path", "label"}`, `{"path", "caption"}` or both, every row alike.
 
     Bad files raise `BadItem` as in `LatentDataset`: undecodable, without float `mean` and `std` of one (C, T, h, w)
     shape, non-finite, or of another shape than the dataset's. Loaded at a bucket's shape (`load`), an item may have
@@ -423,18 +448,24 @@ class VideoLatentDataset(Dataset):
         self.tree = Tree(path)
         names = set(self.tree.names())
         if VIDEO_INDEX not in names:
-            raise FileNotFoundError(f"{self.tree} has no {VIDEO_INDEX} (one {{path, label}} object per line)")
-        self.entries: list[tuple[str, int]] = []
+            raise FileNotFoundError(f"{self.tree} has no {VIDEO_INDEX} (one {{path, label}} or {{path, caption}} "
+                                    "object per line)")
+        self.entries: list[VideoEntry] = []
         source = f"{self.tree}/{VIDEO_INDEX}"
         for row in jsonl_rows(self.tree.read(VIDEO_INDEX).decode().splitlines(), source, ("path", "label")):
             entry, where = row.fields, f"{source} line {row.line}"
-            if "path" not in entry or "label" not in entry:
-                raise KeyError(f"{where} needs 'path' and 'label', got {sorted(entry)}")
+            if "path" not in entry or not {"label", "caption"} & set(entry):
+                raise KeyError(f"{where} needs 'path' and 'label' or 'caption', got {sorted(entry)}")
             if entry["path"] not in names:
                 raise FileNotFoundError(f"{where} names a missing file {entry['path']!r}")
-            self.entries.append((entry["path"], int(entry["label"])))
+            self.entries.append(VideoEntry(entry["path"], int(entry["label"]) if "label" in entry else None,
+                                           entry.get("caption")))
         if not self.entries:
             raise ValueError(f"{self.tree}/{VIDEO_INDEX} lists no videos")
+        kinds = {tuple(entry.fields()) for entry in self.entries}
+        if len(kinds) > 1:
+            raise ValueError(f"the rows of {source} carry different fields ({', '.join(map(str, sorted(kinds)))}); "
+                             "every row needs the same (label, caption or both)")
         self.shapes = _typical_shapes(self._read, len(self), str(path))
 
     def __len__(self) -> int:
@@ -442,7 +473,7 @@ class VideoLatentDataset(Dataset):
 
     def _read(self, item: int) -> list[Loaded]:
         """The item's posterior, mean and std stacked: (2, C, T, h, w) float32."""
-        name, _ = self.entries[item]
+        name = self.entries[item].path
         where = f"{self.tree}/{name}"
         data = _read_member(self.tree, name)
         try:
@@ -467,7 +498,7 @@ class VideoLatentDataset(Dataset):
         loaded = self._read(item)
         _check_channels(loaded, self.shapes, sized=3)
         mean, std = loaded[0][1]
-        return {**posterior_record(mean, std, self.scale, self.shift), "label": self.entries[item][1]}
+        return {**posterior_record(mean, std, self.scale, self.shift), **self.entries[item].fields()}
 
     def load(self, item: int, shape: Shape) -> dict:
         """Item `item` with its latent centre-cropped to (T, h, w) = `shape`."""
@@ -483,11 +514,11 @@ class VideoLatentDataset(Dataset):
             _check_channels(loaded, self.shapes, sized=3)
             moments = crop_latent(where, moments, size)
         mean, std = moments
-        return {"x": posterior_sample(mean, std, self.scale, self.shift), "label": self.entries[item][1]}
+        return {"x": posterior_sample(mean, std, self.scale, self.shift), **self.entries[item].fields()}
 
     def item_size(self, item: int) -> Shape:
         """(T, h, w) of the latent of `item`, from its safetensors header."""
-        name = self.entries[item][0]
+        name = self.entries[item].path
         shape = _safetensors_shapes(self.tree, name).get("mean")
         if shape is None or len(shape) != 4:
             raise BadItem("latent", f"{self.tree}/{name}", f"expected a (C, T, h, w) 'mean', got {shape}")
@@ -495,4 +526,4 @@ class VideoLatentDataset(Dataset):
 
     def cache_key(self) -> tuple[Path, str]:
         """The tree (folder or archive) and the fingerprint of the files its index lists."""
-        return self.tree.location, self.tree.fingerprint([name for name, _ in self.entries])
+        return self.tree.location, self.tree.fingerprint([entry.path for entry in self.entries])

@@ -1,0 +1,309 @@
+"""The diffusers families (wan, ltx_video, sd3) against diffusers itself, on tiny random pipelines saved to folders:
+the dense forward equals the diffusers model's forward, SPRINT with an identity fusion equals it too, kept tokens run
+the diffusers blocks at their true positions (the rotary rows of the diffusers model sliced at the kept tokens), and
+the text encoders and time shifts give what the pipelines give."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from registry import BACKBONES
+from sprint_mm.errors import mistake_message
+from sprint_mm.families.text import SD3TextEncoder
+from sprint_mm.flow import ConstantShift, SequenceShift
+from sprint_mm.latents import VideoVAECodec
+from sprint_mm.lora import LoRA
+from sprint_mm.masking import random_mask
+from sprint_mm.sprint import FILLS, Sprint
+from sprint_mm.testing import randomize
+from sprint_mm.text import TextEncoder
+from tests.families import CLASSES, SAMPLES, SD3_T5_LENGTH, transformer, write_pipeline
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+FAMILIES = ("wan", "ltx_video", "sd3")
+LTX_ROPE_SCALE = (8 / 25, 32, 32)  # LTXPipeline's at its default frame rate, 25
+EXACT = 1e-5  # largest deviation relative to the largest value
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict:
+    """One tiny pipeline folder per family, written by the diffusers pipeline's save_pretrained."""
+    return {family: write_pipeline(family, tmp_path_factory.mktemp(family)) for family in FAMILIES}
+
+
+def backbone(family: str, folders: dict):
+    return BACKBONES.build(family, path=str(folders[family]), **SAMPLES[family])
+
+
+def reference(family: str, folders: dict):
+    """The diffusers model of the folder, loaded by diffusers on its own (a second copy of the weights)."""
+    return getattr(diffusers, CLASSES[family]).from_pretrained(folders[family] / "transformer").eval()
+
+
+def inputs(model, seed: int = 0, batch: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    spec = model.backbone.condition
+    x = torch.randn(batch, *model.backbone.sample_shape, generator=g)
+    lengths = torch.tensor([[2], [spec.text_length], [4]])[:batch]
+    cond = {"text_tokens": torch.randn(batch, spec.text_length, spec.text_dim, generator=g),
+            "text_mask": torch.arange(spec.text_length)[None] < lengths}
+    if spec.pooled_dim:
+        cond["pooled"] = torch.randn(batch, spec.pooled_dim, generator=g)
+    return x, torch.rand(batch, generator=g), cond
+
+
+def diffusers_forward(family: str, model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    """The diffusers model's forward on our inputs, called as its pipeline calls it (timestep = 1000 t)."""
+    timestep, tokens, mask = 1000 * t, cond["text_tokens"], cond["text_mask"]
+    if family == "wan":  # WanPipeline zeroes the caption's padding and passes no mask
+        return model(hidden_states=x, timestep=timestep, encoder_hidden_states=tokens * mask[..., None],
+                     return_dict=False)[0]
+    if family == "ltx_video":  # LTXPipeline packs the latents into tokens and passes the mask
+        frames, height, width = x.shape[2:]
+        packed = diffusers.LTXPipeline._pack_latents(x, 1, 1)
+        out = model(hidden_states=packed, encoder_hidden_states=tokens, timestep=timestep,
+                    encoder_attention_mask=mask, num_frames=frames, height=height, width=width,
+                    rope_interpolation_scale=LTX_ROPE_SCALE, return_dict=False)[0]
+        return diffusers.LTXPipeline._unpack_latents(out, frames, height, width, 1, 1)
+    return model(hidden_states=x, encoder_hidden_states=tokens, pooled_projections=cond["pooled"], timestep=timestep,
+                 return_dict=False)[0]
+
+
+def deviation(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_the_dense_forward_and_an_identity_sprint_model_equal_the_diffusers_model(family, folders):
+    model, ref = backbone(family, folders).eval(), reference(family, folders)
+    assert model.state_dict().keys() == {f"transformer.{key}" for key in ref.state_dict()} | {
+        key for key in model.state_dict() if key.startswith("caption.")}
+    x, t, cond = inputs(model)
+    expected = diffusers_forward(family, ref, x, t, cond)
+    assert expected.shape == x.shape
+    assert deviation(model(x, t, cond), expected) <= EXACT
+    for fill in FILLS:  # a converted model computes the diffusers model while no token is dropped
+        assert deviation(Sprint(model, 1, 1, fusion_init="identity", fill=fill)(x, t, cond), expected) <= EXACT
+    if family != "sd3":  # an image is a one-frame clip
+        image = x[:, :, 0]
+        assert deviation(model(image, t, cond), diffusers_forward(family, ref, image[:, :, None], t, cond)[:, :, 0]) \
+            <= EXACT
+
+
+def rotary(family: str, ref, x: torch.Tensor):
+    """The diffusers model's own rotary embedding of the whole token grid (None: positions ride in the tokens)."""
+    if family == "wan":
+        return ref.rope(x)  # (1, N, 1, head_dim) each
+    if family == "ltx_video":
+        frames, height, width = x.shape[2:]
+        return ref.rope(ref.proj_in(diffusers.LTXPipeline._pack_latents(x[:1], 1, 1)), frames, height, width,
+                        LTX_ROPE_SCALE)  # (1, N, D) each
+    return None
+
+
+def run_reference_block(family, block, h, embedded, row, rope, ids, text):
+    """A diffusers block on one row's tokens h (1, M, D) with the rotary rows of the tokens `ids` (None: all)."""
+    if family == "sd3":
+        text_out, h = block(h, text, embedded.c[row:row + 1], None)
+        return h, text if text_out is None else text_out
+    cos, sin = rope if ids is None else (rope[0][:, ids], rope[1][:, ids])
+    context, c = embedded.context, embedded.c[row:row + 1]
+    if family == "wan":
+        return block(h, context["text"][row:row + 1], c, (cos, sin)), text
+    return block(h, context["text"][row:row + 1], c, (cos, sin), context["bias"][row:row + 1]), text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_kept_tokens_run_the_diffusers_blocks_at_their_true_positions(family, folders):
+    """SPRINT 1 / 2 / 1 with half the tokens dropped and one row skipping the middle, against the diffusers model's own
+    blocks run row by row: encoder on every token, the middle on the kept tokens with the diffusers rotary table sliced
+    at them, the mask token elsewhere, fusion, decoder (SD3's text stream through the middle, or around it for the
+    skipping row)."""
+    torch.manual_seed(0)
+    model = randomize(Sprint(backbone(family, folders), 1, 1), seed=3).eval()
+    ref = reference(family, folders)
+    ref.load_state_dict({key.removeprefix("backbone.transformer."): value for key, value in model.state_dict().items()
+                         if key.startswith("backbone.transformer.")})
+    x, t, cond = inputs(model)
+    embedded = model.backbone.embed(x, t, cond)
+    mask = random_mask(3, embedded.grid, 0.5, generator=torch.Generator().manual_seed(4))
+    skip = torch.tensor([False, True, False])
+    rope, blocks = rotary(family, ref, model.backbone.as_clip(x)), getattr(ref, model.backbone.blocks_attribute)
+    rows = []
+    for row in range(3):
+        text = embedded.context[row:row + 1] if family == "sd3" else None
+        h, text = run_reference_block(family, blocks[0], embedded.tokens[row:row + 1], embedded, row, rope, None, text)
+        middle = model.mask_token.expand_as(h).clone()
+        if not skip[row]:
+            ids = mask.ids_keep[row]
+            kept = h[:, ids]
+            for block in blocks[1:3]:
+                kept, text = run_reference_block(family, block, kept, embedded, row, rope, ids, text)
+            middle[:, ids] = kept
+        fused = model.fusion(torch.cat([middle, h], dim=-1))
+        rows.append(run_reference_block(family, blocks[3], fused, embedded, row, rope, None, text)[0])
+    expected = model.backbone.unembed(torch.cat(rows), embedded)
+    assert deviation(model(x, t, cond, mask=mask, skip_middle=skip), expected) <= EXACT
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_family_loads_its_pipeline_folder_or_its_transformer_folder_strictly(family, folders, tmp_path):
+    whole = backbone(family, folders)
+    alone = BACKBONES.build(family, path=str(folders[family] / "transformer"), **SAMPLES[family])
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(alone.state_dict()[key], value, rtol=0, atol=0)
+    # the adapter's diffusers model saves as a diffusers folder again, which diffusers and the family load
+    whole.transformer.save_pretrained(tmp_path)
+    saved = getattr(diffusers, CLASSES[family]).from_pretrained(tmp_path).state_dict()
+    assert saved.keys() == whole.transformer.state_dict().keys()
+    for key, value in whole.transformer.state_dict().items():
+        assert torch.equal(saved[key], value), key
+    BACKBONES.build(family, path=str(tmp_path), **SAMPLES[family])
+
+
+def test_time_shifts_are_the_diffusers_schedulers():
+    sigmas = torch.linspace(1.0, 1 / 1000, 20, dtype=torch.float64)  # unshifted; the schedulers shift the ones given
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(sigmas=sigmas.tolist())
+    torch.testing.assert_close(ConstantShift(3.0)(sigmas, tokens=4096), scheduler.sigmas[:-1].double(), rtol=1e-5,
+                               atol=1e-6)
+    # LTX-Video's dynamic shifting: mu from the token count, sigma -> exp(mu) / (exp(mu) + 1 / sigma - 1)
+    ltx = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=1024,
+                                                    max_image_seq_len=4096, base_shift=0.95, max_shift=2.05)
+    for tokens in (1024, 6144):
+        mu = 0.95 + (2.05 - 0.95) / (4096 - 1024) * (tokens - 1024)
+        ltx.set_timesteps(sigmas=sigmas.tolist(), mu=mu)
+        torch.testing.assert_close(SequenceShift()(sigmas, tokens), ltx.sigmas[:-1].double(), rtol=1e-5, atol=1e-6)
+        assert math.isclose(SequenceShift().factor(tokens), math.exp(mu))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conditions as each family's pipeline computes them
+# ----------------------------------------------------------------------------------------------------------------
+
+CAPTIONS = ["a red cat", "the handwritten digit seven written by hand", ""]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_the_text_encoders_give_what_the_pipelines_give(family, folders):
+    folder = str(folders[family])
+    if family == "wan":  # umT5 with its mask, padding zeroed
+        pipeline = diffusers.WanPipeline.from_pretrained(folder)
+        got = TextEncoder(folder, max_length=6)(CAPTIONS)
+        expected = pipeline._get_t5_prompt_embeds(CAPTIONS, max_sequence_length=6, device="cpu")
+        torch.testing.assert_close(got["text_tokens"], expected, rtol=1e-5, atol=1e-6)
+    elif family == "ltx_video":  # T5 run without its mask; the mask goes to the transformer
+        pipeline = diffusers.LTXPipeline.from_pretrained(folder)
+        got = TextEncoder(folder, max_length=6, attention_mask=False)(CAPTIONS)
+        expected, mask = pipeline._get_t5_prompt_embeds(CAPTIONS, max_sequence_length=6, device="cpu")
+        assert torch.equal(got["text_mask"], mask)
+        torch.testing.assert_close(got["text_tokens"][mask], expected[mask], rtol=1e-5, atol=1e-6)
+    else:  # CLIP-L + CLIP-G penultimate states, T5, the pooled CLIP vectors
+        pipeline = diffusers.StableDiffusion3Pipeline.from_pretrained(folder)
+        got = SD3TextEncoder(folder, t5_length=SD3_T5_LENGTH)(CAPTIONS)
+        tokens, _, pooled, _ = pipeline.encode_prompt(CAPTIONS, None, None, device="cpu",
+                                                      do_classifier_free_guidance=False,
+                                                      max_sequence_length=SD3_T5_LENGTH)
+        torch.testing.assert_close(got["text_tokens"], tokens, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["pooled"], pooled, rtol=1e-5, atol=1e-6)
+        assert bool(got["text_mask"].all())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA files: a diffusers LoRA of a family applies to the same module names here
+# ----------------------------------------------------------------------------------------------------------------
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def diffusers_lora(family: str, folders: dict, folder) -> tuple:
+    """A random LoRA on the diffusers model of `family`, saved as its pipeline saves LoRAs; (the adapted diffusers
+    model, the file)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model = reference(family, folders)
+    torch.manual_seed(5)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False))
+    pipeline = {"wan": diffusers.WanPipeline, "ltx_video": diffusers.LTXPipeline}[family]
+    pipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model))
+    return model.eval(), folder / "pytorch_lora_weights.safetensors"
+
+
+@torch.no_grad()
+def test_a_diffusers_lora_of_the_family_applies_here_and_one_of_another_model_is_refused(folders, tmp_path):
+    adapted, file = diffusers_lora("wan", folders, tmp_path / "wan")
+    model = LoRA(rank=4, alpha=8.0, targets=tuple(LORA_TARGETS), weights=str(file)).apply(backbone("wan", folders))
+    x, t, cond = inputs(model)
+    expected = diffusers_forward("wan", adapted, x, t, cond)
+    assert deviation(model.eval()(x, t, cond), expected) <= EXACT
+    assert deviation(diffusers_forward("wan", reference("wan", folders), x, t, cond), expected) > 1e-3  # it adapts
+
+    _, other = diffusers_lora("ltx_video", folders, tmp_path / "ltx")
+    with pytest.raises(ValueError, match=r"is a LoRA of another model .*transformer\.transformer_blocks\.0\.") as err:
+        LoRA(rank=4, alpha=8.0, targets=tuple(LORA_TARGETS), weights=str(other)).apply(backbone("wan", folders))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"lora_A is \(4, 24\) there and \(8, 24\) here \(LoRA.rank 8\)"):
+        LoRA(rank=8, alpha=8.0, targets=tuple(LORA_TARGETS), weights=str(file)).apply(backbone("wan", folders))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: one line each
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    """The line the command lines print for the error (gin's call lines dropped): one line."""
+    message = mistake_message(err.value)
+    assert message is not None and "\n" not in message, message
+    return message
+
+
+def test_bad_folders_and_inputs_get_one_line_each(folders, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no transformer config") as err:
+        BACKBONES.build("wan", path=str(tmp_path / "empty"))
+    assert "diffusers pipeline folder" in one_line(err)
+    with pytest.raises(ValueError, match=r"holds a LTXVideoTransformer3DModel .* use build_model.backbone = "
+                                         r"'ltx_video'") as err:
+        BACKBONES.build("wan", path=str(folders["ltx_video"]), **SAMPLES["wan"])
+    one_line(err)
+    with pytest.raises(ValueError, match="give `path`"):
+        BACKBONES.build("sd3")
+    transformer("wan").save_pretrained(tmp_path / "partial")  # diffusers itself only warns of a missing tensor
+    weights = tmp_path / "partial" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state.pop("blocks.0.attn1.to_q.weight")
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"do not fill WanTransformer3DModel exactly: 1 missing keys \(e\.g\. "
+                                         r"blocks\.0\.attn1\.to_q\.weight\)") as err:
+        BACKBONES.build("wan", path=str(tmp_path / "partial"), **SAMPLES["wan"])
+    one_line(err)
+
+    model = backbone("wan", folders)
+    x, t, cond = inputs(model)
+    wide = dict(cond, text_tokens=torch.randn(3, 6, 24))  # another encoder's width
+    with pytest.raises(ValueError, match=r"text_tokens must have shape \(B, 6, 16\)") as err:
+        model(x, t, wide)
+    one_line(err)
+    with pytest.raises(ValueError, match=r"3 latent channels") as err:
+        model(torch.randn(3, 4, 3, 8, 8), t, cond)
+    one_line(err)
+    sd3 = backbone("sd3", folders)
+    with pytest.raises(ValueError, match=r"pooled caption vector, cond\['pooled'\] of shape \(3, 10\); got none"):
+        sd3(*inputs(sd3)[:2], {k: v for k, v in inputs(sd3)[2].items() if k != "pooled"})
+    with pytest.raises(ValueError, match=r"sd3 takes \(B, C, H, W\) images"):
+        sd3(torch.randn(3, 3, 1, 8, 8), t, inputs(sd3)[2])
+
+    codec = VideoVAECodec(str(folders["wan"]))  # the pipeline folder's vae/: 4x temporal
+    with pytest.raises(ValueError, match=r"1 \+ 4k") as err:
+        codec.encode(torch.zeros(1, 3, 6, 16, 16))
+    one_line(err)

@@ -1,0 +1,137 @@
+"""The families' data path: captioned clips and images encoded by the family's own VAE (a pipeline folder's vae/) into
+latents whose items carry their captions, the captions cached with the encoder a recipe trains with (SD3's pooled
+vector included), the null caption of a pooled family, and the FLOPs of MMDiT's joint blocks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from registry import BACKBONES
+from sprint_mm.conditioning import TextConditioning
+from sprint_mm.configs import parse_gin
+from sprint_mm.data.latents import LatentDataset, VideoLatentDataset
+from sprint_mm.families.text import SD3TextEncoder
+from sprint_mm.flops import block_flops
+from sprint_mm.text import POOLED, EmbeddingCache, TextConditioner
+from tests.families import CONFIGS, SAMPLES, SD3_T5_LENGTH, write_pipeline
+from tests.helpers import dataset_script
+from tests.test_latents import write_test_video
+
+pytest.importorskip("diffusers")
+pytest.importorskip("av")
+encode_images = dataset_script("encode_images")
+encode_videos = dataset_script("encode_videos")
+cache_text_embeddings = dataset_script("cache_text_embeddings")
+
+CAPTIONS = {"clips/a.mp4": "a red cat", "clips/b.mp4": "the digit seven", "photos/c.png": "a blue dog"}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict:
+    return {family: write_pipeline(family, tmp_path_factory.mktemp(family)) for family in ("wan", "sd3")}
+
+
+def caption_index(root, names) -> str:
+    index = root / "captions.jsonl"
+    index.write_text("".join(json.dumps({"path": name, "caption": CAPTIONS[name]}) + "\n" for name in names))
+    return str(index)
+
+
+def test_captioned_clips_become_captioned_latents_of_the_family_vae_and_their_captions_are_cached(folders, tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("clips/a.mp4", "clips/b.mp4"):
+        write_test_video(tmp_path / name, rng.integers(0, 255, (5, 24, 40, 3), dtype=np.uint8))
+    index = caption_index(tmp_path, ["clips/a.mp4", "clips/b.mp4"])
+    out = tmp_path / "latents"
+    encoded = encode_videos.encode_video_folder(None, out, str(folders["wan"]), resolution=16, num_frames=5,
+                                                vae_kind="video", width=32, captions=index)
+    assert encoded == 2
+    rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert rows == [{"path": "clips/a.mp4.safetensors", "caption": "a red cat"},
+                    {"path": "clips/b.mp4.safetensors", "caption": "the digit seven"}]
+    dataset = VideoLatentDataset(str(out), scale=1.0)
+    item = dataset[1]
+    assert item["caption"] == "the digit seven" and "label" not in item
+    assert item["x"].shape == (3, 2, 4, 8)  # the tiny Wan VAE: 4x in time and space; 16 x 32 px frames
+
+    # the captions cached with the encoder the Wan recipe trains with, under its cache key
+    cache = tmp_path / "text_cache"
+    cache_text_embeddings.main(["--index", str(out / "index.jsonl"), "--gin-file", "gin/base/wan.gin",
+                                "--gin-param", f"WAN = {str(folders['wan'])!r}", "--gin-param",
+                                "TextEncoder.max_length = 6", "--gin-param", "TextEncoder.dtype = 'float32'",
+                                "--gin-param", f"TextConditioner.cache_dir = {str(cache)!r}"])
+    conditioner = TextConditioner()  # the configuration just parsed
+    stored = EmbeddingCache(cache, conditioner.encoder.identity)
+    for caption in ["", "a red cat", "the digit seven"]:
+        torch.testing.assert_close(stored.get(caption)["text_tokens"], conditioner.encoder([caption])["text_tokens"][0])
+
+
+def test_captioned_images_become_captioned_latents_and_sd3_captions_cache_their_pooled_vector(folders, tmp_path):
+    (tmp_path / "photos").mkdir()
+    pixels = np.random.default_rng(1).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photos/c.png")
+    out = tmp_path / "latents"
+    assert encode_images.encode_image_folder(None, out, str(folders["sd3"]), resolution=8, width=16,
+                                             captions=caption_index(tmp_path, ["photos/c.png"])) == 1
+    item = LatentDataset(str(out), scale=1.5305, shift=0.0609)[0]
+    assert item["caption"] == "a blue dog" and item["x"].shape == (3, 4, 8)  # the tiny SD3 VAE halves
+
+    encoder = SD3TextEncoder(str(folders["sd3"]), t5_length=SD3_T5_LENGTH)
+    fresh = TextConditioner(encoder, cache_dir=str(tmp_path / "cache"))(["a blue dog", ""])
+    cached = TextConditioner(encoder, cache_dir=str(tmp_path / "cache"))
+    entry = cached.cache.get("a blue dog")
+    assert set(entry) == {"text_tokens", "text_mask", POOLED}
+    again = cached(["a blue dog", ""])
+    for key in fresh:
+        torch.testing.assert_close(again[key], fresh[key])
+
+
+def test_a_pooled_family_takes_the_empty_captions_tokens_and_pooled_vector_as_its_null(folders):
+    parse_gin([], [f"SD3TextEncoder.path = {str(folders['sd3'])!r}", f"SD3TextEncoder.t5_length = {SD3_T5_LENGTH}",
+                   "TextConditioner.encoder = @SD3TextEncoder()"])
+    model = BACKBONES.build("sd3", path=str(folders["sd3"]), **SAMPLES["sd3"])
+    conditioning = TextConditioning()
+    conditioning.prepare(model)
+    empty = conditioning.conditioner.encoder([""])
+    null = model.null_condition({key: value.repeat(2, *[1] * (value.dim() - 1)) for key, value in empty.items()})
+    for key, value in empty.items():
+        torch.testing.assert_close(null[key], value.expand_as(null[key]))
+    wan = BACKBONES.build("wan", config=CONFIGS["wan"], **SAMPLES["wan"])
+    with pytest.raises(ValueError, match=r"gives captions of 83 tokens of width 24, but Wan reads 6 tokens of width "
+                                         r"16"):
+        conditioning.prepare(wan)
+
+
+def test_the_joint_blocks_cost_what_the_flop_counter_counts():
+    model = BACKBONES.build("sd3", config=CONFIGS["sd3"], **SAMPLES["sd3"])
+    x, t = torch.randn(1, *model.sample_shape), torch.rand(1)
+    spec = model.condition
+    cond = {"text_tokens": torch.randn(1, spec.text_length, spec.text_dim),
+            "text_mask": torch.ones(1, spec.text_length, dtype=torch.bool), POOLED: torch.randn(1, spec.pooled_dim)}
+    embedded = model.embed(x, t, cond)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the math kernel's matmuls are counted
+        model.blocks[1](embedded.tokens, embedded.c, embedded.positions, embedded.context)
+    assert counter.get_total_flops() == block_flops(model.flop_shape(), embedded.tokens.shape[1])
+
+
+def test_the_real_shapes_of_the_gpu_suite_build_the_published_models():
+    """benchmarks/family_configs.json, built on the meta device: the advertised sizes, and the token grids of the
+    clips and images its sources name (frames and pixels through each family's VAE and patch)."""
+    table = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "family_configs.json").read_text())
+    published = {"wan2.1-t2v-1.3b": (1.3e9, ((81 - 1) // 4 + 1, 480 // 8 // 2, 832 // 8 // 2)),
+                 "sd3-medium": (2.0e9, (1, 1024 // 8 // 2, 1024 // 8 // 2)),
+                 "ltx-video-2b": (2.0e9, ((121 - 1) // 8 + 1, 512 // 32, 768 // 32))}
+    for name, (size, grid) in published.items():
+        entry = table[name]
+        with torch.device("meta"):
+            model = BACKBONES.build(entry["family"], config=entry["config"], **entry["sample"])
+        assert abs(sum(p.numel() for p in model.transformer.parameters()) / size - 1) < 0.1, name
+        assert model.token_grid((1, *model.sample_shape)) == grid, name
