@@ -25,7 +25,7 @@ from sprint_mm.evaluation import (
     require_npz,
     write_reference_stats,
 )
-from sprint_mm.errors import check_number, report_mistakes
+from sprint_mm.errors import check_number, check_writable_folder, report_mistakes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,9 +59,11 @@ def run(args: argparse.Namespace) -> None:
     check_number("--batch-size", args.batch_size, low=1, integer=True)
     open_samples(args.samples)
     if args.write_reference:
-        require_npz(args.write_reference)
+        check_writable_folder(require_npz(args.write_reference).parent, "the folder of --write-reference")
     elif not Path(args.reference).exists():
         raise FileNotFoundError(f"--reference {args.reference!r} does not exist")
+    if args.out:
+        check_writable_folder(Path(args.out).parent, "the folder of --out")
     extractor = build_extractor(extractor_kind(args.metric, args.frame_features), args.weights, args.device)
     if args.write_reference:
         stats = write_reference_stats(args.samples, extractor, args.write_reference, args.batch_size)
@@ -70,7 +72,6 @@ def run(args: argparse.Namespace) -> None:
     result = evaluate(args.samples, args.reference, extractor, args.batch_size)
     print(format_result(result))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -3,20 +3,19 @@ digit asked for (videos frame by frame, as demo_accuracy.py reads them; stills w
 
     python benchmarks/bucket_accuracy.py [--run runs/moving_digits_buckets/stage2] [--per-class 20] [--scale 6]
 
-Samples every bucket shape of the run's own configuration (`demos.buckets.bucket_shapes`) from one run, judges it with
+Samples every bucket shape of the run's own configuration (`demos.buckets.run_bucket_shapes`) from one run, judges it with
 a digits classifier trained at that shape's digit size, prints one row per bucket and writes
 benchmarks/results/bucket_demo_accuracy.json.
 """
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Optional, Sequence
 
 from benchmarks.demo_accuracy import guided_accuracy, judge_for
 from benchmarks.digits_classifier import test_split_accuracy
 from benchmarks.harness import RESULTS, add_out_option, add_run_options, load_class_run, markdown_table, write_result
-from demos.buckets import BUCKET_RUN, BUCKET_SCALE, BUCKET_SOLVER, bucket_shapes
+from demos.buckets import BUCKET_RUN, BUCKET_SCALE, BUCKET_SOLVER, run_bucket_shapes
 from demos.clips import DIGIT_FRACTION
 from sprint_mm.sampling import SOLVERS, Guidance
 
@@ -38,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     run = load_class_run(args.run, args.step, args.weights)
     channels = run.model.backbone.sample_shape[0]
     buckets = []
-    for frames, height, width in bucket_shapes([str(Path(args.run) / "config.gin")]):
+    for frames, height, width in run_bucket_shapes(args.run):
         shape = (channels, frames, height, width)
         judge = judge_for(run, DIGIT_FRACTION if frames > 1 else None, shape)  # stills: the digit fills the frame
         (row,) = guided_accuracy(run, judge, [Guidance("pdg", args.scale)], args.per_class, args.steps, args.solver,

@@ -4,12 +4,16 @@
 
 Each row starts runs of `--steps` steps with a checkpoint every `--every` steps (as separate `train.py` processes,
 so signals and kills are real), injects one fault, resumes where the program allows it, and compares the final
-weights with an uninterrupted run of the same configuration. Prints one markdown table (fault, what the program did,
+weights with an uninterrupted run of the same configuration. The run-folder rows (`RUN_FOLDER_ROWS`) add crafted
+run folders, resume and stage-2 mistakes, two commands into one folder, a real full disk (a small tmpfs) and a
+read-only file system (where this process may mount one: root), and signals and mistakes under torchrun and under
+`python -m sprint_mm.launch`. Prints one markdown table (fault, what the program did,
 exit status, work lost in steps, weights identical after resume) and writes benchmarks/results/fault_drill.json.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -18,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +39,10 @@ TINY = [
     "Sprint.decoder_depth = 1",
 ]
 STAGE1 = "gin/image/digits_stage1.gin"
+STAGE2 = "gin/image/digits_stage2.gin"
+# how each launcher starts N processes (N appended)
+LAUNCHERS = {"torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node"],
+             "sprint_mm.launch": ["-m", "sprint_mm.launch", "--nproc-per-node"]}
 
 
 class Drill:
@@ -44,21 +52,27 @@ class Drill:
         self.root, self.steps, self.every = root, steps, every
         self.env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
 
-    def command(self, run: str, extra: Sequence[str], processes: int = 1) -> list[str]:
-        launcher = [sys.executable]
+    def command(self, run: str, extra: Sequence[str], processes: int = 1, launcher: str = "torchrun",
+                gin_file: str = STAGE1) -> list[str]:
+        start = [sys.executable]
         if processes > 1:
-            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-        argv = [*launcher, "train.py", "--gin-file", STAGE1, "--run-dir", str(self.root / run)]
+            start += LAUNCHERS[launcher] + [str(processes)]
+        argv = [*start, "train.py", "--gin-file", gin_file, "--run-dir", str(self.root / run)]
         for binding in (*TINY, f"Trainer.max_steps = {self.steps}", f"Trainer.checkpoint_every = {self.every}", *extra):
             argv += ["--gin-param", binding]
         return argv
 
-    def train(self, run: str, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(run, extra, processes), cwd=REPO_ROOT, env=self.env, capture_output=True,
-                              text=True, timeout=600)
+    def train(self, run: str, *extra: str, processes: int = 1, launcher: str = "torchrun",
+              gin_file: str = STAGE1) -> subprocess.CompletedProcess:
+        return self.run(self.command(run, extra, processes, launcher, gin_file))
 
-    def start(self, run: str, *extra: str, processes: int = 1) -> subprocess.Popen:
-        return subprocess.Popen(self.command(run, extra, processes), cwd=REPO_ROOT, env=self.env,
+    def run(self, argv: Sequence[str], **options) -> subprocess.CompletedProcess:
+        """A command of this repository (train.py, sample.py, ...) as a user runs it; `options` go to subprocess."""
+        return subprocess.run(list(argv), cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=600,
+                              **options)
+
+    def start(self, run: str, *extra: str, processes: int = 1, launcher: str = "torchrun") -> subprocess.Popen:
+        return subprocess.Popen(self.command(run, extra, processes, launcher), cwd=REPO_ROOT, env=self.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
     def logged_step(self, run: str) -> int:
@@ -280,6 +294,310 @@ def bad_image_row(drill: Drill, max_bad_fraction: float) -> dict:
                "n/a")
 
 
+# ---------------------------------------------------------------------------- run folders (issue 21)
+def error_lines(done: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in done.stderr.splitlines() if line.strip()]
+
+
+def outcome(done: subprocess.CompletedProcess, width: int = 150) -> str:
+    """How a command ended for its user: how many lines it printed on stderr, whether a traceback, its last line."""
+    lines = error_lines(done)
+    last = lines[-1] if lines else "(nothing)"
+    last = last if len(last) <= width else last[: width - 3] + "..."
+    tracebacks = done.stderr.count("Traceback")
+    return (f"{len(lines)} line{'s' if len(lines) != 1 else ''}"
+            f"{f', {tracebacks} traceback(s)' if tracebacks else ''}: `{last}`")
+
+
+def sample_argv(run: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "sample.py", "--run", str(run), "--num", "2", "--steps", "2", "--out", str(out), *extra]
+
+
+def crafted_config_row(drill: Drill, path: str) -> dict:
+    """A run folder whose config.gin was crafted to run a command when sample.py reads it."""
+    run = f"crafted_{path.split()[0]}"
+    drill.train(run, f"Trainer.max_steps = {drill.every}")
+    marker = drill.root / f"{run}.marker"
+    dynamic = ("from __gin__ import dynamic_registration\nimport subprocess\nimport sprint_mm.conditioning\n"
+               f"subprocess.check_call.args = ['touch', '{marker}']\n"
+               "sprint_mm.conditioning.build_conditioning.kind = @subprocess.check_call()\n")
+    (drill.root / "evil.gin").write_text(dynamic)
+    (drill.root / "evil_module_for_the_drill.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    statements = {"an include of a file that registers dynamically": f"include '{drill.root / 'evil.gin'}'\n",
+                  "dynamic registration binding subprocess.check_call": dynamic,
+                  "an import of a module that runs code": "import evil_module_for_the_drill\n"}[path]
+    config = drill.root / run / "config.gin"
+    config.write_text(config.read_text() + statements)
+    done = drill.run(sample_argv(drill.root / run, drill.root / f"{run}.png"),
+                     env=dict(drill.env, PYTHONPATH=str(drill.root)))
+    ran = "RAN THE PAYLOAD" if marker.exists() else "refused it, the payload never ran"
+    return row(f"sample.py on a crafted run folder: config.gin with {path}", f"{ran}; {outcome(done)}",
+               str(done.returncode), 0, "n/a")
+
+
+def changed_resume_row(drill: Drill, binding: str) -> dict:
+    """A resume whose configuration changes what a step computes: refused, then resumed with the flag."""
+    run = "changed_" + binding.split(".")[1].split()[0]
+    drill.train(run, f"Trainer.max_steps = {drill.every}")
+    config, before = (drill.root / run / "config.gin").read_text(), drill.checkpoints(run)
+    refused = drill.train(run, binding)
+    kept = (drill.root / run / "config.gin").read_text() == config and drill.checkpoints(run) == before
+    allowed = drill.run(drill.command(run, [binding]) + ["--allow-config-change"])
+    history = (drill.root / run / "config_history" / f"until_step_{drill.every:07d}.gin").is_file()
+    return row(f"resume with `{binding}`", f"{outcome(refused)}; config.gin and checkpoints untouched: "
+               f"{'yes' if kept else 'no'}; with --allow-config-change: status {allowed.returncode}, earlier config "
+               f"kept in config_history/: {'yes' if history else 'no'}", str(refused.returncode), 0, "n/a")
+
+
+def stage2_row(drill: Drill, case: str) -> dict:
+    """Stage-2 mistakes: into its own stage-1 folder, without init_from, into another stage-1 run's folder."""
+    run, source = f"stage2_{case.split()[0]}", "stage2_source"
+    if not drill.checkpoints(source):
+        drill.train(source, f"Trainer.max_steps = {drill.every}")
+    drill.train(run, f"Trainer.max_steps = {drill.every}")
+    before = (drill.root / run / "config.gin").read_text()
+    bindings = {"into its own stage-1 run folder": [f"Trainer.init_from = '{drill.root / run}'"],
+                "without Trainer.init_from": [],
+                "into the folder of another stage-1 run": [f"Trainer.init_from = '{drill.root / source}'"]}[case]
+    done = drill.train(run, *bindings, gin_file=STAGE2)
+    kept = (drill.root / run / "config.gin").read_text() == before
+    return row(f"stage-2 gin {case}", f"{outcome(done)}; the stage-1 run untouched: {'yes' if kept else 'no'}",
+               str(done.returncode), 0, "n/a")
+
+
+def run_dir_row(drill: Drill, case: str) -> dict:
+    (drill.root / "a_file").write_text("not a folder")
+    run_dir = {"Trainer.run_dir = ''": "", "a run dir that is a file": str(drill.root / "a_file")}[case]
+    argv = [sys.executable, "train.py", "--gin-file", STAGE1, "--run-dir", run_dir]
+    for binding in (*TINY, "Trainer.max_steps = 1"):
+        argv += ["--gin-param", binding]
+    before = set(Path(REPO_ROOT).iterdir())
+    done = drill.run(argv)
+    littered = sorted(p.name for p in set(Path(REPO_ROOT).iterdir()) - before)
+    return row(case, f"{outcome(done)}; new files in the working folder: {littered or 'none'}", str(done.returncode),
+               0, "n/a")
+
+
+@contextlib.contextmanager
+def paused(process: subprocess.Popen) -> Iterator[None]:
+    """SIGSTOP a process for the duration of a `with` block (it holds its locks meanwhile)."""
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+
+
+def two_trainings_row(drill: Drill) -> dict:
+    """A second train.py into a run folder while the first trains (paused, holding its lock, meanwhile)."""
+    run = "two_at_once"
+    first = drill.start(run)
+    drill.wait_for_step(run, 2, first)
+    with paused(first):
+        second = drill.train(run)
+    first.communicate(timeout=300)
+    same = first.returncode == 0 and drill.same_weights(run, "reference")
+    return row("a second train.py into a run folder while the first trains",
+               f"second: {outcome(second)}; the first trained to the end", f"{second.returncode} (first: "
+               f"{first.returncode})", 0, "yes" if same else "no")
+
+
+def two_samplings_row(drill: Drill) -> dict:
+    out = drill.root / "two_samplings.npz"
+    argv = sample_argv(drill.root / "reference", out)
+    argv[argv.index("--steps") + 1] = "200"
+    first = subprocess.Popen(argv, cwd=REPO_ROOT, env=drill.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    shards = out.with_name(f".{out.name}.shards")
+    deadline = time.monotonic() + 300
+    while not shards.is_dir() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with paused(first):
+        second = drill.run(argv)
+    first.communicate(timeout=300)
+    complete = out.is_file() and np.load(out)["arr_0"].shape[0] == 2
+    return row("a second sample.py with the same --out while the first samples",
+               f"second: {outcome(second)}; the first wrote its output: {'yes' if complete else 'no'}",
+               f"{second.returncode} (first: {first.returncode})", 0, "n/a")
+
+
+def manifest_missing_row(drill: Drill) -> dict:
+    run = "manifest_missing"
+    drill.train(run, f"Trainer.max_steps = {2 * drill.every}")
+    newest = drill.checkpoints(run)[-1]
+    (newest / "manifest.json").unlink()
+    model = newest / "model.safetensors"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    sampled = drill.run(sample_argv(drill.root / run, drill.root / "manifest_missing.png"))
+    used = "used the previous checkpoint" if "the newest intact checkpoint" in sampled.stdout else "did not fall back"
+    resumed = drill.train(run)
+    fell_back = "is damaged (manifest.json is missing" in resumed.stdout + resumed.stderr
+    return row("newest checkpoint without manifest.json (and its model.safetensors truncated)",
+               f"sample.py {used} (status {sampled.returncode}); resume "
+               f"{'fell back to the previous checkpoint' if fell_back else 'did not notice'}",
+               str(resumed.returncode), drill.every,
+               "yes" if resumed.returncode == 0 and drill.same_weights(run, "reference") else "no")
+
+
+def mount(folder: Path, options: str) -> bool:
+    """Mount a tmpfs at `folder` (False where this process may not)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def full_disk_row(drill: Drill) -> dict:
+    """A real tmpfs that holds the run and one checkpoint but not a second: the write fails, and the rerun fails the
+    same clean way (nothing left holding space); freed, the run resumes where it stood."""
+    source, disk = "full_disk_source", drill.root / "tmpfs"
+    drill.train(source, f"Trainer.max_steps = {drill.every}")
+    checkpoint = folder_bytes(drill.checkpoints(source)[-1])
+    size = folder_bytes(drill.root / source) + checkpoint + 256 * 1024
+    if not mount(disk, f"size={size}"):
+        return row("a real full disk (tmpfs)", "not run: this machine does not let the drill mount a file system",
+                   "-", "-", "-")
+    try:
+        shutil.copytree(drill.root / source, disk / "run")
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (checkpoint // 2 + 256 * 1024))
+        first, again = drill.train("tmpfs/run"), drill.train("tmpfs/run")
+        partial = [p.name for p in (disk / "run" / "checkpoints").glob(".*")]
+        intact = [p.name for p in drill.checkpoints("tmpfs/run")]
+        filler.unlink()
+        resumed = drill.train("tmpfs/run")
+        same = resumed.returncode == 0 and drill.same_weights("tmpfs/run", "reference")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+    return row(f"a real full disk ({size / 1e6:.1f} MB tmpfs: the run and one checkpoint fit, a second does not)",
+               f"{outcome(first)}; rerun: status {again.returncode}, {outcome(again).split(':')[0]}; partial folders "
+               f"left: {partial or 'none'}; intact: {intact}; space freed: resumed", str(first.returncode),
+               drill.every, "yes" if same else "no")
+
+
+def file_size_limit_row(drill: Drill) -> dict:
+    """A write that fails midway (the process may not write a file past half a checkpoint file: ulimit -f)."""
+    import resource
+
+    run = "file_size_limit"
+    drill.train(run, f"Trainer.max_steps = {drill.every}")
+    limit = (drill.checkpoints(run)[-1] / "model.safetensors").stat().st_size // 2
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    failed = drill.run(drill.command(run, []), preexec_fn=limited)
+    partial = [p.name for p in (drill.root / run / "checkpoints").glob(".*")]
+    resumed = drill.train(run)
+    return row("a file-size limit hit while writing a checkpoint (ulimit -f)",
+               f"{outcome(failed)}; partial folders left: {partial or 'none'}; without the limit: resumed",
+               str(failed.returncode), drill.every,
+               "yes" if resumed.returncode == 0 and drill.same_weights(run, "reference") else "no")
+
+
+def read_only_rows(drill: Drill) -> list[dict]:
+    """Every command against a read-only file system (a tmpfs remounted read-only with a copy of two runs)."""
+    folder = drill.root / "read_only"
+    drill.train("sharded", "Trainer.strategy = 'fsdp'", "Trainer.num_threads = 1", "Trainer.max_steps = 2")
+    np.savez(drill.root / "samples.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    if not mount(folder, "size=64m"):
+        return [row("read-only folders", "not run: this machine does not let the drill mount a file system",
+                    "-", "-", "-")]
+    try:
+        for name in ("reference", "sharded", "samples.npz"):
+            copy = shutil.copytree if (drill.root / name).is_dir() else shutil.copy
+            copy(drill.root / name, folder / name)
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        evaluate = [sys.executable, "evaluate.py", "--samples", str(folder / "samples.npz"), "--metric", "fid",
+                    "--weights", "inception.pth"]
+        commands = {
+            "train.py into a new run folder on it": drill.command("read_only/new_run", []),
+            "train.py resuming a run on it": drill.command("read_only/reference", []),
+            "sample.py writing into the run's samples/": sample_argv(folder / "reference", folder / "reference"
+                                                                     / "samples" / "s.png"),
+            "consolidate_checkpoint.py on a sharded run on it": [sys.executable, "consolidate_checkpoint.py",
+                                                                 str(folder / "sharded")],
+            "evaluate.py --write-reference on it": [*evaluate, "--write-reference", str(folder / "stats.npz")],
+        }
+        rows = []
+        for what, argv in commands.items():
+            done = drill.run(argv)
+            rows.append(row(f"read-only file system: {what}", outcome(done), str(done.returncode), 0, "n/a"))
+        return rows
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def worker_pids(launcher: subprocess.Popen) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def launcher_signal_row(drill: Drill, launcher: str, name: str) -> dict:
+    """A stop signal to the launcher of a 2-process run: the status a requeue script sees, orphans, the resume."""
+    run, reference = f"{launcher.split('.')[-1]}_{name}", "reference_2p"
+    if not drill.checkpoints(reference):
+        drill.train(reference, processes=2)
+    process = drill.start(run, processes=2, launcher=launcher)
+    drill.wait_for_step(run, drill.every + 2, process)
+    workers = worker_pids(process)
+    process.send_signal(getattr(signal, name))
+    process.communicate(timeout=300)
+    orphans = [pid for pid in workers if alive(pid)]
+    for pid in orphans:  # they would race the resume
+        os.kill(pid, signal.SIGKILL)
+    reached, saved = drill.logged_step(run), drill.newest_step(run)
+    resumed = drill.train(run, processes=2, launcher=launcher)
+    return row(f"{name} to {launcher} (2 processes) at step {reached}",
+               f"checkpoint at step {saved}; worker processes left running: {len(orphans)} of {len(workers)}; resumed",
+               str(process.returncode), reached - saved,
+               "yes" if resumed.returncode == 0 and drill.same_weights(run, reference) else "no")
+
+
+def launcher_mistake_row(drill: Drill, launcher: str) -> dict:
+    done = drill.train(f"mistake_{launcher.split('.')[-1]}", "Trainer.lr = 'fast'", processes=2, launcher=launcher)
+    errors = [line for line in error_lines(done) if line.startswith("error:")]
+    return row(f"a configuration mistake under {launcher} (2 processes)",
+               f"{len(errors)} `error:` line(s), {done.stderr.count('Traceback')} traceback(s), "
+               f"{len(error_lines(done))} stderr lines in all", str(done.returncode), 0, "n/a")
+
+
+RUN_FOLDER_ROWS = [
+    *(lambda drill, path=path: crafted_config_row(drill, path)
+      for path in ("an include of a file that registers dynamically", "dynamic registration binding "
+                   "subprocess.check_call", "an import of a module that runs code")),
+    *(lambda drill, binding=binding: changed_resume_row(drill, binding)
+      for binding in ("DigitsDataset.split = 'all'", "Trainer.batch_size = 16")),
+    *(lambda drill, case=case: stage2_row(drill, case)
+      for case in ("into its own stage-1 run folder", "without Trainer.init_from",
+                   "into the folder of another stage-1 run")),
+    *(lambda drill, case=case: run_dir_row(drill, case) for case in ("Trainer.run_dir = ''", "a run dir that is a file")),
+    two_trainings_row,
+    two_samplings_row,
+    manifest_missing_row,
+    full_disk_row,
+    file_size_limit_row,
+    read_only_rows,
+    *(lambda drill, launcher=launcher, name=name: launcher_signal_row(drill, launcher, name)
+      for launcher in ("torchrun", "sprint_mm.launch") for name in ("SIGTERM", "SIGUSR1")),
+    *(lambda drill, launcher=launcher: launcher_mistake_row(drill, launcher)
+      for launcher in ("torchrun", "sprint_mm.launch")),
+]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -313,6 +631,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bad_image_row(drill, 0.01),
         kill_row(drill, processes=2),
     ]
+    for make in RUN_FOLDER_ROWS:
+        made = make(drill)
+        rows += made if isinstance(made, list) else [made]
     header = list(rows[0])
     print(markdown_table(header, [[r[h] for h in header] for r in rows]))
     write_result({"steps": args.steps, "checkpoint_every": args.every, "rows": rows}, args.out)

@@ -4,7 +4,7 @@ digits of two sizes in one run, then sampled with PDG at every bucket's shape.
 The data are real files read back by the datasets a user would use: two folders of mp4s (VideoFolderDataset, one
 per clip shape) and one folder of PNG stills of both sizes (ImageFolderDataset), joined by JointDataset and bucketed
 by the BucketTable of gin/video/moving_digits_buckets_stage1.gin. The shapes it samples are the buckets of the
-trained run's configuration (`bucket_shapes`), so a table changed with --gin-param is sampled as trained.
+trained run's configuration (`run_bucket_shapes`), so a table changed with --gin-param is sampled as trained.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from demos.two_stages import sample_run, stage_budgets, train_two_stages
 from sprint_mm.configs import ConfigError, parse_gin
 from sprint_mm.data.buckets import BucketTable, Shape
 from sprint_mm.data.digits import DigitsDataset
+from sprint_mm.run_config import parse_run_config
 
 BUCKET_STAGES = ("gin/video/moving_digits_buckets_stage1.gin", "gin/video/moving_digits_buckets_stage2.gin")
 BUCKET_RUN = "runs/moving_digits_buckets"
@@ -30,13 +31,23 @@ BUCKET_SOLVER = "euler"
 
 
 def bucket_shapes(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> tuple[Shape, ...]:
-    """The (frames, height, width) of every bucket of `BucketTable` in a configuration (a run's config.gin, or the
-    demo's gin files), in the table's order."""
+    """The (frames, height, width) of every bucket of `BucketTable` in a configuration (the demo's gin files), in the
+    table's order."""
     parse_gin(gin_files, bindings)
+    return configured_shapes(", ".join(gin_files))
+
+
+def run_bucket_shapes(run: str | Path) -> tuple[Shape, ...]:
+    """The bucket shapes of a trained run, from its config.gin read as data (`run_config.parse_run_config`)."""
+    parse_run_config(Path(run) / "config.gin")
+    return configured_shapes(str(Path(run) / "config.gin"))
+
+
+def configured_shapes(source: str) -> tuple[Shape, ...]:
     try:
         table = BucketTable()
     except TypeError:  # BucketTable.buckets is not bound
-        raise ConfigError(f"{', '.join(gin_files)} binds no BucketTable.buckets: not a bucketed run") from None
+        raise ConfigError(f"{source} binds no BucketTable.buckets: not a bucketed run") from None
     return tuple(bucket.shape for bucket in table)
 
 
@@ -93,7 +104,7 @@ def run_bucket_demo(
     outputs = [sample_run(stage2, sample_path(folder, (frames, height, width)), "--guidance", "pdg",
                           "--scale", str(scale), "--steps", str(steps), "--solver", solver, "--frames", str(frames),
                           "--size", str(height), str(width), "--labels", *map(str, range(10)))
-               for frames, height, width in bucket_shapes([str(Path(stage2) / "config.gin")])]
+               for frames, height, width in run_bucket_shapes(stage2)]
     print(f"[sprint_mm] bucket demo done: one strip per bucket in {folder} "
           f"({', '.join(path.with_suffix('.png').name for path in outputs)}; one row per digit, frames left to right)")
     return outputs

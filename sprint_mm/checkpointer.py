@@ -13,6 +13,8 @@ past damaged ones, and reshards sharded files onto any number of processes.
 """
 from __future__ import annotations
 
+import errno
+import os
 import pickle
 import random
 import shutil
@@ -23,6 +25,7 @@ from typing import Any, Callable, Optional, Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from torch import nn
 from torch.distributed.checkpoint import CheckpointException
 from tqdm.auto import tqdm
@@ -31,13 +34,16 @@ from sprint_mm.checkpoints import check_fits, load_strict, read_state_dict, save
 from sprint_mm.conversion import describe_fresh, starting_state
 from sprint_mm.data.stream import DataStream
 from sprint_mm.lora import ADAPTER_CONFIG
+from sprint_mm.parallelize import agreed
 from sprint_mm.repa import PROJECTOR_FILE
 from sprint_mm.runs import (
     DamagedCheckpoint,
     UnreadableCheckpoint,
+    checkpoint_name,
     list_checkpoints,
     newest_intact_checkpoint,
     publish_checkpoint,
+    remove_staging_folders,
     resolve_weights,
     staging_folder,
     write_manifest,
@@ -111,32 +117,73 @@ class Checkpointer:
     # ------------------------------------------------------------------ writing
     def save(self) -> None:
         """Every process writes into a hidden staging folder; the main process (sharded: every process, its shards)
-        checks that every tensor is finite, the main process adds the manifest and renames the folder into place. A
-        failing write (DCP reports a process's failed write as a CheckpointException) stops the run and leaves the
-        previous checkpoint as it was."""
+        checks that every tensor is finite, the main process adds the manifest and renames the folder into place.
+
+        Each phase (room for the files, the writes, the manifest and the rename) ends with every process agreeing on
+        whether it failed anywhere: a failed write (a full disk, a read-only folder; DCP reports a process's failed
+        write as a CheckpointException) removes the staging folder and stops the run with one line naming the folder
+        and the bytes the checkpoint needs, the previous checkpoints as they were."""
         acc, step = self.accelerator, self.parts.progress.step
         acc.wait_for_everyone()
-        staging = self.run_dir / "checkpoints" / f".step_{step:07d}.partial"
         if acc.is_main_process or self.sharded:  # each process checks its own shards
             check_finite(self.parts.model, self.parts.ema, step)
-        if acc.is_main_process:
-            staging = staging_folder(self.run_dir, step)
-        acc.wait_for_everyone()
-        try:
-            self._write(staging, acc.process_index)
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                write_manifest(staging, step, acc.num_processes, (self.run_dir / "config.gin").read_text())
-                publish_checkpoint(staging, step, self.keep)
-        except (OSError, CheckpointException) as err:
-            shutil.rmtree(staging, ignore_errors=True)
-            intact = [p.name for p in list_checkpoints(self.run_dir)]
-            raise CheckpointWriteError(f"could not write the checkpoint of step {step} in {staging.parent} ({err}); "
-                                       f"the previous checkpoints are intact: {intact or 'none'}") from err
+        staging = self.run_dir / "checkpoints" / f".{checkpoint_name(step)}.partial"
+        needed = self.bytes_needed() * (acc.num_processes if self.sharded else 1)
+        phases = (lambda: self._make_room(staging, needed), lambda: self._write(staging), lambda: self._publish(staging))
+        for phase in phases:
+            error = None
+            try:
+                phase()
+            except (Exception, CheckpointException) as err:  # (DCP's error is a BaseException)
+                error = err  # every process learns of a failure before any raises
+            (failed,) = agreed(acc, error is not None)
+            if failed:
+                if acc.is_main_process:
+                    shutil.rmtree(staging, ignore_errors=True)
+                if error is not None and not is_write_failure(error):
+                    raise error
+                raise CheckpointWriteError(self._failure_line(staging, needed, error)) from error
         acc.wait_for_everyone()
 
-    def _write(self, staging: Path, rank: int) -> None:
+    def bytes_needed(self) -> int:
+        """What this process writes into a checkpoint, at least: its model, EMA and optimizer tensors (sharded: its
+        shards; not sharded: the main process writes them all)."""
+        if not (self.sharded or self.accelerator.is_main_process):
+            return 0
         parts = self.parts
+        tensors = [*parts.model.state_dict().values(), *parts.ema.state_dict().values(),
+                   *(value for state in parts.optimizer.state.values() for value in state.values())]
+        return sum(local(t).nbytes for t in tensors if isinstance(t, torch.Tensor))
+
+    def _make_room(self, staging: Path, needed: int) -> None:
+        """The main process creates the staging folder and refuses to start a write the disk cannot hold."""
+        if not self.accelerator.is_main_process:
+            return
+        staging_folder(self.run_dir, self.parts.progress.step)
+        if shutil.disk_usage(staging).free < needed:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(staging.parent))
+
+    def _publish(self, staging: Path) -> None:
+        if self.accelerator.is_main_process:
+            write_manifest(staging, self.parts.progress.step, self.accelerator.num_processes,
+                           (self.run_dir / "config.gin").read_text())
+            publish_checkpoint(staging, self.parts.progress.step, self.keep)
+
+    def _failure_line(self, staging: Path, needed: int, error: Optional[BaseException]) -> str:
+        """The one line of a failed checkpoint write: where, why, what it needs, and what is intact."""
+        step, folder = self.parts.progress.step, staging.parent
+        try:
+            free = f"{size_text(shutil.disk_usage(folder).free)} free"
+        except OSError:
+            free = "its free space unknown"
+        cause = "another process failed to write its part" if error is None else write_failure_cause(error)
+        intact = [p.name for p in list_checkpoints(self.run_dir)]
+        return (f"could not write the checkpoint of step {step} in {folder}: {cause} (the checkpoint needs at least "
+                f"{size_text(needed)}; the folder has {free}); its partial folder was removed, the previous "
+                f"checkpoints are intact: {intact or 'none'}")
+
+    def _write(self, staging: Path) -> None:
+        parts, rank = self.parts, self.accelerator.process_index
         torch.save(rng_state(), staging / f"rng_rank{rank}.pt")
         if self.sharded:
             save_sharded(staging, parts.model, parts.ema, parts.optimizer)
@@ -158,7 +205,12 @@ class Checkpointer:
     # ------------------------------------------------------------------ reading
     def resume(self, init_from: Optional[str], seed: int) -> None:
         """Continue from the newest intact checkpoint (falling back past damaged ones); else start from `init_from`'s
-        EMA (stage 2); else start fresh. A process without a saved random state draws from (seed, step, rank)."""
+        EMA (stage 2); else start fresh. A process without a saved random state draws from (seed, step, rank). The
+        staging folders of a write that was killed are removed first (the caller holds the run's lock)."""
+        if self.accelerator.is_main_process:
+            for name in remove_staging_folders(self.run_dir):
+                self.say(f"removed {name}, the unfinished write of a checkpoint (the process writing it was stopped)")
+        self.accelerator.wait_for_everyone()
         folder, damaged = newest_intact_checkpoint(self.run_dir)
         for line in damaged:
             self.say(f"{line}: falling back to the previous checkpoint")
@@ -303,3 +355,38 @@ def refusal_reason(err: BaseException) -> str:
 def process_seed(seed: int, step: int, rank: int) -> int:
     """The torch seed of a process that starts at `step` without a saved random state (step 0: a fresh run)."""
     return seed * 7919 + rank + 1 + step * 1_000_003
+
+
+# What a write that ran out of room says, in the errors of Python, safetensors and torch's zip writer.
+DISK_FULL_WORDS = ("No space left", "StorageFull", "Disk quota", "File too large", "FileTooLarge")
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """Whether an error of a checkpoint write is the machine's (a file that could not be written), not a bug."""
+    if isinstance(error, (OSError, CheckpointException, SafetensorError)):
+        return True
+    return isinstance(error, RuntimeError) and any(word in str(error) for word in ("write", *DISK_FULL_WORDS))
+
+
+def write_failure_cause(error: BaseException) -> str:
+    """What stopped a checkpoint write, in words: a full disk, a file-size limit, or the error's first line (an
+    OSError's own words are kept; DCP's error speaks through the first process's)."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    text, said = str(error), f" ({error.strerror})" if isinstance(error, OSError) and error.strerror else ""
+    number = error.errno if isinstance(error, OSError) else None
+    if number == errno.EFBIG or "File too large" in text or "FileTooLarge" in text:
+        return f"a file outgrew the largest file this process may write (ulimit -f){said}"
+    if number in (errno.ENOSPC, errno.EDQUOT) or any(word in text for word in DISK_FULL_WORDS):
+        return f"the disk is full{said}"
+    if said:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    return (text.strip().splitlines() or [type(error).__name__])[0]
+
+
+def size_text(count: int) -> str:
+    """Bytes as a short text (kB, MB, GB: powers of 1000)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -22,7 +21,8 @@ from sprint_mm.checkpoints import atomic_write, load_strict, save_state_dict
 from sprint_mm.conditioning import check_labels
 from sprint_mm.data.shard_writer import FLOAT_DTYPES, WriteReport, items_per_shard_for, write_shards
 from sprint_mm.configs import ConfigError, parse_gin
-from sprint_mm.errors import check_number, report_mistakes
+from sprint_mm.errors import check_number, check_writable_folder, final_line, report_mistakes
+from sprint_mm.locks import lock_for_all
 from sprint_mm.lora import adapted_layers, lora_of, merge_adapters
 from sprint_mm.media import pack_uint8, save_image_grid, save_npz, save_video, save_video_preview, unpack_uint8
 from sprint_mm.models import build_model
@@ -42,6 +42,14 @@ def add_gin_param_option(parser: argparse.ArgumentParser,
     parser.add_argument("--gin-param", "--gin_param", action="append", default=[], help=help_text)
 
 
+def add_import_option(parser: argparse.ArgumentParser) -> None:
+    """`--import MODULE`: a module the run's config.gin may import (a backbone of your own), imported first."""
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="a module of your own that the run's config.gin imports (e.g. your backbones; on the "
+                             "Python path): trusted and imported (repeatable). A run's config.gin may import only "
+                             "sprint_mm's modules, installed backbone plugins and these")
+
+
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a diffusion transformer with SPRINT from gin files "
                                                  "(`python train.py` with no arguments runs the digits demo).")
@@ -49,13 +57,17 @@ def train_parser() -> argparse.ArgumentParser:
                         help="a .gin file (repeatable, applied in order)")
     add_gin_param_option(parser, "a gin binding, e.g. 'Trainer.max_steps = 10' (repeatable, applied after the files)")
     parser.add_argument("--run-dir", "--run_dir", help="shorthand for --gin-param \"Trainer.run_dir = '...'\"")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume a run with bindings that differ from its config.gin beyond the step budget, "
+                             "logging and checkpoint cadence (the earlier config.gin is kept in config_history/)")
     return parser
 
 
-def run_training(gin_files: Sequence[str], gin_params: Sequence[str]) -> Path:
-    """Parse the files, then the bindings, and train; returns the run folder."""
+def run_training(gin_files: Sequence[str], gin_params: Sequence[str], allow_config_change: bool = False) -> Path:
+    """Parse the files, then the bindings, and train; returns the run folder. A resume that changes the run's
+    configuration beyond `run_config.FREE_ON_RESUME` is refused unless `allow_config_change`."""
     parse_gin(gin_files, gin_params)
-    return Trainer().run()
+    return Trainer().run(allow_config_change)
 
 
 def report_training(work: Callable[..., object], *args: Any) -> int:
@@ -64,25 +76,25 @@ def report_training(work: Callable[..., object], *args: Any) -> int:
     try:
         return report_mistakes(work, *args)
     except Preempted as stop:
-        print(f"[sprint_mm] {stop}", file=sys.stderr)
+        final_line(f"[sprint_mm] {stop}")
         return EXIT_PREEMPTED
     except (NonFiniteTraining, CheckpointWriteError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        final_line(f"error: {err}")
         return 1
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """A configured run: the gin files and bindings of the command line."""
     args = train_parser().parse_args(argv)
-    params = list(args.gin_param) + ([f"Trainer.run_dir = {args.run_dir!r}"] if args.run_dir else [])
-    return report_training(train_configured, args.gin_file, params)
+    params = list(args.gin_param) + ([f"Trainer.run_dir = {args.run_dir!r}"] if args.run_dir is not None else [])
+    return report_training(train_configured, args.gin_file, params, args.allow_config_change)
 
 
-def train_configured(gin_files: Sequence[str], gin_params: Sequence[str]) -> Path:
+def train_configured(gin_files: Sequence[str], gin_params: Sequence[str], allow_config_change: bool = False) -> Path:
     if not gin_files:
         raise ConfigError("give --gin-file (a configured run starts from at least one .gin file; `python train.py` "
                           "with no arguments runs the digits demo)")
-    return run_training(gin_files, gin_params)
+    return run_training(gin_files, gin_params, allow_config_change)
 
 
 def write_shards_parser() -> argparse.ArgumentParser:
@@ -180,6 +192,7 @@ def sample_parser() -> argparse.ArgumentParser:
                         help="spatial size in the model's input units (latent pixels for a latent run; default: as "
                              "trained); positions extend (RoPE / sin-cos), quality beyond the trained size is untested")
     add_gin_param_option(parser, "a gin binding applied after the run's config.gin (repeatable)")
+    add_import_option(parser)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each transformer block (one graph per token count; the first batch pays the "
                              "compilation)")
@@ -239,9 +252,8 @@ def check_sample_counts(args: argparse.Namespace) -> None:
 
 
 def write_samples(args: argparse.Namespace) -> Path:
-    """Sample in shards of --batch-size: shard s gets noise seeded by (seed, s) and is written atomically, processes
-    take shards round-robin, and a restarted command skips finished shards; the main process then packs the output.
-    The run's own path and time shift (`TrainedRun.sampling`) drive the sampler."""
+    """Load the run (`load_run`: its config.gin read as data, the newest intact checkpoint unless --step), check the
+    request, lock the output (one command per output) and sample into it (`sample_into`)."""
     from accelerate import Accelerator
 
     from sprint_mm.backbone import compile_blocks
@@ -253,12 +265,28 @@ def write_samples(args: argparse.Namespace) -> Path:
     def requests(model: torch.nn.Module) -> tuple[list, list]:  # checked before a text encoder or a VAE loads
         return sample_requests(args, model.backbone.condition.kind, model.backbone.condition.num_classes)
 
-    run = load_run(args.run, args.step, args.weights, args.gin_param, check=requests).to(accelerator.device)
+    run = load_run(args.run, args.step, args.weights, args.gin_param, check=requests, imports=args.imports,
+                   say=print if accelerator.is_main_process else None).to(accelerator.device)
     labels, prompts = requests(run.model)
     if args.compile:
         compile_blocks(run.model)
     out = Path(args.out or Path(args.run) / "samples" / f"samples_{args.guidance}.png")
     shape = sample_shape(run, args, out)
+    check_writable_folder(out.parent, "the folder of --out" if args.out else "the run's samples folder")
+    lock = lock_for_all(accelerator, out.with_name(f".{out.name}.lock"), f"sample output {str(out)!r}")
+    try:
+        sample_into(out, run, args, guidance, (labels, prompts), shape, accelerator)
+    finally:
+        lock.release()
+    return out
+
+
+def sample_into(out: Path, run: TrainedRun, args: argparse.Namespace, guidance: Guidance,
+                requested: tuple[list, list], shape: tuple[int, ...], accelerator: Any) -> None:
+    """Sample in shards of --batch-size: shard s gets noise seeded by (seed, s) and is written atomically, processes
+    take shards round-robin, and a restarted command skips finished shards; the main process then packs the output.
+    The run's own path and time shift (`TrainedRun.sampling`) drive the sampler."""
+    labels, prompts = requested
     total = len(labels or prompts)
     shards = out.with_name(f".{out.name}.shards")
     settings = (f"{run.checkpoint.name}/{args.weights} {args.guidance} {args.scale} {tuple(args.interval)} "
@@ -288,7 +316,6 @@ def write_samples(args: argparse.Namespace) -> Path:
         print(f"[sprint_mm] wrote {total} samples ({args.guidance}, scale {args.scale}, {args.solver} {args.steps} "
               f"steps) to {out}")
     accelerator.wait_for_everyone()
-    return out
 
 
 def sample_shape(run: TrainedRun, args: argparse.Namespace, out: Path) -> tuple[int, ...]:

@@ -20,7 +20,8 @@ GIN_FOLDER = Path(__file__).resolve().parents[1] / "gin"
 
 # what a gin `import` line that cannot be imported needs
 IMPORT_HINT = (" A gin `import` line needs its module on the Python path: add the folder that holds it to PYTHONPATH or "
-               "install its package; sample.py and resume read the same line from the run's config.gin.")
+               "install its package; sample.py reads the same line from the run's config.gin and needs "
+               "--import MODULE to trust it.")
 # gin's message for a binding of a parameter the configurable does not have
 PARAMETER_TYPO = re.compile(r"'([^']+)' doesn't have a parameter named '([^']+)'")
 
@@ -58,7 +59,7 @@ def configurable_names(modules: Sequence[str]) -> dict[str, Any]:
             if callable(value) and hasattr(value, "__name__"):
                 try:
                     found[value.__name__] = gin.get_configurable(value)
-                except ValueError:  # not registered with gin
+                except (ValueError, TypeError):  # not registered with gin (or not even hashable)
                     continue
     return found
 

@@ -2,18 +2,43 @@
 
 The command lines run their work through `report_mistakes`: a user's mistake (FileNotFoundError, KeyError,
 ValueError, which ConfigError and CheckpointMismatch are, or gin's TypeError for a configurable called without a
-required argument) becomes one line on stderr and exit status 2, without a traceback; anything else is a bug and
-propagates with its traceback.
+required argument) becomes one line on stderr and exit status 2, without a traceback; so does a folder the command
+cannot use (read-only, not a folder, no permission: exit status 2) or a full disk (exit status 1). Anything else is a
+bug and propagates with its traceback.
+
+Under `sprint_mm.launch` every process of a command meets the same mistake: each hands its line to the launcher
+(`final_line`), which prints each distinct line once.
 """
 from __future__ import annotations
 
 import ast
+import errno
+import os
 import re
 import sys
 from numbers import Real
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 USER_ERRORS = (FileNotFoundError, KeyError, ValueError)
+# What an OSError says about the machine rather than the program: the advice for each, and the exit status.
+FOLDER_PROBLEMS = {
+    errno.EACCES: "no permission: choose a folder you may write, or fix its permissions",
+    errno.EPERM: "no permission: choose a folder you may write, or fix its permissions",
+    errno.EROFS: "the file system is read-only: choose a writable folder",
+    errno.ENOTDIR: "a path that must be a folder is a file",
+    errno.EISDIR: "a path that must be a file is a folder",
+    errno.EEXIST: "a file is in the way",
+    errno.ENAMETOOLONG: "the path is too long",
+    errno.ELOOP: "the path has a loop of symbolic links",
+}
+DISK_PROBLEMS = {
+    errno.ENOSPC: "the disk is full: free space or choose another folder",
+    errno.EDQUOT: "the disk quota is used up: free space or choose another folder",
+    errno.EFBIG: "the file is larger than this process may write (ulimit -f)",
+}
+# The launcher's folder for the processes' final lines (sprint_mm.launch sets it).
+LAUNCH_REPORTS = "SPRINT_MM_LAUNCH_REPORTS"
 # gin re-raises an error of a configurable with this line appended, once per configurable on the call stack
 GIN_CALL = re.compile(r"\n\s*In call to configurable '([^']+)'[^\n]*")
 # ... and, for a TypeError of a call that lacks required arguments, with these lines before it
@@ -69,14 +94,48 @@ def mistake_message(err: BaseException) -> Optional[str]:
     return message
 
 
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Create `folder` or find it, refusing a file in its place and a folder this process cannot write (with the
+    OSError a write would meet, naming the folder), before any work that would end by writing there."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what} {str(folder)!r} is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
+        raise OSError(code, os.strerror(code), str(folder))
+
+
+def os_error_message(err: OSError) -> Optional[str]:
+    """One line for an OSError about a folder or a disk (the path, what the system said, what to do), or None."""
+    advice = FOLDER_PROBLEMS.get(err.errno) or DISK_PROBLEMS.get(err.errno)
+    if advice is None:
+        return None
+    paths = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
+    return f"{paths + ': ' if paths else ''}{err.strerror or os.strerror(err.errno)} ({advice})"
+
+
+def final_line(line: str) -> None:
+    """The line a command ends with (an error, a stop): on stderr, or to the launcher that started this process."""
+    folder = os.environ.get(LAUNCH_REPORTS)
+    if folder and Path(folder).is_dir():
+        with open(Path(folder) / f"rank{os.environ.get('RANK', '0')}.txt", "a") as file:
+            file.write(line.replace("\n", " ") + "\n")
+    else:
+        print(line, file=sys.stderr)
+
+
 def report_mistakes(work: Callable[..., object], *args: Any) -> int:
-    """Run `work(*args)`: 0 when it succeeds, 2 with one `error: ...` line on stderr for a user's mistake."""
+    """Run `work(*args)`: 0 when it succeeds, 2 with one `error: ...` line on stderr for a user's mistake or a folder
+    it cannot use, 1 with one line for a full disk."""
     try:
         work(*args)
-    except (*USER_ERRORS, TypeError) as err:
+    except (*USER_ERRORS, TypeError, OSError) as err:
         message = mistake_message(err)
+        if message is None and isinstance(err, OSError):
+            message = os_error_message(err)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        final_line(f"error: {message}")
+        return 1 if isinstance(err, OSError) and err.errno in DISK_PROBLEMS else 2
     return 0

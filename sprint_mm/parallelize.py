@@ -137,3 +137,11 @@ def shard(module: nn.Module, device: torch.device, policy: MixedPrecisionPolicy,
         fully_shard(block, **options)
     fully_shard(module, **options)
     module.set_reduce_scatter_unused_params(True)
+
+
+def agreed(accelerator: Accelerator, *flags: bool) -> list[bool]:
+    """Each flag true on any process, so that every process takes the same decision (one process alone: as given)."""
+    if accelerator.num_processes == 1:
+        return [bool(flag) for flag in flags]
+    values = torch.tensor([float(flag) for flag in flags], device=accelerator.device)
+    return [bool(value) for value in accelerator.reduce(values, reduction="max").tolist()]

@@ -1,18 +1,26 @@
 """Stopping a run on a scheduler's signal: the first signal asks the trainer to finish its step, write a checkpoint
 and exit with EXIT_PREEMPTED; a second one exits at once (checkpoints are published by an atomic rename, so the
-previous one stays intact whatever is being written)."""
+previous one stays intact whatever is being written).
+
+Under `sprint_mm.launch` a process can get one request twice: from the scheduler, which signals every process of a
+job, and from the launcher, which forwards what it gets. There the same signal again within `REPEAT_WINDOW_S` of the
+first is the same request, not a second one."""
 from __future__ import annotations
 
 import os
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Callable, Optional, Sequence
+
+from sprint_mm.errors import LAUNCH_REPORTS
 
 # EX_TEMPFAIL of sysexits.h: "a temporary failure; the user is invited to retry". A cluster wrapper requeues on it.
 EXIT_PREEMPTED = 75
 DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+REPEAT_WINDOW_S = 1.0
 
 
 class Preempted(Exception):
@@ -41,14 +49,18 @@ class StopSignals:
         self.numbers = signal_numbers(names)
         self.announce = announce
         self.received: Optional[str] = None
+        self._received_at = 0.0
         self._previous: dict[signal.Signals, object] = {}
 
     def _handle(self, number: int, _frame: Optional[FrameType]) -> None:
         name = signal.Signals(number).name
+        if self.received == name and os.environ.get(LAUNCH_REPORTS) and \
+                time.monotonic() - self._received_at < REPEAT_WINDOW_S:
+            return  # the launcher's copy of the scheduler's signal
         if self.received is not None:
             sys.stderr.write(f"[sprint_mm] second signal {name}: exiting now; the previous checkpoint is intact\n")
             os._exit(128 + number)
-        self.received = name
+        self.received, self._received_at = name, time.monotonic()
         self.announce(f"received {name}: finishing this step, writing a checkpoint, then exiting "
                       f"(status {EXIT_PREEMPTED}); send it again to exit at once")
 

@@ -7,7 +7,9 @@ intact one or a named one.
 
 The manifest lists every file of the checkpoint with its size and sha256, the step, the number of processes and a
 hash of the run's config.gin; it is written last, so a folder whose files do not match it is damaged (a truncated
-or missing file). Checkpoints written before manifests existed are accepted unverified.
+or missing file). A folder without a manifest is damaged too, unless it is one written before manifests existed:
+those have every file the versions of that time wrote (`PRE_MANIFEST_FILES`), are never sharded (sharding came after
+manifests), and their run has no checkpoint with a manifest; they are accepted unverified.
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ from sprint_mm.checkpoints import atomic_write
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
 MANIFEST = "manifest.json"
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint's files (sprint_mm.sharded)
+# What every checkpoint held before manifests existed
+PRE_MANIFEST_FILES = ("model.safetensors", "ema.safetensors", "training_state.pt", "rng_rank0.pt")
+STAGING = re.compile(r"^\.step_\d{7,}\.partial$")
+CONFIG_HISTORY = "config_history"
 
 
 class DamagedCheckpoint(ValueError):
@@ -44,6 +50,24 @@ def write_run_configs(run_dir: str | os.PathLike, facts: dict[str, Any]) -> None
     bindings = gin.config_str()
     (run_dir / "config.gin").write_text(bindings)
     (run_dir / "config.json").write_text(json.dumps({"gin_bindings": bindings.splitlines(), **facts}, indent=2))
+
+
+def remove_staging_folders(run_dir: str | os.PathLike) -> list[str]:
+    """Remove the hidden staging folders a killed checkpoint write left (they hold space and nothing to resume);
+    returns their names. Only the process that holds the run's lock may call it."""
+    folder = Path(run_dir) / "checkpoints"
+    found = sorted(p for p in folder.iterdir() if STAGING.match(p.name)) if folder.is_dir() else []
+    for path in found:
+        shutil.rmtree(path)
+    return [path.name for path in found]
+
+
+def archive_config(run_dir: Path, step: int) -> Path:
+    """Keep the config.gin that trained a run up to `step` (before a resume changes it) in config_history/."""
+    target = run_dir / CONFIG_HISTORY / f"until_{checkpoint_name(step)}.gin"
+    target.parent.mkdir(exist_ok=True)
+    shutil.copyfile(run_dir / "config.gin", target)
+    return target
 
 
 def checkpoint_name(step: int) -> str:
@@ -66,6 +90,8 @@ def checkpoint_step(path: Path) -> int:
 def find_checkpoint(run_dir: str | os.PathLike, step: Optional[int] = None) -> Path:
     """The newest checkpoint of a run, or the one at `step`; clear errors when there is none."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise ValueError(f"run folder {str(run_dir)!r} is a file, not a run folder (config.gin and checkpoints/)")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
     checkpoints = list_checkpoints(run_dir)
@@ -141,11 +167,24 @@ def add_to_manifest(folder: Path, names: list[str]) -> None:
         store_manifest(folder, manifest)
 
 
+def unverified_problems(folder: Path) -> list[str]:
+    """Why a checkpoint folder without a manifest is damaged, or [] for one written before manifests existed."""
+    with_manifest = [p.name for p in folder.parent.iterdir()
+                     if p != folder and CHECKPOINT_PATTERN.match(p.name) and (p / MANIFEST).is_file()]
+    if with_manifest:
+        return [f"{MANIFEST} is missing, though the run's other checkpoints ({', '.join(sorted(with_manifest))}) "
+                "have one"]
+    if (folder / DCP_METADATA).is_file():
+        return [f"{MANIFEST} is missing (sharded checkpoints are always published with one)"]
+    missing = [name for name in PRE_MANIFEST_FILES if not (folder / name).is_file()]
+    return [f"{MANIFEST} is missing and so is {', '.join(missing)}"] if missing else []
+
+
 def checkpoint_problems(folder: Path) -> list[str]:
-    """What is wrong with a checkpoint folder against its manifest: [] when intact (or written without one)."""
+    """What is wrong with a checkpoint folder against its manifest: [] when intact (or written before manifests)."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        return []
+        return unverified_problems(folder)
     try:
         files = json.loads(manifest_path.read_text())["files"]
     except (ValueError, KeyError) as err:

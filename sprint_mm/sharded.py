@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 
 from sprint_mm.checkpoints import clean_key, read_state_dict, save_state_dict
+from sprint_mm.errors import check_writable_folder
 from sprint_mm.runs import DCP_METADATA, UnreadableCheckpoint, add_to_manifest, find_checkpoint, verify_checkpoint
 
 WEIGHTS = ("model", "ema")
@@ -125,6 +126,7 @@ def consolidate(run_or_checkpoint: str | os.PathLike, step: Optional[int] = None
     folder = verify_checkpoint(source if is_sharded(source) else find_checkpoint(source, step))
     if not is_sharded(folder):
         raise ValueError(f"checkpoint {folder} is not sharded (no {DCP_METADATA}): its safetensors files are already full")
+    check_writable_folder(folder, "the checkpoint folder")
     files = [f"{name}.safetensors" for name in WEIGHTS]
     for name, file in zip(WEIGHTS, files):
         save_state_dict(read_sharded_weights(folder, name), folder / file)

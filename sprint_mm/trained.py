@@ -18,10 +18,10 @@ from torch import nn
 from sprint_mm import generation
 from sprint_mm.checkpoints import load_strict
 from sprint_mm.conditioning import build_conditioning, check_kind
-from sprint_mm.configs import parse_gin
 from sprint_mm.latents import LatentCodec, build_codec
 from sprint_mm.models import build_model
-from sprint_mm.runs import checkpoint_step, find_checkpoint, verify_checkpoint
+from sprint_mm.run_config import parse_run_config
+from sprint_mm.runs import DamagedCheckpoint, checkpoint_step, find_checkpoint, newest_intact_checkpoint, verify_checkpoint
 from sprint_mm.sampling import Guidance, SamplingDefaults, trained_sampling
 from sprint_mm.sharded import WEIGHTS, read_weights
 
@@ -79,21 +79,23 @@ def load_run(
     weights: str = "ema",
     gin_params: Sequence[str] = (),
     check: Optional[Callable[[nn.Module], object]] = None,
+    imports: Sequence[str] = (),
+    say: Optional[Callable[[str], object]] = print,
 ) -> TrainedRun:
-    """Rebuild a run from its config.gin (then `gin_params`) and load the checkpoint at `step` (default: the newest)
-    strictly, after verifying it against its manifest. The parsed configuration stays active.
+    """Rebuild a run from its config.gin (then `gin_params`) and load a checkpoint strictly: the one at `step`, which
+    must be intact, or the newest intact one (a damaged newer one is passed over, and `say` tells why). The
+    parsed configuration stays active.
 
+    The config.gin is read as data (`run_config.parse_run_config`): it may import only sprint_mm's modules, installed
+    backbone plugins and the modules named in `imports`, and may not include files or register dynamically.
     `check(model)` runs once the weights are in, before the conditioning (a text run's encoder) and the codec (a VAE)
     load: a request the model cannot serve fails without loading them.
     """
     if weights not in WEIGHTS:
         raise ValueError(f"unknown weights {weights!r}; allowed: {', '.join(WEIGHTS)}")
     run = Path(run)
-    checkpoint = verify_checkpoint(find_checkpoint(run, step))
-    config = run / "config.gin"
-    if not config.is_file():
-        raise FileNotFoundError(f"run folder {str(run)!r} has no config.gin")
-    parse_gin([str(config)], gin_params)
+    checkpoint = pick_checkpoint(run, step, say)
+    parse_run_config(run / "config.gin", gin_params, imports)
     model = build_model()
     file = checkpoint / f"{weights}.safetensors"
     load_strict(model, read_weights(file), str(file))
@@ -103,3 +105,18 @@ def load_run(
     conditioning = build_conditioning()
     check_kind(model, conditioning.kind)
     return TrainedRun(model.eval(), build_codec(), conditioning, trained_sampling(), checkpoint, weights)
+
+
+def pick_checkpoint(run: Path, step: Optional[int], say: Optional[Callable[[str], object]]) -> Path:
+    """The checkpoint at `step` if it is intact, else (step None) the newest intact one, saying which damaged ones
+    were passed over; a run without an intact one is one DamagedCheckpoint error naming why."""
+    if step is not None:
+        return verify_checkpoint(find_checkpoint(run, step))
+    newest = find_checkpoint(run)  # a run without checkpoints is its own error
+    folder, damaged = newest_intact_checkpoint(run)
+    if folder is None:
+        raise DamagedCheckpoint(f"run {str(run)!r} has no intact checkpoint: {'; '.join(damaged)}")
+    if damaged and say is not None:
+        say(f"[sprint_mm] {'; '.join(damaged)}: using {folder.name}, the newest intact checkpoint (newest: "
+            f"{newest.name})")
+    return folder

@@ -18,23 +18,55 @@ from typing import Any, Callable, Optional, Sequence
 import gin
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from sprint_mm.checkpointer import Checkpointer, NonFiniteTraining, TrainingParts
 from sprint_mm.conditioning import build_conditioning
 from sprint_mm.data.buckets import BucketTable
 from sprint_mm.data.stream import Batching, open_stream
+from sprint_mm.errors import check_writable_folder
 from sprint_mm.flow import FlowMatching
 from sprint_mm.generation import Previewer
 from sprint_mm.latents import build_codec
+from sprint_mm.locks import FolderLock, lock_for_all
 from sprint_mm.lora import adapter_parts, lora_of
 from sprint_mm.metrics_log import MetricsLog, StepResult, flops_saved
 from sprint_mm.models import build_model
 from sprint_mm.optimization import Optimization, frozen_copy, update_ema
-from sprint_mm.parallelize import Parallelism, fused_optimizer, parallelize, start_processes
+from sprint_mm.parallelize import Parallelism, agreed, fused_optimizer, parallelize, start_processes
 from sprint_mm.preemption import DEFAULT_SIGNALS, Preempted, StopSignals
 from sprint_mm.repa import AlignedObjective, RepaAlignment
-from sprint_mm.runs import list_checkpoints, write_run_configs
+from sprint_mm.run_config import check_resume_config, refuse_dynamic_registration
+from sprint_mm.runs import archive_config, list_checkpoints, write_run_configs
 from sprint_mm.schedule import Schedule
+
+
+LOCK_FILE = ".lock"  # in the run folder: held while a process trains it (sprint_mm.locks)
+STAGES = {1: "masked pre-training", 2: "a full-token fine-tune of a stage-1 run (gin/base/stage2.gin sets it)"}
+
+
+def announce(line: str) -> None:
+    tqdm.write(f"[sprint_mm] {line}")
+
+
+def check_stage(run_dir: str, init_from: Optional[str], stage: int) -> None:
+    """The run folder and the stage are what a run needs: a folder (not '') and, for stage 2, the stage-1 run to
+    start from, outside the run's own folder."""
+    if not str(run_dir).strip():
+        raise ValueError("Trainer.run_dir is empty: name a folder for the run, e.g. --run-dir runs/my_run")
+    if stage not in STAGES:
+        raise ValueError(f"Trainer.stage must be one of {', '.join(map(str, STAGES))} ("
+                         f"{'; '.join(f'{k}: {v}' for k, v in STAGES.items())}), got {stage!r}")
+    if stage == 2 and not init_from:
+        raise ValueError("this configuration is a stage 2 (Trainer.stage = 2: a full-token fine-tune) but binds no "
+                         "Trainer.init_from: give the stage-1 run to start from, e.g. --gin-param "
+                         "\"Trainer.init_from = 'runs/my_stage1'\" (a run folder, a checkpoint folder or an "
+                         "ema.safetensors file)")
+    if init_from:
+        own, source = Path(run_dir).resolve(), Path(init_from).resolve()
+        if source == own or own in source.parents:
+            raise ValueError(f"Trainer.init_from {init_from!r} lies in this run's own folder {str(run_dir)!r}: a "
+                             "stage 2 trains into a folder of its own; set Trainer.run_dir (--run-dir) to a new folder")
 
 
 @gin.configurable
@@ -45,8 +77,10 @@ class Trainer:
     or by the `buckets` of a `BucketTable`), the objective (`FlowMatching`, plus REPA's `alignment`), the factories of
     the model, its conditioning and its codec (gin configures them), the optimization (`lr` ... `ema_warmup`, see
     `Optimization`), the devices (`precision` ... `activation_checkpointing`, see `Parallelism`) and the schedule
-    (`max_steps` ... `stop_signals`, see `Schedule`). `run` trains until the schedule says stop and returns the run
-    folder; every step's data, noise and masks are a function of the seed and the step, so resume is exact.
+    (`max_steps` ... `stop_signals`, see `Schedule`). `stage` 2 marks a full-token fine-tune (gin/base/stage2.gin),
+    which needs `init_from`. `run` trains until the schedule says stop and returns the run folder; every step's
+    data, noise and masks are a function of the seed and the step, so resume is exact. The run folder is locked while
+    a process trains it.
     """
 
     def __init__(
@@ -61,10 +95,11 @@ class Trainer:
         max_bad_steps: int = 10, stop_signals: Sequence[str] = DEFAULT_SIGNALS, compile: bool = False,
         strategy: str = "ddp", fsdp_cpu_offload: bool = False, buckets: Optional[BucketTable] = None,
         clock: str = "wall", activation_checkpointing: bool = False, model: Callable[[], torch.nn.Module] = build_model,
-        conditioning: Callable[[], Any] = build_conditioning, codec: Callable[[], Any] = build_codec,
+        conditioning: Callable[[], Any] = build_conditioning, codec: Callable[[], Any] = build_codec, stage: int = 1,
     ) -> None:
         if dataset is None:
             raise ValueError("Trainer.dataset is not bound: bind it in a .gin file, e.g. `Trainer.dataset = @DigitsDataset()`")
+        check_stage(run_dir, init_from, stage)
         self.run_dir, self.dataset, self.buckets, self.init_from = Path(run_dir), dataset, buckets, init_from
         self.batching = Batching(batch_size, grad_accum, num_workers, seed)
         self.optimization = Optimization(lr, betas, adam_eps, weight_decay, warmup_steps, warmup_start_factor,
@@ -85,9 +120,9 @@ class Trainer:
         self.build_model, self.build_conditioning, self.build_codec = model, conditioning, codec
 
     # ------------------------------------------------------------------ set-up
-    def _setup(self) -> None:
-        """Processes, data stream, model, conditioning, parallelism, optimizer, the resumed (or stage-2, or fresh)
-        state, and the logs."""
+    def _setup(self, allow_config_change: bool = False) -> None:
+        """Processes, data stream, model, conditioning, parallelism, optimizer, then the run folder (made, locked, its
+        configuration compared with this one), the resumed (or stage-2, or fresh) state, and the logs."""
         acc = self.accelerator = start_processes(self.parallelism)
         data = open_stream(self.dataset, self.batching, acc, self.buckets)
         torch.manual_seed(self.batching.seed)  # identical initialisation on every process
@@ -103,6 +138,8 @@ class Trainer:
         self.optimizer = acc.prepare(optimizer)
         self.parts = TrainingParts(model, ema, optimizer, scheduler, data,
                                    extras={**self.objective.checkpoint_parts(), **adapter_parts(model, ema)})
+        check_writable_folder(self.run_dir, "Trainer.run_dir")
+        changes = self._claim_run_folder(allow_config_change)
         self.log = MetricsLog(self.run_dir, acc, self.schedule.max_steps, self.schedule.log_every, self.progress,
                               data.ledger)
         self.checkpointer = Checkpointer(self.run_dir, self.parts, acc, self.parallelism.sharded,
@@ -110,6 +147,10 @@ class Trainer:
         self.checkpointer.resume(self.init_from, self.batching.seed)
         data.start(self.parts.progress.step)
         if acc.is_main_process:
+            if changes and self.parts.progress.step > 0:
+                kept = archive_config(self.run_dir, self.parts.progress.step)
+                self.log.say(f"resuming with changed bindings ({'; '.join(changes)}); the earlier config.gin is kept "
+                             f"as {kept}")
             write_run_configs(self.run_dir, {
                 "model": type(model).__name__, "backbone": type(model.backbone).__name__,
                 "parameters": sum(p.numel() for p in model.parameters()), **data.describe(),
@@ -126,10 +167,32 @@ class Trainer:
             raise ValueError(f"LoRA.base_dtype = 'bfloat16' holds the frozen base in bf16, which computes under bf16 "
                              f"autocast only: set Trainer.precision = 'bf16' (it is {self.parallelism.precision!r})")
 
+    def _claim_run_folder(self, allow_config_change: bool) -> list[str]:
+        """Lock the run folder; when it holds checkpoints, compare the configuration that trained them (its
+        config.gin) with this one (see `run_config.check_resume_config`). Returns the bindings that changed."""
+        self.lock = lock_for_all(self.accelerator, self.run_dir / LOCK_FILE, f"run folder {str(self.run_dir)!r}",
+                                 announce)
+        config = gin.config_str()
+        refuse_dynamic_registration(config, "this configuration")
+        saved = self.run_dir / "config.gin"
+        if not (list_checkpoints(self.run_dir) and saved.is_file()):
+            return []
+        return check_resume_config(saved, config, allow_config_change)
+
     # ------------------------------------------------------------------ the loop
-    def run(self) -> Path:
-        """Train until max_steps, the time budget or a stop signal; returns the run folder."""
-        self._setup()
+    def run(self, allow_config_change: bool = False) -> Path:
+        """Train until max_steps, the time budget or a stop signal; returns the run folder. A resume whose
+        configuration differs from the run's in more than `run_config.FREE_ON_RESUME` is refused unless
+        `allow_config_change`."""
+        self.lock: Optional[FolderLock] = None
+        try:
+            self._setup(allow_config_change)
+            return self._train()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _train(self) -> Path:
         schedule, parts, progress = self.schedule, self.parts, self.parts.progress
         if progress.step >= schedule.max_steps:
             self.log.say(f"run already at step {progress.step} >= max_steps {schedule.max_steps}; nothing to do")
@@ -213,5 +276,4 @@ class Trainer:
 
     def _agreed(self, *flags: bool) -> list[bool]:
         """Each flag true on any process, so that every process takes the same decision."""
-        values = torch.tensor([float(flag) for flag in flags], device=self.accelerator.device)
-        return [bool(value) for value in self.accelerator.reduce(values, reduction="max").tolist()]
+        return agreed(self.accelerator, *flags)

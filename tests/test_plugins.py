@@ -99,15 +99,23 @@ def test_a_backbone_in_the_users_folder_is_imported_by_gin_in_training_and_in_sa
         "Trainer.max_steps = 2\nTrainer.time_budget_minutes = None\nTrainer.preview_every = 0\nTrainer.progress = False\n"
     )
     run, out = tmp_path / "run", tmp_path / "pdg.npz"
-    sample = f"sample_main(['--run', {str(run)!r}, '--labels', '3', '--steps', '2', '--out', {str(out)!r}])"
-    script = (f"import sys\nfrom sprint_mm.cli import sample_main, train_main\n"
-              f"assert train_main(['--gin_file', {str(folder / 'user.gin')!r}, '--run_dir', {str(run)!r}]) == 0\n"
-              f"sys.exit({sample})\n")
-    result = run_python(script, folder)
+
+    def sample(*extra: str) -> str:
+        argv = ["--run", str(run), "--labels", "3", "--steps", "2", "--out", str(out), *extra]
+        return f"import sys\nfrom sprint_mm.cli import sample_main\nsys.exit(sample_main({argv!r}))\n"
+
+    script = (f"from sprint_mm.cli import train_main\n"
+              f"assert train_main(['--gin_file', {str(folder / 'user.gin')!r}, '--run_dir', {str(run)!r}]) == 0\n")
+    result = run_python(script + sample("--import", "my_backbones"), folder)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "config.gin").read_text().startswith("import my_backbones")
     assert out.is_file()
-    # sample.py without the folder on its path: one error that says what the import line needs
-    result = run_python(f"import sys\nfrom sprint_mm.cli import sample_main\nsys.exit({sample})", tmp_path)
+    # sample.py without --import: the run's import line is refused (a run folder's config does not run code
+    # nobody trusted), naming the flag that trusts it
+    result = run_python(sample(), folder)
+    assert result.returncode == 2
+    assert "`import my_backbones`" in result.stderr and "pass --import my_backbones" in result.stderr
+    # with --import but without the folder on its path: one error that says what the module needs
+    result = run_python(sample("--import", "my_backbones"), tmp_path)
     assert result.returncode == 2
     assert "No module named 'my_backbones'" in result.stderr and "PYTHONPATH" in result.stderr
