@@ -3,7 +3,7 @@ regional compilation and FSDP2 sharding or DDP replication to a model in one pla
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -137,3 +137,17 @@ def shard(module: nn.Module, device: torch.device, policy: MixedPrecisionPolicy,
         fully_shard(block, **options)
     fully_shard(module, **options)
     module.set_reduce_scatter_unused_params(True)
+    module.register_forward_hook(own_output, prepend=True)  # before FSDP's post-forward hook reads the output
+
+
+def own_output(module: nn.Module, args: Any, output: Any) -> Any:
+    """The root's output as a tensor of its own when it is a view.
+
+    FSDP2 hooks its pre-backward all-gather onto the root's output; on a view, an in-place op of the caller would drop
+    that hook, so torch warns ("returned a view tensor ... wrong gradients") on every forward. Our models return views:
+    `unpatchify` rearranges the final layer's output, and an image backbone squeezes the frame axis. The losses never
+    write into the output, so the gradients were right (tests/test_fsdp.py compares them with an unsharded model), but
+    the warning was printed on every run; one copy of the output per forward removes its cause."""
+    if isinstance(output, torch.Tensor) and output._base is not None:
+        return output.clone()
+    return output
