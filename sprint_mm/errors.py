@@ -3,7 +3,8 @@
 The command lines run their work through `report_mistakes`: a user's mistake (FileNotFoundError, KeyError,
 ValueError, which ConfigError and CheckpointMismatch are, or gin's TypeError for a configurable called without a
 required argument) becomes one line on stderr and exit status 2, without a traceback; anything else is a bug and
-propagates with its traceback.
+propagates with its traceback. A command whose work survives Ctrl-C (sample.py, the encoders) says so in one line
+and exits with EXIT_INTERRUPTED.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from numbers import Real
 from typing import Any, Callable, Optional
 
 USER_ERRORS = (FileNotFoundError, KeyError, ValueError)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 # gin re-raises an error of a configurable with this line appended, once per configurable on the call stack
 GIN_CALL = re.compile(r"\n\s*In call to configurable '([^']+)'[^\n]*")
 # ... and, for a TypeError of a call that lacks required arguments, with these lines before it
@@ -69,10 +71,17 @@ def mistake_message(err: BaseException) -> Optional[str]:
     return message
 
 
-def report_mistakes(work: Callable[..., object], *args: Any) -> int:
-    """Run `work(*args)`: 0 when it succeeds, 2 with one `error: ...` line on stderr for a user's mistake."""
+def report_mistakes(work: Callable[..., object], *args: Any, interrupted: Optional[str] = None) -> int:
+    """Run `work(*args)`: 0 when it succeeds, 2 with one `error: ...` line on stderr for a user's mistake. With
+    `interrupted` (what Ctrl-C leaves, e.g. "the samples written so far are kept"), Ctrl-C gives that one line and
+    EXIT_INTERRUPTED instead of a KeyboardInterrupt traceback."""
     try:
         work(*args)
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (*USER_ERRORS, TypeError) as err:
         message = mistake_message(err)
         if message is None:
