@@ -482,3 +482,19 @@ def test_caption_rows_with_a_failing_video_reader_or_cache_file_are_bad_items(tm
         cached[0]
     assert info.value.path == str(cache.path("noise 0"))
     assert torch.equal(SkippingDataset(cached)[0]["text_tokens"], torch.ones(3, 4))
+
+
+def test_a_video_of_another_size_without_a_resolution_is_a_bad_item_not_a_collate_error(tmp_path):
+    # resolution None keeps each clip's frame size: one clip of another size used to fail at step 1 in collate.
+    _videos(tmp_path / "0")
+    odd = tmp_path / "0" / "odd.mp4"
+    save_video(torch.zeros(3, 3, 16, 24), odd)
+    dataset = VideoFolderDataset(tmp_path, clip_length=3, resolution=None, reader="pyav", fallback_reader=None)
+    assert dataset.frame_size == (32, 32)
+    odd_index = [path for path, _ in dataset.samples].index(odd)
+    with pytest.raises(BadItem, match=r"odd.mp4: frames of 16x24 px, but the dataset's videos have 32x32"):
+        dataset[odd_index]
+    loader = DataLoader(SkippingDataset(dataset), batch_size=COUNT + 1, collate_fn=SkippingDataset(dataset).collate)
+    batch = next(iter(loader))
+    assert batch["x"].shape == (COUNT + 1, 3, 3, 32, 32)
+    assert [record.path for record in batch[BAD_ITEMS]] == [str(odd)]
