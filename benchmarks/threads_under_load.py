@@ -71,6 +71,7 @@ SETTINGS = {
                        (("OMP_WAIT_POLICY", "PASSIVE"),)),
     **{f"spin{count // 1000}k": Setting(f"2 threads, `GOMP_SPINCOUNT={count}`", ("Trainer.num_threads = 2",),
                                         (("GOMP_SPINCOUNT", str(count)),)) for count in (1000, 10000, 100000)},
+    "spin300": Setting("2 threads, `GOMP_SPINCOUNT=300`", ("Trainer.num_threads = 2",), (("GOMP_SPINCOUNT", "300"),)),
 }
 
 

@@ -172,7 +172,7 @@ MISTAKES = [
     ("sample", ["--run", "{text_run}", "--prompts", "{files}/blank.txt", "--out", "{tmp}/t.png"],
      r"--prompts file '[^']*blank\.txt' is empty: it needs one prompt per line$"),
     ("sample", sample("--size", "4096"),
-     r"shape \(1, 4096, 4096\) gives 4194304 tokens per sample, 262144x the 16 the model trained on; about \d+\.\d "
+     r"shape \(1, 4096, 4096\) gives 1048576 tokens per sample, 262144x the 4 the model trained on; about \d+\.\d "
      r"GiB of activations .*: pass --force"),
     # evaluate.py
     ("evaluate", evaluate("{files}/channels_first.npz", *GOOD_REFERENCE),
@@ -318,9 +318,9 @@ def test_ctrl_c_while_sampling_is_one_line_and_keeps_the_finished_shards(places,
 def test_a_size_far_beyond_training_samples_with_force_and_says_its_memory(places, tmp_path, capsys):
     argv = ["--run", places["run"], "--steps", "1", "--num", "1", "--size", "64", "--out", str(tmp_path / "big.png")]
     assert sample_main(argv) == 2
-    assert "1024 tokens per sample, 64x the 16 the model trained on" in capsys.readouterr().err
+    assert "256 tokens per sample, 64x the 4 the model trained on" in capsys.readouterr().err  # patch 4 on 8 px
     assert sample_main([*argv, "--force"]) == 0
-    assert "--force: sampling 1024 tokens per sample, 64x the 16 the model trained on; about" in capsys.readouterr().out
+    assert "--force: sampling 256 tokens per sample, 64x the 4 the model trained on; about" in capsys.readouterr().out
     assert sample_main([*argv[:-4], "--size", "32", *argv[-2:]]) == 0  # 16x the tokens: no --force needed
 
 
@@ -332,7 +332,7 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_cut_with_a_note(places, 
     assert sample_main(argv) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if "note:" in line]
     assert len(notes) == 1 and "tokens long; the text encoder reads the first" in notes[0]
-    assert "'a handwritten seven drawn with a thick black pen on white ...'" in notes[0]
+    assert "the prompt 'a handwritten seven drawn with a thick black pen on white...' is" in notes[0]
 
 
 def test_a_crafted_pickle_given_to_convert_runs_nothing(tmp_path, capsys):
