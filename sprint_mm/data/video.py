@@ -337,11 +337,6 @@ class VideoFolderDataset(Dataset):
         clip = torch.from_numpy(self._clip_frames(path, pick, length)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
         if size is not None:
             clip = resize_center_crop(clip, size, "bilinear")
-        elif self.frame_size is not None and tuple(clip.shape[-2:]) != self.frame_size:
-            (height, width), (h, w) = clip.shape[-2:], self.frame_size
-            raise BadItem("video", path, f"frames of {height}x{width} px, but the dataset's videos have {h}x{w} "
-                          "(VideoFolderDataset.resolution = None keeps the frames' size; set a resolution to resize "
-                          "every clip to it)")
         return (clip / 127.5 - 1.0).clamp(-1.0, 1.0).transpose(0, 1).contiguous()  # (3, T, H, W)
 
     def item_size(self, index: int) -> Shape:
@@ -379,7 +374,13 @@ class VideoFolderDataset(Dataset):
         if path in self._failed:
             raise self._failed[path].with_traceback(None)
         try:
-            return {"x": self._load_clip(path, pick, length, size), "label": label}
+            clip = self._load_clip(path, pick, length, size)
         except BadItem as bad:
             self._failed[path] = bad
             raise
+        if size is None and self.frame_size is not None and tuple(clip.shape[-2:]) != self.frame_size:
+            (height, width), (h, w) = clip.shape[-2:], self.frame_size  # bad at its own size only: not remembered
+            raise BadItem("video", path, f"frames of {height}x{width} px, but the dataset's videos have {h}x{w} "
+                          "(VideoFolderDataset.resolution = None keeps the frames' size; set a resolution to resize "
+                          "every clip to it)")
+        return {"x": clip, "label": label}
