@@ -17,10 +17,12 @@ from pathlib import Path
 from sprint_mm.evaluation import (
     FRAME_KINDS,
     METRIC_EXTRACTORS,
+    FeatureStats,
     build_extractor,
     evaluate,
     extractor_kind,
     format_result,
+    is_stats_file,
     open_samples,
     require_npz,
     write_reference_stats,
@@ -62,6 +64,8 @@ def run(args: argparse.Namespace) -> None:
         check_writable_folder(require_npz(args.write_reference).parent, "the folder of --write-reference")
     elif not Path(args.reference).exists():
         raise FileNotFoundError(f"--reference {args.reference!r} does not exist")
+    elif is_stats_file(args.reference):
+        FeatureStats.load(args.reference)  # statistics holding NaN or inf are refused now
     if args.out:
         check_writable_folder(Path(args.out).parent, "the folder of --out")
     extractor = build_extractor(extractor_kind(args.metric, args.frame_features), args.weights, args.device)

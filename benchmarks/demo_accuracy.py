@@ -1,8 +1,10 @@
 """The digits demo's quality number: how often the judge reads a class-conditional sample as the class asked for.
 
 Works for the image demo and the video demo: a video is read frame by frame (the judge reads the digit-sized window
-with the most ink in every frame), counts as its frames' majority class, and its row also reports the fraction of
-frames read correctly and how often frames agree with their video's majority (temporal consistency).
+with the most ink in every frame) and counts as correct only when MORE than half of its frames read as the digit asked
+for (`video_hits`: a strict majority; the most common class alone would count a video whose frames read 3 3 3 5 5 8 8 1
+as a 3); its row also reports the fraction of frames read correctly and how often frames agree with their video's most
+common reading (temporal consistency).
 
 Loads a trained run (`harness.load_class_run`: its config.gin, the checkpoint verified and loaded strictly, the path and
 time shift it trained with), draws `--per-class` samples of every class from one fixed noise batch under each guidance
@@ -26,6 +28,7 @@ from benchmarks.digits_classifier import DigitsClassifier, read_videos, test_spl
 from benchmarks.harness import RESULTS, add_out_option, add_run_options, load_class_run, markdown_table, write_result
 from demos.clips import DIGIT_FRACTION
 from sprint_mm.data.moving_digits import digit_side
+from sprint_mm.evaluation import load_samples
 from sprint_mm.sampling import GUIDANCES, SOLVERS, Guidance
 from sprint_mm.sprint import Sprint
 from sprint_mm.trained import TrainedRun
@@ -44,6 +47,12 @@ def class_major_labels(num_classes: int, per_class: int) -> torch.Tensor:
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
     return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+def video_hits(frame_reads: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: a video is correct when a strict majority of its frames (more than half) read as its label."""
+    right = (frame_reads == labels[:, None]).sum(dim=1)
+    return 2 * right > frame_reads.shape[1]
 
 
 def guided_accuracy(
@@ -76,18 +85,39 @@ def guided_accuracy(
         samples = run.generate(labels, noise, steps, solver, guidance, batch_size=batch_size,
                                generator=torch.Generator().manual_seed(seed + 1), progress=progress)
         seconds = time.perf_counter() - started
-        if samples.dim() == 5:
-            frame_reads = read_videos(classifier, samples)  # (N, T)
-            majority = frame_reads.mode(dim=1).values
-            hits = majority == labels
-            row["frame_accuracy"] = float((frame_reads == labels[:, None]).float().mean())
-            row["frame_agreement"] = float((frame_reads == majority[:, None]).float().mean())
-        else:
-            hits = classifier.predict(samples) == labels
-        per_class_accuracy = hits.view(run.num_classes, per_class).float().mean(1)
-        rows.append({**row, "accuracy": float(hits.float().mean()), "per_class": per_class_accuracy.tolist(),
-                     "samples": len(labels), "seconds": seconds})
+        rows.append({**row, **score(classifier, samples, labels, run.num_classes), "seconds": seconds})
     return rows
+
+
+def score(classifier: DigitsClassifier, samples: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """Accuracy overall and per class of `samples` (N, C, [T,] H, W) in [-1, 1] asked for `labels` (N,); videos
+    also give the fraction of frames read right and how often frames agree with their video's most common reading."""
+    row = {}
+    if samples.dim() == 5:
+        frame_reads = read_videos(classifier, samples)  # (N, T)
+        hits = video_hits(frame_reads, labels)
+        most_common = frame_reads.mode(dim=1).values
+        row["frame_accuracy"] = float((frame_reads == labels[:, None]).float().mean())
+        row["frame_agreement"] = float((frame_reads == most_common[:, None]).float().mean())
+    else:
+        hits = classifier.predict(samples) == labels
+    per_class = [float(hits[labels == c].float().mean()) if (labels == c).any() else None for c in range(num_classes)]
+    return {**row, "accuracy": float(hits.float().mean()), "per_class": per_class, "samples": len(labels)}
+
+
+def judge_file(path: str, labels: Sequence[int], digit_fraction: Optional[float] = DIGIT_FRACTION) -> dict:
+    """Judge the samples sample.py wrote to an .npz (`arr_0`, uint8 (N, [T,] H, W, 3)), asked for `labels` cycled to
+    N as sample.py cycles --labels: the user's own command, then the judge. Videos are read frame by frame at the
+    digit's size inside the frame, images whole."""
+    pixels = torch.from_numpy(load_samples(path)).float() / 127.5 - 1.0
+    samples = pixels.movedim(-1, 1)  # (N, 3, [T,] H, W)
+    asked = torch.tensor([labels[i % len(labels)] for i in range(samples.shape[0])])
+    video = samples.dim() == 5
+    side = min(samples.shape[-2:])
+    resolution = digit_side(side, digit_fraction) if video and digit_fraction is not None else samples.shape[-1]
+    classifier = DigitsClassifier.train(resolution, 3, progress=True)
+    return {"samples_file": str(path), "labels": list(labels), "judge_resolution": resolution,
+            **score(classifier, samples, asked, max(labels) + 1)}
 
 
 def judge_for(run: TrainedRun, digit_fraction: Optional[float] = DIGIT_FRACTION,
@@ -110,12 +140,16 @@ def table_rows(rows: Sequence[dict]) -> list[list]:
         if "skipped" in row:
             out.append([row["guidance"], scale, row["skipped"], "-", "-"])
             continue
-        worst = min(range(len(row["per_class"])), key=row["per_class"].__getitem__)
+        worst = worst_class(row["per_class"])
         cells = [row["guidance"], scale, row["accuracy"], f"{worst}: {row['per_class'][worst]:.2f}"]
         if "frame_accuracy" in row:
             cells += [row["frame_accuracy"], row["frame_agreement"]]
         out.append([*cells, row["seconds"]])
     return out
+
+
+def worst_class(per_class: Sequence[Optional[float]]) -> int:
+    return min((c for c, value in enumerate(per_class) if value is not None), key=per_class.__getitem__)
 
 
 def table_header(rows: Sequence[dict]) -> list[str]:
@@ -135,13 +169,24 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--digit-fraction", type=float, default=DIGIT_FRACTION,
                         help="video runs: the digit's side / the frame side (the crop the judge reads)")
+    parser.add_argument("--samples", help="judge this .npz of sample.py instead of sampling the run (--labels: what "
+                                           "its --labels were; they cycle as sample.py cycles them)")
+    parser.add_argument("--labels", type=int, nargs="+", default=list(range(10)), help="with --samples")
     add_out_option(parser, None, "result JSON (default: benchmarks/results/demo_accuracy.json, video runs "
-                                 "video_demo_accuracy.json)")
+                                 "video_demo_accuracy.json; --samples: print only)")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
+    if args.samples:
+        result = judge_file(args.samples, args.labels, args.digit_fraction)
+        frames = f", {result['frame_accuracy']:.3f} of frames" if "frame_accuracy" in result else ""
+        print(f"{args.samples}: {result['samples']} samples, {result['accuracy']:.3f} read as the digit asked for "
+              f"(videos: more than half of their frames){frames}; worst digit {worst_class(result['per_class'])}")
+        if args.out:
+            write_result(result, args.out)
+        return result
     run = load_class_run(args.run, args.step, args.weights)
     classifier = judge_for(run, args.digit_fraction)
     video = len(run.model.backbone.sample_shape) == 4

@@ -50,7 +50,7 @@ class Drill:
 
     def __init__(self, root: Path, steps: int, every: int) -> None:
         self.root, self.steps, self.every = root, steps, every
-        self.env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+        self.env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1")
 
     def command(self, run: str, extra: Sequence[str], processes: int = 1, launcher: str = "torchrun",
                 gin_file: str = STAGE1) -> list[str]:
@@ -63,13 +63,13 @@ class Drill:
         return argv
 
     def train(self, run: str, *extra: str, processes: int = 1, launcher: str = "torchrun",
-              gin_file: str = STAGE1) -> subprocess.CompletedProcess:
-        return self.run(self.command(run, extra, processes, launcher, gin_file))
+              gin_file: str = STAGE1, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+        return self.run(self.command(run, extra, processes, launcher, gin_file), env=env or self.env)
 
     def run(self, argv: Sequence[str], **options) -> subprocess.CompletedProcess:
         """A command of this repository (train.py, sample.py, ...) as a user runs it; `options` go to subprocess."""
-        return subprocess.run(list(argv), cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=600,
-                              **options)
+        return subprocess.run(list(argv), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                              **{"env": self.env, **options})
 
     def start(self, run: str, *extra: str, processes: int = 1, launcher: str = "torchrun") -> subprocess.Popen:
         return subprocess.Popen(self.command(run, extra, processes, launcher), cwd=REPO_ROOT, env=self.env,
@@ -598,6 +598,115 @@ RUN_FOLDER_ROWS = [
 ]
 
 
+def last_error(done: subprocess.CompletedProcess) -> str:
+    """The run's `error:` line, without the prefix (the first such line: every process of a launch prints it)."""
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    return lines[0].removeprefix("error: ") if lines else "(no error line)"
+
+
+def busy_row(drill: Drill) -> dict:
+    """The run beside a torch job that wants every core, with the default thread setting (no OMP_NUM_THREADS): the
+    same weights as the same run alone, at a rate that does not collapse."""
+    from benchmarks.threads_under_load import LOADS, clean_env, start_load, stop_load
+
+    env, steps = clean_env(), ("Trainer.max_steps = 200", "Trainer.checkpoint_every = 200", "Trainer.log_every = 50")
+    started = time.perf_counter()
+    alone = drill.train("busy_alone", *steps, env=env)
+    alone_s = time.perf_counter() - started
+    load = start_load(LOADS["torch"])
+    try:
+        time.sleep(2.0)
+        started = time.perf_counter()
+        beside = drill.train("busy_beside", *steps, env=env)
+        beside_s = time.perf_counter() - started
+    finally:
+        stop_load(load)
+    same = alone.returncode == beside.returncode == 0 and drill.same_weights("busy_beside", "busy_alone")
+    return row("a torch job using every core runs beside the run (default threads, 200 steps)",
+               f"trained to the end in {beside_s:.1f} s, {beside_s / alone_s:.1f}x the {alone_s:.1f} s alone",
+               str(beside.returncode), 0, "yes (bit-identical to the run alone)" if same else "no")
+
+
+def bucket_unreadable_row(drill: Drill) -> dict:
+    """Buckets over an image folder in which 2 of 62 files have no readable size: counted as bad data at start."""
+    folder = drill.root / "image_folder"
+    if not folder.is_dir():
+        image_folder(folder)
+    done = drill.train("bucket_unreadable", f"ImageFolderDataset.root = '{folder}'", "ImageFolderDataset.resolution = 8",
+                       "Trainer.dataset = @ImageFolderDataset()", "sit.in_channels = 3", "IdentityCodec.channels = 3",
+                       "BucketTable.buckets = [(1, 8, 8, 8)]", "Trainer.buckets = @BucketTable()")
+    action = "stopped before the first step: " + last_error(done).split(": e.g.")[0]
+    return row("buckets, 2 images of 62 with no readable size, max_bad_fraction 0.01", action, str(done.returncode), 0,
+               "n/a")
+
+
+def ledger_two_processes_row(drill: Drill) -> dict:
+    """Bad data seen by two processes: both judge the global fraction and stop at the same step as one process."""
+    folder = drill.root / "image_folder"
+    if not folder.is_dir():
+        image_folder(folder)
+    data = (f"ImageFolderDataset.root = '{folder}'", "ImageFolderDataset.resolution = 8",
+            "Trainer.dataset = @ImageFolderDataset()", "sit.in_channels = 3", "IdentityCodec.channels = 3",
+            "BadDataLedger.min_items = 8", "BadDataLedger.max_bad_fraction = 0.02")
+    one = drill.train("ledger_one", *data)
+    two = drill.train("ledger_two", *data, processes=2)
+    said = {line.split("too much bad data: ")[1].split(", each")[0] for line in two.stderr.splitlines()
+            if "too much bad data: " in line}
+    same = said == {last_error(one).removeprefix("too much bad data: ").split(", each")[0]}
+    return row("2 corrupt images among 62 read by 2 processes, max_bad_fraction 0.02",
+               f"both processes stopped at step {drill.logged_step('ledger_two') + 1} on the global count "
+               f"({' / '.join(sorted(said))}){', as one process does' if same else ', unlike one process'}",
+               str(two.returncode), 0, "n/a")
+
+
+def video_size_row(drill: Drill) -> dict:
+    """A video folder without a resolution in which one clip has another frame size: a bad item, not a crash."""
+    from sprint_mm.data.moving_digits import write_moving_digits
+
+    folder = drill.root / "videos"
+    write_moving_digits(folder, 20, frames=4, size=16, seed=0)
+    write_moving_digits(drill.root / "other_size", 1, frames=4, size=24, seed=1)
+    odd = next((drill.root / "other_size").rglob("*.mp4"))
+    odd.rename(folder / odd.parent.name / "other_size.mp4")
+    done = drill.train("video_other_size", "build_model.backbone = 'video_dit'", "video_dit.hidden_size = 32",
+                       "video_dit.depth = 4", "video_dit.num_heads = 2", "video_dit.input_size = (4, 16, 16)",
+                       "video_dit.patch_size = (2, 4, 4)", "video_dit.num_classes = 10", "video_dit.in_channels = 3",
+                       f"VideoFolderDataset.root = '{folder}'", "VideoFolderDataset.clip_length = 4",
+                       "VideoFolderDataset.reader = 'pyav'", "VideoFolderDataset.fallback_reader = None",
+                       "Trainer.dataset = @VideoFolderDataset()", "IdentityCodec.channels = 3",
+                       "BadDataLedger.max_bad_fraction = 0.1", "Trainer.batch_size = 4",
+                       gin_file="gin/video/moving_digits_stage1.gin")
+    last = json.loads((drill.root / "video_other_size" / "metrics.jsonl").read_text().splitlines()[-1]) \
+        if done.returncode == 0 else {}
+    action = (f"skipped and counted the clip (bad_video = {last.get('bad_video')}), trained on" if done.returncode == 0
+              else "stopped: " + last_error(done))
+    return row("VideoFolderDataset.resolution = None, 1 clip of 24 px among 21 of 16 px", action,
+               str(done.returncode), 0, "n/a")
+
+
+def caption_index_row(drill: Drill, fault: str) -> dict:
+    """A caption index that lists a missing image, or whose captions are all empty: refused before the first step."""
+    folder = drill.root / "captions"
+    if not folder.is_dir():
+        image_folder(folder)
+    images = sorted(folder.rglob("[0-9]*.png"))
+    rows = [{"path": str(path.relative_to(folder)), "caption": f"the digit {path.parent.name}"} for path in images]
+    if fault == "missing":
+        rows.insert(7, {"path": "gone/7.png", "caption": "the digit 7"})
+    else:
+        rows = [{**entry, "caption": ""} for entry in rows]
+    index = folder / f"index_{fault}.jsonl"
+    index.write_text("".join(json.dumps(entry) + "\n" for entry in rows))
+    done = drill.train(f"captions_{fault}", "text_dit.hidden_size = 32", "text_dit.depth = 4", "text_dit.num_heads = 2",
+                       "text_dit.input_size = 8", "text_dit.in_channels = 3", "IdentityCodec.channels = 3",
+                       f"CaptionDataset.index = '{index}'", "CaptionDataset.resolution = 8",
+                       "Trainer.dataset = @CaptionDataset()", f"TextConditioner.cache_dir = '{drill.root / 'text_cache'}'",
+                       gin_file="gin/text/digits_minilm_stage1.gin")
+    what = "a caption index lists a missing image (line 8)" if fault == "missing" else "every caption is empty"
+    return row(what, "refused before the first step: " + last_error(done)[:110] + "...", str(done.returncode), 0,
+               "n/a")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -630,6 +739,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bad_image_row(drill, 0.05),
         bad_image_row(drill, 0.01),
         kill_row(drill, processes=2),
+        busy_row(drill),
+        bucket_unreadable_row(drill),
+        ledger_two_processes_row(drill),
+        video_size_row(drill),
+        caption_index_row(drill, "missing"),
+        caption_index_row(drill, "empty"),
     ]
     for make in RUN_FOLDER_ROWS:
         made = make(drill)

@@ -3,41 +3,48 @@
     python datasets/encode_images.py --source imagenet/train --dest data/imagenet256 \
         --vae weights/sd-vae-ft-mse --resolution 256 [--zip]
 
-    python datasets/encode_images.py --captions data/photos.jsonl --dest data/sd3-latents \
-        --vae weights/stable-diffusion-3-medium-diffusers --resolution 1024
-
 Writes `images/` (ADM centre crops as PNG) and `vae-sd/` (float32 `[mean; std]` of the VAE posterior),
 each with a `dataset.json`, in folders of 1000 files; `--zip` packs each tree into `images.zip` and
 `vae-sd.zip` at the end (the folders are removed after packing, so rerunning a finished `--zip` run
-encodes afresh). Every file is written atomically, so a stopped run resumes where it stopped.
-Class ids follow the sorted names of the class folders `source/<class>/...`. With `--captions INDEX` (a JSONL or
-CSV caption index, `path, caption`, as `CaptionDataset` reads it) the images are the index's, unlabeled, and
-`dataset.json` also lists their captions (`LatentDataset` items then carry them, for text-to-image). `--width W`
-crops `--resolution` x W instead of a square. `--vae` is a VAE folder or a diffusers pipeline folder (its vae/).
+encodes afresh). Class ids follow the sorted names of the class folders `source/<class>/...`.
+
+`<dest>/encoding.json` records the settings (resolution, the VAE's fingerprint) and, per source image by its path
+relative to `--source`, its item number and content (size, mtime, sha256). A rerun refuses other settings, encodes
+only new or changed images, and drops the items of deleted ones, so every item keeps the label of its own source.
+Every file is written atomically and the record after every batch, so a stopped run (Ctrl-C too) resumes where it
+stopped. A source that cannot be read is skipped with one line naming it, counted, and retried on the next run.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
 import shutil
+import sys
+import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from sprint_mm.data.captions import read_caption_index
-from sprint_mm.data.latents import CAPTIONS_ENTRY, IMAGES_TREE, LABELS_FILE, LATENTS_TREE, image_member, latent_member
+from sprint_mm.data.latents import IMAGES_TREE, LABELS_FILE, LATENTS_TREE, image_member, latent_member
 from sprint_mm.data.transforms import resize_center_crop
-from sprint_mm.latents import VAECodec
+from sprint_mm.errors import report_mistakes
+from sprint_mm.latents import WEIGHT_FILES, VAECodec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MAX_ITEMS = 10**8  # names carry an 8-digit index
+RECORD = "encoding.json"  # the settings and the source of every item, in the destination folder
+UNREADABLE = (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError)
+KEPT = "what was encoded so far is kept; rerun the same command to continue"
+RECORD_EVERY_S = 30.0  # seconds between writes of the record while encoding (a lost write only costs re-encoding)
 
 
 def list_class_folder(root: str | os.PathLike, extensions: Sequence[str], unlabeled: bool) -> list[tuple[Path, int]]:
@@ -79,15 +86,14 @@ def write_atomically(path: Path, payload: bytes) -> None:
     os.replace(partial, path)
 
 
-def center_crop_adm(image: Image.Image, resolution: int, width: int | None = None) -> np.ndarray:
-    """ADM's centre crop: box-halve while the image is at least twice the target on both sides, bicubic-resize it
-    to cover `resolution` x `width` (default: a square), cut the centre. Returns (resolution, width, 3) uint8."""
+def center_crop_adm(image: Image.Image, resolution: int) -> np.ndarray:
+    """ADM's centre crop: box-halve while the short side is >= 2x `resolution`, bicubic-resize the
+    short side to `resolution`, cut the central square. Returns (resolution, resolution, 3) uint8."""
     image = image.convert("RGB")
-    height, width = resolution, width or resolution
-    while image.size[0] >= 2 * width and image.size[1] >= 2 * height:
+    while min(image.size) >= 2 * resolution:
         image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
     rgb = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
-    return resize_center_crop(rgb, (height, width), Image.Resampling.BICUBIC).permute(1, 2, 0).numpy()
+    return resize_center_crop(rgb, resolution, Image.Resampling.BICUBIC).permute(1, 2, 0).numpy()
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
@@ -102,20 +108,9 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_labels(tree: Path, members: list[str], labels: list[int] | None, captions: list[str] | None = None) -> None:
-    content = {"labels": None if labels is None else [[member, label] for member, label in zip(members, labels)]}
-    if captions is not None:
-        content[CAPTIONS_ENTRY] = [[member, caption] for member, caption in zip(members, captions)]
+def _write_labels(tree: Path, members: list[str], labels: list[int]) -> None:
+    content = {"labels": [[member, label] for member, label in zip(members, labels)]}
     write_atomically(tree / LABELS_FILE, json.dumps(content).encode())
-
-
-def list_sources(src: str | os.PathLike | None, captions: str | None, unlabeled: bool) -> list[tuple[Path, int | str]]:
-    """(file, class id) of a class folder, or (file, caption) of a caption index."""
-    if captions is not None:
-        return [(record.path, record.caption) for record in read_caption_index(captions)]
-    if src is None:
-        raise ValueError("give --source (a class folder) or --captions (a caption index)")
-    return list_class_folder(src, IMAGE_EXTENSIONS, unlabeled)
 
 
 def pack_tree(folder: Path) -> Path:
@@ -131,8 +126,138 @@ def pack_tree(folder: Path) -> Path:
     return archive
 
 
+# ----------------------------------------------------------------------------------------------
+# The record of an encoding: its settings, and where every item comes from
+# ----------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def vae_fingerprint(folder: str | os.PathLike) -> str:
+    """sha256 over the VAE folder's config.json and weight files: the same VAE in another folder has the same one."""
+    digest = hashlib.sha256()
+    for name in ("config.json", *WEIGHT_FILES):
+        if (Path(folder) / name).is_file():
+            digest.update(f"{name}:{file_sha256(Path(folder) / name)};".encode())
+    return digest.hexdigest()
+
+
+def source_state(path: Path, known: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """A source file's size, mtime and sha256; the sha256 is taken from `known` (its record) while size and mtime are
+    unchanged, so a rerun hashes only files that were touched."""
+    stat = path.stat()
+    state = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if known is not None and all(known.get(key) == value for key, value in state.items()):
+        return {**state, "sha256": known["sha256"]}
+    return {**state, "sha256": file_sha256(path)}
+
+
+def read_record(out: Path, trees: Sequence[str] = ()) -> Optional[dict[str, Any]]:
+    """The destination's record; None for a new destination. A destination that holds one of `trees` (a folder or
+    its .zip) but no record was written by an earlier version that named items by their position in the listing: it
+    cannot be checked, and is refused."""
+    path = out / RECORD
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except ValueError as error:
+            raise ValueError(f"{path} is damaged ({error}); encode into a new --dest") from None
+    earlier = [name for name in trees if (out / name).exists() or (out / f"{name}.zip").exists()]
+    if earlier:
+        raise ValueError(f"{out} holds {', '.join(earlier)} but no {RECORD}: it was encoded by an earlier version "
+                         "whose items are named by their place in the source listing, so a changed source would give "
+                         "them wrong labels; encode into a new --dest")
+    return None
+
+
+def check_settings(out: Path, record: Optional[dict[str, Any]], settings: dict[str, Any]) -> None:
+    """Refuse to add to an encoding made with other settings (items of two sizes or two VAEs in one dataset)."""
+    if record is None or record["settings"] == settings:
+        return
+    differ = [f"{key} {record['settings'].get(key)!r} then, {value!r} now" for key, value in settings.items()
+              if record["settings"].get(key) != value]
+    raise ValueError(f"{out} was encoded with other settings ({'; '.join(differ)}): a rerun adds only to an encoding "
+                     "of the same settings; use them, or encode into a new --dest")
+
+
+def write_record(out: Path, settings: dict[str, Any], items: dict[str, dict[str, Any]]) -> None:
+    write_atomically(out / RECORD, json.dumps({"settings": settings, "items": items}, indent=1).encode())
+
+
+def say_skipped(name: str, error: BaseException) -> None:
+    """One line per source that cannot be read."""
+    tqdm.write(f"skipped {name}: cannot read it ({type(error).__name__}: {error})", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------
+
+
+def plan_images(items: list[tuple[Path, int]], src: Path, known: dict[str, dict[str, Any]], out: Path
+                ) -> tuple[dict[str, dict[str, Any]], list[tuple[str, Path, dict[str, Any]]], list[str]]:
+    """(the record of every listed source, the (name, path, state) of those to encode, the names of deleted sources).
+
+    An item keeps its number while its source keeps its path; a new source gets the next unused number. A source to
+    encode (new, changed, or its files missing) is recorded with sha256 None until its files are written, so an
+    interrupted run encodes it again under the same number."""
+    images_dir, latents_dir = out / IMAGES_TREE, out / LATENTS_TREE
+    listed = {path.relative_to(src).as_posix(): path for path, _ in items}
+    deleted = [name for name in known if name not in listed]
+    next_index = max((entry["index"] for entry in known.values()), default=-1) + 1
+    records, todo = {}, []
+    for name, path in listed.items():
+        entry = known.get(name)
+        if entry is None:
+            entry, next_index = {"index": next_index, "sha256": None}, next_index + 1
+        state = source_state(path, entry if entry["sha256"] else None)
+        index = entry["index"]
+        done = (entry["sha256"] == state["sha256"] and (images_dir / image_member(index)).is_file()
+                and (latents_dir / latent_member(index)).is_file())
+        records[name] = {"index": index, **state} if done else {"index": index, "sha256": None}
+        if not done:
+            todo.append((name, path, state))
+    return records, todo, deleted
+
+
+def remove_item(out: Path, index: int) -> None:
+    for path in (out / IMAGES_TREE / image_member(index), out / LATENTS_TREE / latent_member(index)):
+        path.unlink(missing_ok=True)
+
+
+def encode_batch(codec: VAECodec, batch: list[tuple[str, Path, dict[str, Any]]], records: dict[str, dict[str, Any]],
+                 out: Path, resolution: int) -> int:
+    """Encode and write one batch, recording each item's source state; a source that cannot be read is skipped with
+    one line, its item removed. Returns how many were encoded."""
+    pixels, done = [], []
+    for name, path, state in batch:
+        try:
+            with Image.open(path) as image:
+                pixels.append(center_crop_adm(image, resolution))
+            done.append((name, state))
+        except UNREADABLE as error:
+            say_skipped(name, error)
+            remove_item(out, records.pop(name)["index"])
+    if done:
+        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W)
+        mean, std = codec.moments(x)
+        moments = torch.cat([mean, std], dim=1).float().numpy()  # (B, 2C, h, w)
+        for (name, state), image_pixels, item_moments in zip(done, pixels, moments):
+            index = records[name]["index"]
+            write_atomically(out / IMAGES_TREE / image_member(index), _png_bytes(image_pixels))
+            write_atomically(out / LATENTS_TREE / latent_member(index), _npy_bytes(item_moments))
+            records[name] = {"index": index, **state}
+    return len(done)
+
+
 def encode_image_folder(
-    src: str | os.PathLike | None,
+    src: str | os.PathLike,
     out: str | os.PathLike,
     vae_path: str,
     resolution: int = 256,
@@ -140,64 +265,75 @@ def encode_image_folder(
     zip_output: bool = False,
     unlabeled: bool = False,
     device: str = "cpu",
-    width: int | None = None,
-    captions: str | None = None,
 ) -> int:
-    """Encode `src` (or the images of the caption index `captions`) into the layout under `out`; returns how many
-    items this call encoded (0 if all were done)."""
-    if resolution < 1 or (width is not None and width < 1):
-        raise ValueError(f"resolution and width must be positive numbers of pixels, got {resolution} and {width}")
-    items = list_sources(src, captions, unlabeled)
-    images_dir, latents_dir = Path(out) / IMAGES_TREE, Path(out) / LATENTS_TREE
-    todo = [
-        index
-        for index in range(len(items))
-        if not ((images_dir / image_member(index)).is_file() and (latents_dir / latent_member(index)).is_file())
-    ]
-    codec = VAECodec(vae_path, batch_size=batch_size).to(device)
-    with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="encoding images") as progress:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            pixels = []
-            for index in batch:
-                with Image.open(items[index][0]) as image:
-                    pixels.append(center_crop_adm(image, resolution, width))
-            x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W)
-            mean, std = codec.moments(x)
-            moments = torch.cat([mean, std], dim=1).float().numpy()  # (B, 2C, h, w)
-            for index, image_pixels, item_moments in zip(batch, pixels, moments):
-                write_atomically(images_dir / image_member(index), _png_bytes(image_pixels))
-                write_atomically(latents_dir / latent_member(index), _npy_bytes(item_moments))
-            progress.update(len(batch))
-    tags = [tag for _, tag in items]
-    labels, texts = (None, tags) if captions is not None else (tags, None)
-    _write_labels(images_dir, [image_member(i) for i in range(len(items))], labels, texts)
-    _write_labels(latents_dir, [latent_member(i) for i in range(len(items))], labels, texts)
+    """Encode `src` into the layout under `out`; returns how many items this call encoded (0 if all were done).
+    Sources that cannot be read are skipped with one line each (`say_skipped`) and left out of the labels."""
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"--resolution must be a positive number of pixels, got {resolution}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    src, out = Path(src), Path(out)
+    items = list_class_folder(src, IMAGE_EXTENSIONS, unlabeled)
+    codec = VAECodec(vae_path, batch_size=batch_size).to(device)  # a missing VAE is refused here, in one line
+    settings = {"resolution": resolution, "vae": vae_fingerprint(vae_path), "unlabeled": unlabeled}
+    record = read_record(out, (IMAGES_TREE, LATENTS_TREE))
+    check_settings(out, record, settings)
+    known = {} if record is None else record["items"]
+    records, todo, deleted = plan_images(items, src, known, out)
+    for name in deleted:
+        remove_item(out, known[name]["index"])
+    write_record(out, settings, records)
+    encoded, saved = 0, time.monotonic()
+    try:
+        with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="encoding images") as progress:
+            for start in range(0, len(todo), batch_size):
+                encoded += encode_batch(codec, todo[start : start + batch_size], records, out, resolution)
+                progress.update(len(todo[start : start + batch_size]))
+                if time.monotonic() - saved > RECORD_EVERY_S:
+                    write_record(out, settings, records)
+                    saved = time.monotonic()
+    finally:  # also on Ctrl-C: what was written is recorded
+        write_record(out, settings, records)
+    write_labels(out, items, src, records)
     if zip_output:
-        pack_tree(images_dir)
-        pack_tree(latents_dir)
-    return len(todo)
+        pack_tree(out / IMAGES_TREE)
+        pack_tree(out / LATENTS_TREE)
+    return encoded
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def write_labels(out: Path, items: list[tuple[Path, int]], src: Path, records: dict[str, dict[str, Any]]) -> None:
+    """Both trees' dataset.json: every encoded item with the label of its own source (class folders as listed now)."""
+    labelled = sorted((records[name]["index"], label) for name, label in
+                      ((path.relative_to(src).as_posix(), label) for path, label in items) if name in records)
+    _write_labels(out / IMAGES_TREE, [image_member(i) for i, _ in labelled], [label for _, label in labelled])
+    _write_labels(out / LATENTS_TREE, [latent_member(i) for i, _ in labelled], [label for _, label in labelled])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", help="image folder: <source>/<class>/<image>")
-    parser.add_argument("--captions", help="a caption index (JSONL/CSV: path, caption) instead of --source")
+    parser.add_argument("--source", required=True, help="image folder: <source>/<class>/<image>")
     parser.add_argument("--dest", required=True, help="output folder (resumes what is already there)")
     parser.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder")
-    parser.add_argument("--resolution", type=int, default=256, help="height (and width, unless --width) in pixels")
-    parser.add_argument("--width", type=int, help="width in pixels (default: --resolution)")
+    parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--zip", action="store_true", help="pack each tree into a .zip archive at the end")
     parser.add_argument("--unlabeled", action="store_true", help="take every image under --source, all class 0")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def encode_command(args: argparse.Namespace) -> None:
     encoded = encode_image_folder(
-        args.source, args.dest, args.vae, args.resolution, args.batch_size, args.zip, args.unlabeled, args.device,
-        args.width, args.captions,
+        args.source, args.dest, args.vae, args.resolution, args.batch_size, args.zip, args.unlabeled, args.device
     )
     print(f"encoded {encoded} new image(s) into {args.dest}")
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """0 done; 2 and one `error:` line for a mistake (a missing source or VAE, --resolution 0, other settings than
+    the destination's); 130 and one line on Ctrl-C."""
+    return report_mistakes(encode_command, parse_args(argv), interrupted=KEPT)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,15 +6,8 @@
     python datasets/encode_videos.py --vae-kind video --source ucf101 --dest data/ucf101-wan-latents \
         --vae weights/wan2.1-vae --resolution 256 --num-frames 17 [--shard 0 --num-shards 4]
 
-    python datasets/encode_videos.py --vae-kind video --captions data/clips.jsonl --dest data/wan-latents \
-        --vae weights/Wan2.1-T2V-1.3B-Diffusers --resolution 480 --width 832 --num-frames 81
-
 Each `<source>/<class>/<name>` becomes `<dest>/<class>/<name>.safetensors` holding `mean` and `std` (C, T, h, w)
 of the VAE posterior of ADM centre crops; `<dest>/index.jsonl` lists `{"path", "label"}` per video in source order.
-With `--captions INDEX` (a JSONL or CSV caption index, `path, caption`, as `CaptionDataset` reads it) the videos are
-the index's (paths relative to its folder keep their layout under `<dest>`) and the rows are `{"path", "caption"}`:
-captioned clips for the text-to-video families. `--width W` crops `--resolution` x W frames instead of squares.
-`--vae` is a VAE folder or a diffusers pipeline folder (its vae/).
 
 `--vae-kind image` (default): a diffusers AutoencoderKL, frame by frame (T = --num-frames), moments of the raw
 latent z; train with `VideoLatentDataset.scale = <the VAE's scaling_factor>` (0.18215 for SD).
@@ -25,8 +18,11 @@ per-channel `(z - shift) * scale`: mean' = (mean - shift) * scale, std' = std * 
 `VideoLatentDataset.scale = 1.0` and `VideoLatentDataset.shift = 0.0`. The files' safetensors metadata says which
 (`vae`, `normalised`).
 
-Finished files are skipped on a rerun and every file is written atomically, so a stopped run resumes where it stopped.
-Videos that cannot be decoded, or that have fewer than `--num-frames` frames, are skipped and named in a warning.
+Finished files are skipped on a rerun and every file is written atomically, so a stopped run (Ctrl-C too) resumes where
+it stopped. Each file's metadata records its source's size, mtime and sha256: a source changed since is encoded
+again. `<dest>/encoding.json` records the settings (resolution, frames, stride, the VAE's kind and fingerprint); a
+rerun with other settings is refused, so one index never mixes latent sizes. Videos that cannot be decoded, or that
+have fewer than `--num-frames` frames, are skipped with one line each and counted.
 
 Sharding: `--shard i --num-shards n` encodes the videos at positions i, i + n, i + 2n, ... of the sorted source
 listing, so n processes (any machines sharing `--dest`) split the work disjointly. Each shard writes
@@ -39,36 +35,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import warnings
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
-from encode_images import center_crop_adm, list_class_folder, write_atomically  # a sibling script
+from encode_images import (KEPT, center_crop_adm, check_settings, list_class_folder, read_record,  # a sibling script
+                           say_skipped, source_state, vae_fingerprint, write_atomically, write_record)
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from sprint_mm.data.captions import read_caption_index
 from sprint_mm.data.latents import VIDEO_INDEX
+from sprint_mm.errors import report_mistakes
 from sprint_mm.latents import FrozenVAECodec, VAECodec, VideoVAECodec
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 VAE_KINDS = ("image", "video")
-SHOWN = 5  # how many skipped videos the warning names
+SOURCE_KEYS = ("size", "mtime_ns", "sha256")  # of the source, in each latent file's metadata as source_<key>
 
 
-def read_frames(path: Path, resolution: int, num_frames: int | None = None, frame_stride: int = 1,
-                width: int | None = None) -> np.ndarray:
-    """Every `frame_stride`-th frame (the first `num_frames` of them), centre-cropped: (T, res, width or res, 3)
-    uint8."""
+def read_frames(path: Path, resolution: int, num_frames: int | None = None, frame_stride: int = 1) -> np.ndarray:
+    """Every `frame_stride`-th frame (the first `num_frames` of them), centre-cropped: (T, res, res, 3) uint8."""
     import av  # optional dependency: the "video" extra
 
     frames = []
     with av.open(str(path)) as container:
         for number, frame in enumerate(container.decode(video=0)):
             if number % frame_stride == 0:
-                frames.append(center_crop_adm(frame.to_image(), resolution, width))
+                frames.append(center_crop_adm(frame.to_image(), resolution))
             if num_frames is not None and len(frames) == num_frames:
                 break
     if not frames or (num_frames is not None and len(frames) < num_frames):
@@ -91,25 +88,8 @@ def merge_shard_indexes(out: str | os.PathLike, num_shards: int) -> bool:
     items = [row["item"] for row in rows]
     if len(set(items)) != len(items):
         raise ValueError(f"the shard indexes under {str(out)!r} list a video twice; rerun the shards from one listing")
-    write_atomically(out / VIDEO_INDEX, _jsonl(index_rows(rows)))
+    write_atomically(out / VIDEO_INDEX, _jsonl({"path": row["path"], "label": row["label"]} for row in rows))
     return True
-
-
-def index_rows(rows: Iterable[dict]) -> Iterable[dict]:
-    """The rows of index.jsonl: a video's path and its label or caption (the shard bookkeeping left out)."""
-    return ({key: value for key, value in row.items() if key != "item"} for row in rows)
-
-
-def list_videos(src: str | os.PathLike | None, captions: str | None, unlabeled: bool
-                ) -> tuple[Path, list[tuple[Path, dict]]]:
-    """(the folder member paths are relative to, [(video, its label or caption field)]): a class folder, or the
-    videos of a caption index."""
-    if captions is not None:
-        records = read_caption_index(captions)
-        return Path(captions).parent, [(record.path, {"caption": record.caption}) for record in records]
-    if src is None:
-        raise ValueError("give --source (a class folder of videos) or --captions (a caption index)")
-    return Path(src), [(path, {"label": label}) for path, label in list_class_folder(src, VIDEO_EXTENSIONS, unlabeled)]
 
 
 def _jsonl(rows: Iterable[dict]) -> bytes:
@@ -129,7 +109,7 @@ def _build_codec(vae_kind: str, vae_path: str, batch_size: int, num_frames: int 
 
 
 def encode_video_folder(
-    src: str | os.PathLike | None,
+    src: str | os.PathLike,
     out: str | os.PathLike,
     vae_path: str,
     resolution: int = 256,
@@ -141,11 +121,8 @@ def encode_video_folder(
     vae_kind: str = "image",
     shard: int = 0,
     num_shards: int = 1,
-    width: int | None = None,
-    captions: str | None = None,
 ) -> int:
-    """Encode this shard's videos under `src` (or of the caption index `captions`) into `out`; returns how many
-    videos this call encoded."""
+    """Encode this shard's videos under `src` into `out`; returns how many videos this call encoded."""
     import av
 
     if resolution < 1 or frame_stride < 1 or (num_frames is not None and num_frames < 1):
@@ -157,49 +134,71 @@ def encode_video_folder(
         raise ValueError(f"vae_kind {vae_kind!r} is not one of {', '.join(VAE_KINDS)}")
     if not (num_shards >= 1 and 0 <= shard < num_shards):
         raise ValueError(f"shard {shard} of {num_shards}: need num_shards >= 1 and 0 <= shard < num_shards")
-    src, videos = list_videos(src, captions, unlabeled)
-    items = list(enumerate(videos))[shard::num_shards]
-    out = Path(out)
+    items = list(enumerate(list_class_folder(src, VIDEO_EXTENSIONS, unlabeled)))[shard::num_shards]
+    src, out = Path(src), Path(out)
     codec = _build_codec(vae_kind, vae_path, batch_size, num_frames).to(device)
+    settings = {"resolution": resolution, "num_frames": num_frames, "frame_stride": frame_stride,
+                "vae_kind": vae_kind, "vae": vae_fingerprint(vae_path), "unlabeled": unlabeled}
+    check_settings(out, read_record(out), settings)  # files of earlier versions hold no source record: encoded again
+    write_record(out, settings, {})  # the settings only: the files' metadata say where each comes from
     video_vae = isinstance(codec, VideoVAECodec)
-    metadata = {"vae": codec.vae_class if video_vae else "AutoencoderKL", "normalised": str(video_vae).lower()}
-    index, skipped, encoded = [], [], 0
-    for item, (path, tag) in tqdm(items, unit="video", desc=f"encoding videos (shard {shard} of {num_shards})"):
+    metadata = {"vae": codec.vae_class if video_vae else "AutoencoderKL", "normalised": str(video_vae).lower(),
+                "resolution": str(resolution)}
+    index, skipped, encoded = [], 0, 0
+    for item, (path, label) in tqdm(items, unit="video", desc=f"encoding videos (shard {shard} of {num_shards})"):
         member = path.relative_to(src).as_posix() + ".safetensors"
-        target = out / member
-        if not target.is_file():
+        state = source_state(path, encoded_source(out / member))
+        if encoded_source(out / member) != state:
             try:
-                frames = read_frames(path, resolution, num_frames, frame_stride, width)
+                frames = read_frames(path, resolution, num_frames, frame_stride)
             except (av.error.FFmpegError, ValueError) as error:
-                skipped.append(f"{path} ({error})")
+                say_skipped(path.relative_to(src).as_posix(), error)
+                skipped += 1
                 continue
             x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W)
             mean, std = codec.normalised_moments(x) if video_vae else codec.moments(x)
             payload = {"mean": mean[0].float().contiguous(), "std": std[0].float().contiguous()}  # (C, T, h, w)
-            write_atomically(target, safetensors_bytes(payload, metadata=metadata))
+            source = {f"source_{key}": str(state[key]) for key in SOURCE_KEYS}
+            write_atomically(out / member, safetensors_bytes(payload, metadata={**metadata, **source}))
             encoded += 1
-        index.append({"item": item, "path": member, **tag})
+        index.append({"item": item, "path": member, "label": label})
     if num_shards == 1:
-        write_atomically(out / VIDEO_INDEX, _jsonl(index_rows(index)))
+        write_atomically(out / VIDEO_INDEX, _jsonl({"path": row["path"], "label": row["label"]} for row in index))
     else:
         write_atomically(out / shard_index_name(shard, num_shards), _jsonl(index))
         merge_shard_indexes(out, num_shards)
     if skipped:
-        more = f" and {len(skipped) - SHOWN} more" if len(skipped) > SHOWN else ""
-        warnings.warn(f"skipped {len(skipped)} video(s): {'; '.join(skipped[:SHOWN])}{more}", stacklevel=2)
+        tqdm.write(f"skipped {skipped} video(s) that cannot be read (named above); they are tried again on a rerun",
+                   file=sys.stderr)
     return encoded
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def encoded_source(path: Path) -> Optional[dict[str, Any]]:
+    """The source state recorded in a latent file's metadata; None when there is no such file, or no record in it (a
+    file an earlier version wrote: encoded again), or it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+    except (SafetensorError, OSError):
+        return None
+    if not all(f"source_{key}" in metadata for key in SOURCE_KEYS):
+        return None
+    return {"size": int(metadata["source_size"]), "mtime_ns": int(metadata["source_mtime_ns"]),
+            "sha256": metadata["source_sha256"]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """0 done; 2 and one `error:` line for a mistake (a missing source or VAE, an image VAE given as --vae-kind video,
+    other settings than the destination's); 130 and one line on Ctrl-C."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", help="video folder: <source>/<class>/<video>")
-    parser.add_argument("--captions", help="a caption index (JSONL/CSV: path, caption) instead of --source")
+    parser.add_argument("--source", required=True, help="video folder: <source>/<class>/<video>")
     parser.add_argument("--dest", required=True, help="output folder (resumes what is already there)")
     parser.add_argument("--vae", required=True, help="local diffusers VAE folder (config.json + weights)")
     parser.add_argument("--vae-kind", choices=VAE_KINDS, default="image",
                         help="image: AutoencoderKL frame by frame; video: a causal video VAE (Wan, CogVideoX, LTX)")
-    parser.add_argument("--resolution", type=int, default=256, help="frame height (and width, unless --width)")
-    parser.add_argument("--width", type=int, help="frame width in pixels (default: --resolution)")
+    parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--num-frames", type=int, default=None,
                         help="frames per video (default: all; --vae-kind video: required, 1 + r*k)")
     parser.add_argument("--frame-stride", type=int, default=1)
@@ -208,11 +207,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--shard", type=int, default=0, help="which share of the videos this process encodes")
     parser.add_argument("--num-shards", type=int, default=1, help="how many processes share the videos")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    return report_mistakes(encode_command, parser.parse_args(argv), interrupted=KEPT)
+
+
+def encode_command(args: argparse.Namespace) -> None:
     encoded = encode_video_folder(
         args.source, args.dest, args.vae, args.resolution, args.num_frames, args.frame_stride,
-        args.batch_size, args.unlabeled, args.device, args.vae_kind, args.shard, args.num_shards, args.width,
-        args.captions,
+        args.batch_size, args.unlabeled, args.device, args.vae_kind, args.shard, args.num_shards,
     )
     print(f"encoded {encoded} new video(s) into {args.dest}")
     if args.num_shards > 1:
@@ -223,4 +224,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -79,6 +79,14 @@ def ensure_bucket_data(root: Path) -> None:
         write_still_digits(root / "images")
 
 
+def bucket_data_bindings(root: Path) -> list[str]:
+    """The bindings that point both stages at the demo's data under `root` (two clip folders and the stills)."""
+    (frames_a, size_a), (frames_b, size_b) = CLIPS
+    return [f"videos_{frames_a}f/VideoFolderDataset.root = {str(clip_folder(root, frames_a, size_a))!r}",
+            f"videos_{frames_b}f/VideoFolderDataset.root = {str(clip_folder(root, frames_b, size_b))!r}",
+            f"ImageFolderDataset.root = {str(root / 'images')!r}"]
+
+
 def sample_path(root: Path, shape: Sequence[int]) -> Path:
     frames, height, width = shape
     return root / f"samples_pdg_{frames}f_{height}x{width}.mp4"
@@ -96,10 +104,7 @@ def run_bucket_demo(
     every bucket's shape (`sample.py --frames/--size`). Returns the .mp4 per bucket (a .png strip lies beside)."""
     folder = Path(root)
     ensure_bucket_data(folder)
-    (frames_a, size_a), (frames_b, size_b) = CLIPS
-    shared = [f"videos_{frames_a}f/VideoFolderDataset.root = {str(clip_folder(folder, frames_a, size_a))!r}",
-              f"videos_{frames_b}f/VideoFolderDataset.root = {str(clip_folder(folder, frames_b, size_b))!r}",
-              f"ImageFolderDataset.root = {str(folder / 'images')!r}", *gin_params]
+    shared = [*bucket_data_bindings(folder), *gin_params]
     stage2 = train_two_stages(BUCKET_STAGES, folder, shared, stage_budgets(minutes))
     outputs = [sample_run(stage2, sample_path(folder, (frames, height, width)), "--guidance", "pdg",
                           "--scale", str(scale), "--steps", str(steps), "--solver", solver, "--frames", str(frames),

@@ -11,8 +11,6 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
 from demos.two_stages import sample_run, train_two_stages
 from sprint_mm.cli import add_gin_param_option, report_training
 from sprint_mm.data.captioned_digits import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, prompts_for
@@ -21,9 +19,6 @@ TEXT_STAGES = ("gin/text/digits_minilm_stage1.gin", "gin/text/digits_minilm_stag
 TEXT_RUN = "runs/text_demo"
 GRID_GUIDANCES = ("cfg", "pdg")  # one grid each
 DEFAULT_SCALE = 2.0
-# This model is small: two threads make a step at best a little faster than one, and on a shared 2-core machine they
-# wait on each other and make it many times slower (README, text-conditioned digits).
-DEFAULT_THREADS = 1
 GRID_TEMPLATES = (*TRAIN_TEMPLATES[:2], *HELD_OUT_TEMPLATES)
 
 
@@ -61,19 +56,16 @@ def text_demo_parser() -> argparse.ArgumentParser:
     add_gin_param_option(parser, "a gin binding applied to both stages (repeatable)")
     parser.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="guidance scale of the CFG and PDG grids")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                        help="torch CPU threads (default 1: on a busy 2-core machine two threads wait on each other)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: the trainer's choice, one on a machine of at most "
+                             "4 cores, where two threads wait on each other beside any other busy process)")
     return parser
 
 
 def text_demo_main(argv: Optional[Sequence[str]] = None) -> int:
     args = text_demo_parser().parse_args(argv)
-    if args.threads < 1:
+    if args.threads is not None and args.threads < 1:
         print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return report_training(run_text_demo, args.run_root, args.gin_param, args.scale, args.steps)
-    finally:
-        torch.set_num_threads(previous)
+    threads = [] if args.threads is None else [f"Trainer.num_threads = {args.threads}"]
+    return report_training(run_text_demo, args.run_root, [*threads, *args.gin_param], args.scale, args.steps)

@@ -28,7 +28,8 @@ def train_two_stages(
 
 
 def stage_budgets(minutes: Optional[float], stage1_share: float = STAGE1_SHARE) -> tuple[list[str], list[str]]:
-    """Time-budget bindings of stage 1 and stage 2 for a total of `minutes` (None: the gin files' budgets)."""
+    """Time-budget bindings of stage 1 and stage 2 for a total of `minutes` (None: none; the stages stop at their step
+    counts)."""
     if minutes is None:
         return [], []
     if minutes <= 0:

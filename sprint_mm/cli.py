@@ -26,12 +26,17 @@ from sprint_mm.locks import lock_for_all
 from sprint_mm.lora import adapted_layers, lora_of, merge_adapters
 from sprint_mm.media import pack_uint8, save_image_grid, save_npz, save_video, save_video_preview, unpack_uint8
 from sprint_mm.models import build_model
+from sprint_mm.parallelize import set_threads
 from sprint_mm.preemption import EXIT_PREEMPTED, Preempted
 from sprint_mm.checkpointer import CheckpointWriteError, NonFiniteTraining
 from sprint_mm.sampling import GUIDANCES, SOLVERS, Guidance
 from sprint_mm.sharded import WEIGHTS
 from sprint_mm.trained import TrainedRun, load_run
 from sprint_mm.training import Trainer
+
+FORCE_TOKENS = 16  # sample shapes beyond this many times the trained tokens per sample need --force
+SAMPLES_KEPT = ("the shards finished so far are kept (in a hidden folder beside --out); the same command continues "
+                "from them")
 
 DEFAULT_SHARD_SIZE = "256M"
 
@@ -191,6 +196,9 @@ def sample_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, nargs="+", metavar=("H", "W"),
                         help="spatial size in the model's input units (latent pixels for a latent run; default: as "
                              "trained); positions extend (RoPE / sin-cos), quality beyond the trained size is untested")
+    parser.add_argument("--force", action="store_true",
+                        help=f"sample even when --frames/--size give more than {FORCE_TOKENS}x the tokens per sample "
+                             "the model trained on (the estimated memory is printed)")
     add_gin_param_option(parser, "a gin binding applied after the run's config.gin (repeatable)")
     add_import_option(parser)
     parser.add_argument("--compile", action="store_true",
@@ -199,13 +207,39 @@ def sample_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_prompts(path: str) -> list[str]:
+    """The non-blank lines of a --prompts file (UTF-8), one prompt each."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--prompts file {path!r} does not exist")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--prompts file {path!r} is not UTF-8 text (byte {error.start}: {error.reason}); save it as "
+                         "UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts file {path!r} is empty: it needs one prompt per line")
+    return prompts
+
+
+def say_cut_prompts(conditioning: Any, prompts: Sequence[str]) -> None:
+    """A note for every prompt longer than the text encoder reads (its `max_length` tokens): the rest is cut."""
+    encoder = getattr(getattr(conditioning, "conditioner", None), "encoder", None)
+    distinct = list(dict.fromkeys(prompts))
+    if encoder is None or not distinct:
+        return
+    for prompt, count in zip(distinct, encoder.token_counts(distinct)):
+        if count > encoder.max_length:
+            shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            print(f"[sprint_mm] note: the prompt {shown!r} is {count} tokens long; the text encoder reads the first "
+                  f"{encoder.max_length} (TextEncoder.max_length, as in training) and the rest is cut")
+
+
 def sample_requests(args: argparse.Namespace, kind: str, num_classes: Optional[int]) -> tuple[list, list]:
     """(labels, prompts) of length --num."""
     prompts = list(args.prompt)
     if args.prompts:
-        if not Path(args.prompts).is_file():
-            raise FileNotFoundError(f"--prompts file {args.prompts!r} does not exist")
-        prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        prompts += read_prompts(args.prompts)
     if kind == "class":
         if prompts:
             raise ValueError("this run is class-conditional: pass --labels, not --prompt/--prompts")
@@ -239,8 +273,27 @@ def requested_sample_shape(model: torch.nn.Module, frames: Optional[int], size: 
     return tuple(shape)
 
 
+def check_sample_size(model: torch.nn.Module, shape: Sequence[int], rows: int, force: bool) -> None:
+    """Refuse, unless `force`, a sample shape of more than FORCE_TOKENS times the tokens per sample the model trained
+    on (memory grows with them: --size 4096 on a 16 px model grew past 5 GB); say the estimated memory either way."""
+    backbone = model.backbone
+    trained = math.prod(backbone.token_grid((1, *backbone.sample_shape)))
+    tokens = math.prod(backbone.token_grid((1, *shape)))
+    if tokens <= FORCE_TOKENS * trained:
+        return
+    flops = backbone.flop_shape()
+    activations = rows * tokens * (8 * flops.hidden + flops.mlp_hidden) * 4  # a block's live float32 tensors
+    estimate = (f"{tokens} tokens per sample, {tokens / trained:.0f}x the {trained} the model trained on; about "
+                f"{activations / 2**30:.1f} GiB of activations per batch of {rows} rows (--batch-size, doubled by "
+                "guidance)")
+    if not force:
+        raise ValueError(f"the sample shape {tuple(shape)} gives {estimate}: pass --force to sample it anyway, or "
+                         "ask for a smaller --size / --frames or --batch-size")
+    print(f"[sprint_mm] --force: sampling {estimate}")
+
+
 def sample_main(argv: Optional[Sequence[str]] = None) -> int:
-    return report_mistakes(write_samples, sample_parser().parse_args(argv))
+    return report_mistakes(write_samples, sample_parser().parse_args(argv), interrupted=SAMPLES_KEPT)
 
 
 def check_sample_counts(args: argparse.Namespace) -> None:
@@ -260,6 +313,7 @@ def write_samples(args: argparse.Namespace) -> Path:
 
     check_sample_counts(args)
     guidance = Guidance(args.guidance, args.scale, tuple(args.interval))
+    set_threads()  # as training chooses them (one on a machine of a few cores)
     accelerator = Accelerator()
 
     def requests(model: torch.nn.Module) -> tuple[list, list]:  # checked before a text encoder or a VAE loads
@@ -268,6 +322,7 @@ def write_samples(args: argparse.Namespace) -> Path:
     run = load_run(args.run, args.step, args.weights, args.gin_param, check=requests, imports=args.imports,
                    say=print if accelerator.is_main_process else None).to(accelerator.device)
     labels, prompts = requests(run.model)
+    say_cut_prompts(run.conditioning, prompts)
     if args.compile:
         compile_blocks(run.model)
     out = Path(args.out or Path(args.run) / "samples" / f"samples_{args.guidance}.png")
@@ -288,6 +343,7 @@ def sample_into(out: Path, run: TrainedRun, args: argparse.Namespace, guidance: 
     The run's own path and time shift (`TrainedRun.sampling`) drive the sampler."""
     labels, prompts = requested
     total = len(labels or prompts)
+    check_sample_size(run.model, shape, min(args.batch_size, total) * (1 if args.guidance == "none" else 2), args.force)
     shards = out.with_name(f".{out.name}.shards")
     settings = (f"{run.checkpoint.name}/{args.weights} {args.guidance} {args.scale} {tuple(args.interval)} "
                 f"{args.solver} {args.steps} seed {args.seed} n {total} bs {args.batch_size} {args.gin_param} "

@@ -4,7 +4,8 @@ The command lines run their work through `report_mistakes`: a user's mistake (Fi
 ValueError, which ConfigError and CheckpointMismatch are, or gin's TypeError for a configurable called without a
 required argument) becomes one line on stderr and exit status 2, without a traceback; so does a folder the command
 cannot use (read-only, not a folder, no permission: exit status 2) or a full disk (exit status 1). Anything else is a
-bug and propagates with its traceback.
+bug and propagates with its traceback. A command whose work survives Ctrl-C (sample.py, the encoders) says so
+in one line and exits with EXIT_INTERRUPTED.
 
 Under `sprint_mm.launch` every process of a command meets the same mistake: each hands its line to the launcher
 (`final_line`), which prints each distinct line once.
@@ -39,6 +40,7 @@ DISK_PROBLEMS = {
 }
 # The launcher's folder for the processes' final lines (sprint_mm.launch sets it).
 LAUNCH_REPORTS = "SPRINT_MM_LAUNCH_REPORTS"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 # gin re-raises an error of a configurable with this line appended, once per configurable on the call stack
 GIN_CALL = re.compile(r"\n\s*In call to configurable '([^']+)'[^\n]*")
 # ... and, for a TypeError of a call that lacks required arguments, with these lines before it
@@ -94,42 +96,17 @@ def mistake_message(err: BaseException) -> Optional[str]:
     return message
 
 
-def check_writable_folder(folder: Path, what: str) -> None:
-    """Create `folder` or find it, refusing a file in its place and a folder this process cannot write (with the
-    OSError a write would meet, naming the folder), before any work that would end by writing there."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{what} {str(folder)!r} is a file, not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    if not os.access(folder, os.W_OK | os.X_OK):
-        code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
-        raise OSError(code, os.strerror(code), str(folder))
-
-
-def os_error_message(err: OSError) -> Optional[str]:
-    """One line for an OSError about a folder or a disk (the path, what the system said, what to do), or None."""
-    advice = FOLDER_PROBLEMS.get(err.errno) or DISK_PROBLEMS.get(err.errno)
-    if advice is None:
-        return None
-    paths = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
-    return f"{paths + ': ' if paths else ''}{err.strerror or os.strerror(err.errno)} ({advice})"
-
-
-def final_line(line: str) -> None:
-    """The line a command ends with (an error, a stop): on stderr, or to the launcher that started this process."""
-    folder = os.environ.get(LAUNCH_REPORTS)
-    if folder and Path(folder).is_dir():
-        with open(Path(folder) / f"rank{os.environ.get('RANK', '0')}.txt", "a") as file:
-            file.write(line.replace("\n", " ") + "\n")
-    else:
-        print(line, file=sys.stderr)
-
-
-def report_mistakes(work: Callable[..., object], *args: Any) -> int:
+def report_mistakes(work: Callable[..., object], *args: Any, interrupted: Optional[str] = None) -> int:
     """Run `work(*args)`: 0 when it succeeds, 2 with one `error: ...` line on stderr for a user's mistake or a folder
-    it cannot use, 1 with one line for a full disk."""
+    it cannot use, 1 with one line for a full disk. With `interrupted` (what Ctrl-C leaves, e.g. "the samples written
+    so far are kept"), Ctrl-C gives that one line and EXIT_INTERRUPTED instead of a KeyboardInterrupt traceback."""
     try:
         work(*args)
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        final_line(f"interrupted: {interrupted}")
+        return EXIT_INTERRUPTED
     except (*USER_ERRORS, TypeError, OSError) as err:
         message = mistake_message(err)
         if message is None and isinstance(err, OSError):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
@@ -29,6 +32,53 @@ class StepResult:
     problem: Optional[str] = None
     scaler_skipped: bool = False
     bucket: Optional[str] = None  # the bucket of the step's batch (runs with buckets)
+    seconds: float = 0.0  # wall-clock of the step alone (no checkpoint, preview or log)
+
+
+class SlowdownWatch:
+    """Says once when the steps of a run have become far slower than at its start: the usual cause on a CPU is
+    another busy process, beside which torch's CPU threads wait for each other (README, threads on a shared machine).
+
+    The start is the median step time of the `reference` steps after the first `skip` (start-up, first allocations);
+    "now" is the median of the last `recent` steps. Medians, so a single slow step (a collection, a page-in) says
+    nothing. Only wall-clock step times count, never checkpoints, previews or logs.
+    """
+
+    def __init__(self, factor: float = 4.0, skip: int = 5, reference: int = 20, recent: int = 20) -> None:
+        self.factor, self.skip, self.reference_steps = factor, skip, reference
+        self.seen, self.start_times, self.recent = 0, [], deque(maxlen=recent)
+        self.reference: Optional[float] = None
+        self.said = False
+
+    def add(self, seconds: float) -> Optional[str]:
+        """Count one step; the message, once, when the recent steps are `factor` times slower than the start."""
+        self.seen += 1
+        if self.said or self.seen <= self.skip:
+            return None
+        if self.reference is None:
+            self.start_times.append(seconds)
+            if len(self.start_times) == self.reference_steps:
+                self.reference = statistics.median(self.start_times)
+            return None
+        self.recent.append(seconds)
+        if len(self.recent) < self.recent.maxlen:
+            return None
+        now = statistics.median(self.recent)
+        if now < self.factor * self.reference:
+            return None
+        self.said = True
+        return slowdown_message(now, self.reference, torch.get_num_threads())
+
+
+def slowdown_message(now: float, start: float, threads: int) -> str:
+    """What a slowed-down run tells its user, with the setting to change."""
+    rates = (f"training steps now take {now:.3g} s, {now / start:.1f}x the {start:.3g} s of the run's start: another "
+             "process is probably using the CPU cores")
+    if threads > 1:
+        return (f"{rates}, and beside it torch's {threads} CPU threads per process wait for each other. Set "
+                "Trainer.num_threads = 1 (or OMP_NUM_THREADS=1) on a shared machine")
+    return (f"{rates} (this run uses one CPU thread, Trainer.num_threads = 1, so it only gets its share of the "
+            "cores: free them, or expect the run to take longer)")
 
 
 class Window:
@@ -61,6 +111,11 @@ class Window:
                 "skipped_steps": self.skipped, "fp16_skipped_steps": self.scaler_skipped}
 
 
+def bad_counts(ledger: BadDataLedger) -> dict[str, int]:
+    """The bad items counted so far by kind (read and left out), to tell whether a log line has news."""
+    return dict(ledger.total_bad + ledger.left_out)
+
+
 def flops_saved(model: nn.Module, objective: Any) -> Optional[float]:
     """Fraction of forward FLOPs SPRINT saves per training step against the same backbone dense (None: dense)."""
     if not isinstance(model, Sprint):
@@ -78,13 +133,14 @@ class MetricsLog:
                  ledger: BadDataLedger) -> None:
         self.run_dir, self.accelerator, self.log_every, self.max_steps = Path(run_dir), accelerator, log_every, max_steps
         self.main, self.progress, self.window, self.saving = accelerator.is_main_process, progress, Window(), None
-        self.ledger, self.reported_bad = ledger, ledger.bad.copy()
+        self.ledger, self.reported_bad = ledger, bad_counts(ledger)
         self.bar, self.writer = None, None
+        self.watch = SlowdownWatch()
 
     def open(self, step: int, saving: Optional[float]) -> None:
         """Start logging at `step` (a resumed run drops the lines of `metrics.jsonl` after it: those steps train
         again); `saving` is the fraction of FLOPs SPRINT saves (None: dense), shown on the progress bar."""
-        self.saving, self.reported_bad = saving, self.ledger.bad.copy()
+        self.saving, self.reported_bad = saving, bad_counts(self.ledger)
         self.bar = tqdm(total=self.max_steps, initial=step, disable=not (self.progress and self.main),
                         desc=self.run_dir.name, dynamic_ncols=True)
         if self.main:
@@ -109,13 +165,16 @@ class MetricsLog:
         and the `extra()` values, and say what bad data was met since the last line."""
         self.window.add(result)
         self.bar.update(1)
+        slower = self.watch.add(result.seconds)
+        if slower is not None:
+            self.say(slower)
         if step % self.log_every and step != self.max_steps:
             return
         metrics = {"step": step, **self.window.means(self.accelerator.num_processes), "grad_norm": result.grad_norm,
                    **extra(), **self.ledger.metrics()}
-        if self.ledger.bad != self.reported_bad:
+        if bad_counts(self.ledger) != self.reported_bad:
             self.say(self.ledger.summary())
-            self.reported_bad = self.ledger.bad.copy()
+            self.reported_bad = bad_counts(self.ledger)
         postfix = {"loss": f"{metrics.get('loss', math.nan):.4f}", "it/s": f"{metrics['steps_per_s']:.2f}",
                    "tok/s": f"{metrics['tokens_per_s']:.0f}"}
         if self.saving:  # stage 2 (no drop) saves nothing

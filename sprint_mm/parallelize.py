@@ -2,8 +2,9 @@
 regional compilation and FSDP2 sharding or DDP replication to a model in one place."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,25 @@ from sprint_mm.errors import check_number
 
 PRECISIONS = ("no", "fp16", "bf16")
 STRATEGIES = ("ddp", "fsdp")
+# Up to this many usable CPU cores a run takes one CPU thread unless told otherwise (README, threads on a busy machine).
+SMALL_MACHINE_CORES = 4
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the platform reports it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_threads(cores: int) -> Optional[int]:
+    """The CPU threads of a run that does not set `Trainer.num_threads`: one on a machine of at most
+    SMALL_MACHINE_CORES cores, torch's own choice (one per core) above.
+
+    torch's OpenMP threads spin while they wait for each other; whenever another process wants a core, even at the
+    lowest priority, a spinning thread holds the core its partner needs and the steps collapse (measured on 2 cores:
+    18 steps/s alone, 1 beside a torch job; one thread: 15 and 14). On a few cores a second thread gains little alone
+    and loses most beside anything else. The choice depends on the machine only, never on its load at the moment, so
+    the same command gives bit-identical weights however busy the machine is."""
+    return 1 if cores <= SMALL_MACHINE_CORES else None
 
 
 @dataclass(frozen=True)
@@ -28,7 +48,8 @@ class Parallelism:
     and at the root; bf16 compute with fp32 reduction under precision 'bf16'; `fsdp_cpu_offload` keeps the shards in
     CPU memory). `compile` compiles each transformer block (regional compilation, `compile_blocks`);
     `activation_checkpointing` recomputes each block's activations in the backward pass; `num_threads` sets torch's
-    CPU threads (on a shared CPU one thread can be many times faster than one per core).
+    CPU threads (None: `default_threads`, one on a machine of a few cores, where one thread can be many times faster
+    than one per core beside another busy process).
     """
 
     precision: str = "no"
@@ -60,11 +81,20 @@ class Parallelism:
             raise ValueError(f"Trainer.strategy = 'fsdp' does not support {what} yet")
 
 
+def set_threads(num_threads: Optional[int] = None) -> int:
+    """Set torch's CPU threads: `num_threads` when given, else those of OMP_NUM_THREADS when it is set (torch follows
+    it already), else `default_threads`. Returns the count in force."""
+    if num_threads is None and not os.environ.get("OMP_NUM_THREADS"):
+        num_threads = default_threads(usable_cores())
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    return torch.get_num_threads()
+
+
 def start_processes(parallelism: Parallelism) -> Accelerator:
     """This process's accelerator (one per process under `accelerate launch` / `torchrun`), its CPU threads, a
     process group for FSDP, TF32 matrix products on CUDA for what runs in float32."""
-    if parallelism.num_threads is not None:
-        torch.set_num_threads(parallelism.num_threads)
+    set_threads(parallelism.num_threads)
     accelerator = Accelerator(mixed_precision=parallelism.precision)
     if parallelism.sharded:
         ensure_process_group(accelerator.device)
@@ -137,6 +167,20 @@ def shard(module: nn.Module, device: torch.device, policy: MixedPrecisionPolicy,
         fully_shard(block, **options)
     fully_shard(module, **options)
     module.set_reduce_scatter_unused_params(True)
+    module.register_forward_hook(own_output, prepend=True)  # before FSDP's post-forward hook reads the output
+
+
+def own_output(module: nn.Module, args: Any, output: Any) -> Any:
+    """The root's output as a tensor of its own when it is a view.
+
+    FSDP2 hooks its pre-backward all-gather onto the root's output; on a view, an in-place op of the caller would drop
+    that hook, so torch warns ("returned a view tensor ... wrong gradients") on every forward. Our models return views:
+    `unpatchify` rearranges the final layer's output, and an image backbone squeezes the frame axis. The losses never
+    write into the output, so the gradients were right (tests/test_fsdp.py compares them with an unsharded model), but
+    the warning was printed on every run; one copy of the output per forward removes its cause."""
+    if isinstance(output, torch.Tensor) and output._base is not None:
+        return output.clone()
+    return output
 
 
 def agreed(accelerator: Accelerator, *flags: bool) -> list[bool]:

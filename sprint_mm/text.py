@@ -216,6 +216,11 @@ class TextEncoder(torch.nn.Module):
         """The encoder is frozen: it ignores requests for training mode (which would switch dropout on)."""
         return super().train(False)
 
+    def token_counts(self, captions: list[str]) -> list[int]:
+        """How many tokens each caption has before the cut at `max_length` (special tokens included)."""
+        check_captions(captions)
+        return [len(ids) for ids in self.tokenizer(captions, truncation=False)["input_ids"]]
+
     @torch.no_grad()
     def forward(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Encode `captions` into {"text_tokens": (B, L, Dt), "text_mask": (B, L) bool} with L = max_length."""

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -235,6 +236,7 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches. A step whose loss or gradient norm is not finite (on any
         process) leaves the optimizer, scheduler and EMA untouched."""
         acc, parts, accumulate = self.accelerator, self.parts, self.batching.grad_accum
+        started = time.perf_counter()
         totals: dict[str, float] = {}
         tokens = 0
         for micro in range(accumulate):
@@ -259,7 +261,8 @@ class Trainer:
             update_ema(parts.ema, parts.model, self.optimization.ema_decay_at(parts.progress.step))
         self.optimizer.zero_grad(set_to_none=True)
         scaler_skipped = problem is None and fp16 and acc.optimizer_step_was_skipped
-        return StepResult(totals, grad_norm, tokens, problem, scaler_skipped, parts.data.label(parts.progress.step))
+        return StepResult(totals, grad_norm, tokens, problem, scaler_skipped, parts.data.label(parts.progress.step),
+                          time.perf_counter() - started)
 
     def _count_bad(self, result: StepResult, in_a_row: int) -> int:
         """Non-finite steps in a row, counting this one; too many stop the run with its last good checkpoint."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import threading
 import zipfile
 from pathlib import Path
@@ -286,6 +287,42 @@ def test_ledger_state_survives_a_resume():
     assert [record.path for record in resumed.examples] == ["a.mp4", "b.mp4", "c.npy"]
 
 
+def test_items_left_out_before_training_count_as_bad_data_from_the_start():
+    # A bucketed dataset leaves out the items whose size cannot be read; they were once outside the ledger, so a
+    # bucket run trained on with 4.8 % bad files where a plain run stopped.
+    ledger = BadDataLedger(max_bad_fraction=0.01, min_items=50)
+    ledger.add_left_out([("image", f"{i}.png", "cannot read the header") for i in range(3)], listed=62)
+    assert ledger.metrics() == {"bad_fraction": 3 / 62, "bad_image": 3}
+    with pytest.raises(BadDataError, match=r"3 of 62 items were left out before training, their size unreadable "
+                                           r"\(image 3\): 4.84% bad in all"):
+        ledger.check()  # at start: all 62 items were looked at
+    lenient = BadDataLedger(max_bad_fraction=0.1)
+    lenient.add_left_out([("video", "a.mp4", "no reader reads its size")], listed=10)
+    lenient.add([("image", "b.png", "empty", 0)], items=5)  # 1 of 5 of the other items
+    assert lenient.bad_fraction == pytest.approx(0.1 + 0.9 * 0.2)
+    assert lenient.metrics()["bad_image"] == 1 and lenient.metrics()["bad_video"] == 1
+
+
+def test_ledger_counts_are_global_over_processes_and_resume_on_any_count():
+    ranks = [BadDataLedger(max_bad_fraction=0.2, min_items=10) for _ in range(2)]
+    ranks[0].add([("image", "a.png", "empty", 0), ("image", "b.png", "empty", 0)], items=4)  # rank 0 alone: 50 %
+    ranks[1].add([], items=8)
+    summed = [a + b for a, b in zip(ranks[0].local_counts(), ranks[1].local_counts())]
+    for ledger in ranks:
+        ledger.share(summed)
+        assert (ledger.total_items, dict(ledger.total_bad), ledger.bad_fraction) == (12, {"image": 2}, 2 / 12)
+        ledger.check()  # 2 of 12 over both processes: under the limit, on both
+    state = json.loads(json.dumps(ranks[0].state_dict()))
+    assert (state["items"], state["bad"]) == (12, {"image": 2})
+    one = BadDataLedger(max_bad_fraction=0.2, min_items=10)  # resumed on one process: continues the global counts
+    one.load_state_dict(state)
+    one.add([("video", "c.mp4", "garbage", 0)], items=3)
+    assert (one.total_items, one.bad_fraction) == (15, 3 / 15)
+    one.add([("video", "d.mp4", "garbage", 0)], items=1)
+    with pytest.raises(BadDataError, match="4 of 16 items read were bad"):
+        one.check()
+
+
 # ---------------------------------------------------------------------------------------------- video: timeout
 
 
@@ -482,3 +519,59 @@ def test_caption_rows_with_a_failing_video_reader_or_cache_file_are_bad_items(tm
         cached[0]
     assert info.value.path == str(cache.path("noise 0"))
     assert torch.equal(SkippingDataset(cached)[0]["text_tokens"], torch.ones(3, 4))
+
+
+def test_a_video_of_another_size_without_a_resolution_is_a_bad_item_not_a_collate_error(tmp_path):
+    # resolution None keeps each clip's frame size: one clip of another size used to fail at step 1 in collate.
+    _videos(tmp_path / "0")
+    odd = tmp_path / "0" / "odd.mp4"
+    save_video(torch.zeros(3, 3, 16, 24), odd)
+    dataset = VideoFolderDataset(tmp_path, clip_length=3, resolution=None, reader="pyav", fallback_reader=None)
+    assert dataset.frame_size == (32, 32)
+    odd_index = [path for path, _ in dataset.samples].index(odd)
+    with pytest.raises(BadItem, match=r"odd.mp4: frames of 16x24 px, but the dataset's videos have 32x32"):
+        dataset[odd_index]
+    loader = DataLoader(SkippingDataset(dataset), batch_size=COUNT + 1, collate_fn=SkippingDataset(dataset).collate)
+    batch = next(iter(loader))
+    assert batch["x"].shape == (COUNT + 1, 3, 3, 32, 32)
+    assert [record.path for record in batch[BAD_ITEMS]] == [str(odd)]
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed support")
+def test_two_processes_count_and_judge_the_bad_data_of_both(tmp_path, capsys):
+    # The plain index stream reads the same global batches on one and on two processes, so the global counts, and the
+    # step the run stops at, must be the same; counted per process (as before) two processes saw about half.
+    from sklearn.datasets import load_digits
+
+    from sprint_mm.cli import train_main
+    from tests.test_distributed import torchrun
+    from tests.test_training import TINY
+
+    digits, folder = load_digits(), tmp_path / "images"
+    for i in range(48):
+        path = folder / str(digits.target[i]) / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).convert("RGB").save(path)
+    for i in range(4):
+        (folder / str(i) / f"bad_{i}.png").write_bytes(b"")
+    bindings = [*TINY, f"ImageFolderDataset.root = {str(folder)!r}", "ImageFolderDataset.resolution = 8",
+                "Trainer.dataset = @ImageFolderDataset()", "sit.in_channels = 3", "IdentityCodec.channels = 3",
+                "Trainer.log_every = 1", "Trainer.max_steps = 12", "BadDataLedger.min_items = 16",
+                "BadDataLedger.max_bad_fraction = 0.06", "Trainer.progress = False"]
+
+    def argv(run: str) -> list[str]:
+        return [arg for binding in bindings for arg in ("--gin-param", binding)] + [
+            "--gin-file", "gin/image/digits_stage1.gin", "--run-dir", str(tmp_path / run)]
+
+    assert train_main(argv("one")) == 2  # 4 bad of 52 (7.7 %) stop the run once enough items are read
+    stopped = re.search(r"too much bad data: (\d+ of \d+ items read were bad)", capsys.readouterr().err).group(1)
+    assert stopped == "2 of 24 items read were bad"  # at step 3, the third global batch of 8
+    done = torchrun("train.py", *argv("two"))
+    assert done.returncode != 0
+    assert set(re.findall(r"too much bad data: (\d+ of \d+ items read were bad)", done.stderr)) == {stopped}
+    one, two = (([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()])
+                for run in ("one", "two"))
+    assert [m["step"] for m in two] == [m["step"] for m in one] == [1, 2]

@@ -197,6 +197,37 @@ def test_guidance_settings_and_labels():
         harness.load_class_run("/nonexistent/run")
 
 
+def test_a_video_counts_only_when_more_than_half_of_its_frames_read_as_asked():
+    labels = torch.tensor([3, 3, 3, 7, 7])
+    reads = torch.tensor([[3, 3, 3, 3, 3, 5, 5, 8],    # 5 of 8: a strict majority
+                          [3, 3, 3, 3, 5, 5, 8, 8],    # 4 of 8: half is not more than half
+                          [3, 3, 3, 5, 5, 8, 8, 1],    # 3 of 8 and the most common class: not correct
+                          [7, 7, 7, 7, 7, 7, 7, 7],
+                          [1, 1, 1, 1, 1, 7, 7, 7]])   # the most common class is wrong
+    assert demo_accuracy.video_hits(reads, labels).tolist() == [True, False, False, True, False]
+    assert demo_accuracy.video_hits(torch.tensor([[2, 2, 4]]), torch.tensor([2])).tolist() == [True]  # 2 of 3
+
+
+def test_the_samples_sample_py_wrote_are_judged_with_the_labels_it_cycled(tmp_path):
+    # Real moving-digit videos as sample.py writes them (uint8 RGB, --labels 0..9 cycled): read as asked; the same
+    # files judged against labels shifted by one are not.
+    import numpy as np
+
+    from demos.clips import DIGIT_FRACTION
+
+    videos = [video for _, video in moving_digit_videos(20, frames=8, size=16, seed=3, digit_fraction=DIGIT_FRACTION)]
+    pixels = (np.stack(videos)[..., None].repeat(3, -1) * 255).round().astype(np.uint8)  # (20, 8, 16, 16, 3)
+    np.savez(tmp_path / "videos.npz", arr_0=pixels)
+    right = demo_accuracy.judge_file(str(tmp_path / "videos.npz"), list(range(10)))
+    assert right["accuracy"] >= 0.9 and right["frame_accuracy"] >= 0.9 and right["samples"] == 20
+    assert right["judge_resolution"] == digit_side(16, DIGIT_FRACTION) and len(right["per_class"]) == 10
+    wrong = demo_accuracy.judge_file(str(tmp_path / "videos.npz"), [1, 2, 3, 4, 5, 6, 7, 8, 9, 0])
+    assert wrong["accuracy"] <= 0.2
+    stills = pixels[:, 0]  # (20, 16, 16, 3): images, judged whole
+    np.savez(tmp_path / "stills.npz", arr_0=stills)
+    assert demo_accuracy.judge_file(str(tmp_path / "stills.npz"), list(range(10)), None)["judge_resolution"] == 16
+
+
 def test_equal_wallclock_arms_train_and_are_judged_with_the_same_noise(tmp_path, judge):
     finals = equal_wallclock.train_arms(tmp_path, minutes=0.004, rounds=2, extra=TINY)
     records = {name: harness.training_record(path) for name, path in
@@ -230,6 +261,17 @@ def test_fault_drill_rows_report_what_happened_and_compare_weights(tmp_path):
     # The comparison can fail: a run with another seed does not have the reference's weights.
     assert drill.train("other_seed", "Trainer.seed = 1").returncode == 0
     assert not drill.same_weights("other_seed", "reference")
+
+
+def test_fault_drill_rows_of_data_refused_before_the_first_step(tmp_path):
+    drill = fault_drill.Drill(tmp_path, steps=7, every=3)
+    buckets = fault_drill.bucket_unreadable_row(drill)
+    assert buckets["exit status"] == "2" and buckets["work lost (steps)"] == 0
+    assert buckets["what the program did"].startswith("stopped before the first step: too much bad data: 2 of 62 "
+                                                      "items were left out before training")
+    empty = fault_drill.caption_index_row(drill, "empty")
+    assert empty["exit status"] == "2" and "every caption in" in empty["what the program did"]
+    assert not (tmp_path / "bucket_unreadable" / "checkpoints").exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ def test_unreadable_headers_and_items_no_bucket_takes_are_left_out_and_reported_
 
 
 # ------------------------------------------------------------------------------------------------ videos
-def test_video_sizes_come_from_metadata_and_items_load_at_their_bucket(video_root):
+def test_video_sizes_come_from_metadata_and_items_load_at_their_bucket(video_root, tmp_path):
     dataset = VideoFolderDataset(video_root, clip_length=2, reader="pyav", fallback_reader=None,
                                  random_crop_time=False)
     names = [path.stem for path, _ in dataset.samples]
@@ -166,9 +166,12 @@ def test_video_sizes_come_from_metadata_and_items_load_at_their_bucket(video_roo
         frames, height, width = VIDEO_TABLE[expected[name]].shape
         x = bucketed[index]["x"]
         assert x.shape == (3, frames, height, width)
-        # The same frames, resized the same way, as a dataset built for that clip length and a direct crop.
-        plain = VideoFolderDataset(video_root, clip_length=frames, reader="pyav", fallback_reader=None,
-                                   random_crop_time=False)[index]["x"]
+        # The same frames, resized the same way, as a dataset of this video alone (its native size: without a
+        # resolution, a dataset of mixed sizes refuses all but its own) built for that clip length and a direct crop.
+        alone = tmp_path / f"{name}.csv"
+        alone.write_text(f"path,label\n{dataset.samples[index][0]},0\n")
+        plain = VideoFolderDataset(alone, clip_length=frames, reader="pyav", fallback_reader=None,
+                                   random_crop_time=False)[0]["x"]
         torch.testing.assert_close(x, resize_center_crop(plain, (height, width), "bilinear"), rtol=0, atol=1e-6)
 
 

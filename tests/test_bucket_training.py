@@ -169,3 +169,22 @@ def test_the_bucket_demo_samples_the_buckets_of_the_configuration_it_trained_wit
     assert changed == ((2, 24, 16), (1, 8, 8))
     with pytest.raises(ConfigError, match="digits_stage1.gin binds no BucketTable.buckets"):
         bucket_shapes(["gin/image/digits_stage1.gin"])
+
+
+def test_a_bucket_run_counts_items_left_out_for_an_unreadable_size_as_bad_data(media, tmp_path, capsys):
+    # 3 unreadable stills among 51 items (5.9 %): a plain run stops past 1 % of bad data, and so does a bucket run,
+    # at start; with the limit raised it trains and logs them.
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(media / "images", images)
+    for number in range(3):
+        (images / "3" / f"unreadable_{number}.png").write_bytes(b"")
+    folders = [*data_bindings(media)[:2], f"ImageFolderDataset.root = {str(images)!r}"]
+    assert train(tmp_path / "strict", media, 2, *folders) == 2
+    err = capsys.readouterr().err
+    assert "too much bad data: 3 of 51 items were left out before training, their size unreadable (image 3)" in err
+    assert not list_checkpoints(tmp_path / "strict")  # refused before the first step
+    assert train(tmp_path / "lenient", media, 2, *folders, "BadDataLedger.max_bad_fraction = 0.1") == 0
+    logged = metrics(tmp_path / "lenient")
+    assert logged[-1]["bad_image"] == 3 and logged[-1]["bad_fraction"] == pytest.approx(3 / 51)

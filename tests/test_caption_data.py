@@ -181,7 +181,34 @@ def test_bad_indices_and_settings_get_one_clear_error(tmp_path, image_root, json
         CaptionDataset(str(jsonl_index), RESOLUTION, media="video")
     with pytest.raises(ValueError, match="encoder_identity"):
         CaptionDataset(str(jsonl_index), RESOLUTION, cache_dir=str(tmp_path))
-    gone = write_jsonl(image_root / "gone.jsonl", [{"path": "gone.png", "caption": "a ghost"}])
-    dataset = CaptionDataset(str(gone), RESOLUTION)
-    with pytest.raises(FileNotFoundError, match="gone.png"):
-        dataset[0]
+
+
+
+def test_an_index_is_checked_when_the_dataset_is_built(image_root):
+    # A listed file that does not exist is found at start, with its line, not at the step that reads it.
+    rows = [{"path": n, "caption": c} for n, _, _, c in IMAGES]
+    gone = write_jsonl(image_root / "gone.jsonl", rows[:1] + [{"path": "gone.png", "caption": "a ghost"}] + rows[1:])
+    with pytest.raises(FileNotFoundError, match=r"lists 1 of 4 media file\(s\) that do not exist: .*gone.jsonl:2: "
+                                                r".*gone.png\n"):
+        CaptionDataset(str(gone), RESOLUTION)
+    # All captions empty: the model would train unconditionally.
+    empty = write_jsonl(image_root / "empty.jsonl", [{"path": n, "caption": " "} for n, _, _, _ in IMAGES])
+    with pytest.raises(ValueError, match=r"every caption in .*empty.jsonl.* is empty \(3 rows\)"):
+        CaptionDataset(str(empty), RESOLUTION)
+    one_caption = write_jsonl(image_root / "one.jsonl", [{"path": n, "caption": ""} for n, _, _, _ in IMAGES[:2]]
+                              + [{"path": IMAGES[2][0], "caption": "a tall photo"}])
+    assert [item["caption"] for item in CaptionDataset(str(one_caption), RESOLUTION)] == ["", "", "a tall photo"]
+
+
+def test_csv_rows_with_more_or_fewer_cells_than_the_header_are_refused_at_their_line(image_root):
+    # An unquoted comma splits a caption into two cells: the second would be dropped without a word.
+    unquoted = image_root / "unquoted.csv"
+    unquoted.write_text('path,caption\nsquare.png,a red square\nwide.png,a wide photo, with a comma\n')
+    with pytest.raises(ValueError, match=r"unquoted.csv:3 has 3 cells but the header names 2 columns"):
+        CaptionDataset(str(unquoted), RESOLUTION)
+    short = image_root / "short.csv"
+    short.write_text("path,caption\nsquare.png,a red square\nwide.png\n")
+    with pytest.raises(ValueError, match=r"short.csv:3 has 1 cells but the header names 2 columns"):
+        CaptionDataset(str(short), RESOLUTION)
+    quoted = write_csv(image_root / "quoted.csv", ["path", "caption"], [["square.png", "red, with a\nline break"]])
+    assert [r.caption for r in read_caption_index(quoted)] == ["red, with a\nline break"]

@@ -2,7 +2,9 @@
 no traceback: train.py, sample.py, evaluate.py and convert_checkpoint.py, one table row per mistake."""
 from __future__ import annotations
 
+import pickle
 import re
+from collections import Counter
 from types import SimpleNamespace
 from typing import Sequence
 
@@ -165,6 +167,13 @@ MISTAKES = [
     ("sample", ["--run", "{text_run}", "--labels", "3", "--out", "{tmp}/t.png"],
      r"this run is text-conditional: pass --prompt/--prompts, not --labels$"),
     ("sample", ["--run", "{text_run}", "--out", "{tmp}/t.png"], r"this run is text-conditional: give --prompt TEXT"),
+    ("sample", ["--run", "{text_run}", "--prompts", "{files}/latin1.txt", "--out", "{tmp}/t.png"],
+     r"--prompts file '[^']*latin1\.txt' is not UTF-8 text \(byte 5: invalid continuation byte\)"),
+    ("sample", ["--run", "{text_run}", "--prompts", "{files}/blank.txt", "--out", "{tmp}/t.png"],
+     r"--prompts file '[^']*blank\.txt' is empty: it needs one prompt per line$"),
+    ("sample", sample("--size", "4096"),
+     r"shape \(1, 4096, 4096\) gives 1048576 tokens per sample, 262144x the 4 the model trained on; about \d+\.\d "
+     r"GiB of activations .*: pass --force"),
     # evaluate.py
     ("evaluate", evaluate("{files}/channels_first.npz", *GOOD_REFERENCE),
      r"shape \(2, 3, 8, 8\) is neither images \(N, H, W, 3\) nor videos"),
@@ -179,12 +188,24 @@ MISTAKES = [
      r"--batch-size must be an integer >= 1, got 0$"),
     ("evaluate", evaluate("{files}/good.npz", "--write-reference", "{tmp}/stats.txt"),
      r"statistics are written to an \.npz file"),
+    ("evaluate", evaluate("{files}/good.npz", *GOOD_REFERENCE, "--weights", "{files}"),
+     r"--weights \S+ is a folder, but Inception .* loads a state dict file"),
+    ("evaluate", evaluate("{files}/good.npz", "--reference", "{files}/nan_stats.npz"),
+     r"statistics file \S*nan_stats\.npz: mu and sigma hold 1 NaN or infinite value"),
     # convert_checkpoint.py
     ("convert", convert("sit", "{files}/absent.pt"), r"checkpoint file '[^']*absent\.pt' does not exist$"),
     ("convert", convert("sit", "{checkpoint}/ema.safetensors"),
      r"^error: '[^']*ema\.safetensors' has no Conv2d patch embed .* not a sit checkpoint"),
     ("convert", convert("ours", "{checkpoint}/ema.safetensors", "--entry", "ema"),
      r"has no entry 'ema'; its top-level keys"),
+    ("convert", convert("sit", "{files}/objects.pt"),
+     r"'[^']*objects\.pt' cannot be read as a torch \(weights only: .*\) file \(UnpicklingError: .*\): it is damaged"),
+    ("convert", convert("sit", "{files}/random.pt"), r"'[^']*random\.pt' cannot be read as a torch"),
+    ("convert", convert("ours", "{files}/truncated.safetensors"),
+     r"'[^']*truncated\.safetensors' cannot be read as a safetensors file \(SafetensorError: "),
+    ("convert", convert("ours", "{files}/sharded"),
+     r"is a sharded checkpoint folder \(FSDP\): write its full weights first with `python consolidate_checkpoint\.py"),
+    ("convert", convert("ours", "{checkpoint}"), r"is a checkpoint folder: give one of its files, e\.g\. '[^']*ema"),
 ]
 
 
@@ -206,6 +227,19 @@ def places(tmp_path_factory) -> dict[str, str]:
     np.savez(files / "channels_first.npz", arr_0=np.zeros((2, 3, 8, 8), np.uint8))
     np.savez(files / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
     np.savez(files / "images_key.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    sigma = np.eye(4)
+    sigma[0, 1] = np.nan
+    np.savez(files / "nan_stats.npz", mu=np.zeros(4), sigma=sigma)
+    (files / "latin1.txt").write_bytes("a caf\u00e9 on a chair\n".encode("latin-1"))
+    (files / "blank.txt").write_text("\n   \n")
+    with open(files / "objects.pt", "wb") as file:
+        pickle.dump({"weight": Counter(a=1)}, file)  # a pickle of other objects than tensors
+    (files / "random.pt").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    good = (list_checkpoints(run)[-1] / "ema.safetensors").read_bytes()
+    (files / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    (files / "sharded").mkdir()
+    (files / "sharded" / ".metadata").write_bytes(b"")
+    (files / "sharded" / "__0_0.distcp").write_bytes(b"")
     return {"run": str(run), "checkpoint": str(list_checkpoints(run)[-1]), "files": str(files),
             "text_run": str(text_root / "run")}
 
@@ -257,3 +291,62 @@ def test_check_number_accepts_the_bounds():
     check_number("x", 0, low=0, high=1)
     check_number("x", 1.0, low=0, high=1)
     check_number("x", 5, integer=True)
+
+
+def test_ctrl_c_while_sampling_is_one_line_and_keeps_the_finished_shards(places, tmp_path, capsys, monkeypatch):
+    import sprint_mm.cli as cli
+
+    real, calls = cli.sample_shard, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "sample_shard", interrupted)
+    out = tmp_path / "s.png"
+    argv = ["--run", places["run"], "--steps", "2", "--num", "4", "--batch-size", "2", "--out", str(out)]
+    assert sample_main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("interrupted: the shards finished so far are kept")
+    assert "Traceback" not in err and len(list((tmp_path / ".s.png.shards").glob("*.pt"))) == 1
+    monkeypatch.setattr(cli, "sample_shard", real)
+    assert sample_main(argv) == 0 and out.is_file()
+
+
+def test_a_size_far_beyond_training_samples_with_force_and_says_its_memory(places, tmp_path, capsys):
+    argv = ["--run", places["run"], "--steps", "1", "--num", "1", "--size", "64", "--out", str(tmp_path / "big.png")]
+    assert sample_main(argv) == 2
+    assert "256 tokens per sample, 64x the 4 the model trained on" in capsys.readouterr().err  # patch 4 on 8 px
+    assert sample_main([*argv, "--force"]) == 0
+    assert "--force: sampling 256 tokens per sample, 64x the 4 the model trained on; about" in capsys.readouterr().out
+    assert sample_main([*argv[:-4], "--size", "32", *argv[-2:]]) == 0  # 16x the tokens: no --force needed
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_cut_with_a_note(places, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    long = "a handwritten seven " + "drawn with a thick black pen on white paper " * 12
+    argv = ["--run", places["text_run"], "--prompt", long, "--prompt", "a seven", "--steps", "1",
+            "--out", str(tmp_path / "t.png")]
+    assert sample_main(argv) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "tokens long; the text encoder reads the first" in notes[0]
+    assert "the prompt 'a handwritten seven drawn with a thick black pen on white...' is" in notes[0]
+
+
+def test_a_crafted_pickle_given_to_convert_runs_nothing(tmp_path, capsys):
+    marker = tmp_path / "marker"
+
+    class Crafted:
+        def __reduce__(self):
+            return (eval, (f"open({str(marker)!r}, 'w').close()",))
+
+    path = tmp_path / "crafted.pt"
+    torch.save({"weight": Crafted()}, path)
+    assert convert_checkpoint.main(["--from", "sit", "--to", "ours", "--input", str(path), "--output",
+                                    str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists() and err.count("\n") == 1
+    assert err.startswith(f"error: checkpoint file {str(path)!r} cannot be read as a torch (weights only")
+    assert "Unsupported global" in err

@@ -451,3 +451,42 @@ def test_cli_reports_one_clear_error(cli, tmp_path, capsys):
     assert cli.main(["--samples", samples_path, "--reference", samples_path, "--metric", "fid", "--weights", "w.pth"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: weights not found: w.pth") and error.count("\n") == 1 and "Traceback" not in error
+
+
+def test_non_finite_statistics_are_refused_before_the_matrix_square_root(tmp_path, cli, capsys, monkeypatch):
+    # scipy's sqrtm never returned on a covariance holding NaN (killed after 11 minutes): refused before it.
+    mu, sigma = np.zeros(3), np.eye(3)
+    broken = sigma.copy()
+    broken[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"second statistics: mu and sigma hold 1 NaN or infinite value"):
+        frechet_distance(mu, sigma, mu, broken)
+    with pytest.raises(ValueError, match=r"first statistics: mu and sigma hold 2 NaN"):
+        frechet_distance(np.array([np.inf, 0, -np.inf]), sigma, mu, sigma)
+    path = tmp_path / "ref.npz"
+    np.savez(path, mu=mu, sigma=broken)
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda *args: pytest.fail("sqrtm was reached"))
+    samples = str(save_npz(tmp_path / "samples.npz", images(0, 4)))
+    monkeypatch.setattr(cli, "build_extractor", lambda *args: None)  # refused before any feature is computed
+    assert cli.main(["--samples", samples, "--reference", str(path), "--metric", "fid", "--weights", "w.pth"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: statistics file {path}: mu and sigma hold 1 NaN") and error.count("\n") == 1
+
+
+def test_a_corrupt_png_in_a_sample_folder_and_a_weights_folder_for_fid_are_one_line(tmp_path, cli, capsys):
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for index, image in enumerate(images(0, 3)):
+        Image.fromarray(image).save(folder / f"{index:03d}.png")
+    (folder / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    assert cli.main(["--samples", str(folder), "--write-reference", str(tmp_path / "r.npz"), "--metric", "fid",
+                     "--weights", str(weights)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: --weights {weights} is a folder, but Inception") and "not found" not in error
+    assert cli.main(["--samples", str(folder), "--write-reference", str(tmp_path / "r.npz"), "--metric", "fdd",
+                     "--weights", str(weights)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: no DINOv2 model at {str(weights)!r}") and error.count("\n") == 1
+    with pytest.raises(ValueError, match=r"001.png cannot be read as an image \(UnidentifiedImageError"):
+        load_samples(folder)

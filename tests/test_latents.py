@@ -192,7 +192,7 @@ def test_stored_moments_equal_vae_posterior(encoded, reference_vae):
 
 def test_folder_and_zip_layouts_give_the_same_items(encoded, zipped):
     folder, _ = encoded
-    assert sorted(p.name for p in zipped.iterdir()) == ["images.zip", "vae-sd.zip"]
+    assert sorted(p.name for p in zipped.iterdir()) == ["encoding.json", "images.zip", "vae-sd.zip"]
     for tree in ("images", "vae-sd"):
         on_disk = sorted(p.relative_to(folder / tree).as_posix() for p in (folder / tree).rglob("*") if p.is_file())
         with zipfile.ZipFile(zipped / f"{tree}.zip") as archive:
@@ -325,15 +325,17 @@ def write_test_video(path: Path, frames: np.ndarray) -> None:
             container.mux(packet)
 
 
-def test_video_encoding_is_per_frame_encoding(vae_dir, tmp_path):
+def test_video_encoding_is_per_frame_encoding(vae_dir, tmp_path, capsys):
     rng = np.random.default_rng(4)
     source, out = tmp_path / "videos", tmp_path / "latents"
     write_test_video(source / "jump" / "a.mp4", rng.integers(0, 256, (5, 20, 24, 3), dtype=np.uint8))
     write_test_video(source / "run" / "b.mp4", rng.integers(0, 256, (4, RESOLUTION, RESOLUTION, 3), dtype=np.uint8))
     (source / "run" / "broken.mp4").write_bytes(b"not a video")
-    with pytest.warns(UserWarning, match="broken.mp4"):
-        count = encode_videos.encode_video_folder(source, out, vae_dir, RESOLUTION, num_frames=4, batch_size=3)
+    count = encode_videos.encode_video_folder(source, out, vae_dir, RESOLUTION, num_frames=4, batch_size=3)
     assert count == 2
+    skipped = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert skipped[0].startswith("skipped run/broken.mp4: cannot read it (InvalidDataError") and len(skipped) == 2
+    assert skipped[1].startswith("skipped 1 video(s) that cannot be read")
 
     lines = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     assert lines == [{"path": "jump/a.mp4.safetensors", "label": 0}, {"path": "run/b.mp4.safetensors", "label": 1}]
@@ -359,5 +361,118 @@ def test_video_encoding_is_per_frame_encoding(vae_dir, tmp_path):
         torch.manual_seed(5)
         torch.testing.assert_close(item["x"], (stored["mean"] + stored["std"] * torch.randn(4, 4, 8, 8)) * 0.5)
         assert item["label"] == 1
-    with pytest.warns(UserWarning, match="broken.mp4"):
-        assert encode_videos.encode_video_folder(source, out, vae_dir, RESOLUTION, num_frames=4) == 0
+    assert encode_videos.encode_video_folder(source, out, vae_dir, RESOLUTION, num_frames=4) == 0
+    assert "skipped run/broken.mp4" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- encode_images.py reruns
+
+
+def labels_by_source(out: Path, src: Path) -> dict[str, int]:
+    """Each encoded item's label, keyed by the source its record names."""
+    record = json.loads((out / "encoding.json").read_text())["items"]
+    labels = dict(json.loads((out / "vae-sd" / "dataset.json").read_text())["labels"])
+    return {name: labels[latent_member(entry["index"])] for name, entry in record.items()}
+
+
+def test_a_rerun_follows_deleted_added_and_changed_sources(image_source, vae_dir, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(image_source, src)
+    assert encode_images.encode_image_folder(src, out, vae_dir, RESOLUTION, batch_size=2) == 5
+    first = {name: np.load(out / "vae-sd" / latent_member(entry["index"])) for name, entry in
+             json.loads((out / "encoding.json").read_text())["items"].items()}
+    (src / "cat" / "b.png").unlink()  # by position, every later item would now take its neighbour's label
+    (src / "ant").mkdir()  # a new first class: cat becomes 1, dog 2
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(src / "ant" / "x.png")
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(src / "dog" / "a.png")  # same path, other content
+    assert encode_images.encode_image_folder(src, out, vae_dir, RESOLUTION, batch_size=2) == 2  # ant/x, dog/a
+    expected = {"ant/x.png": 0, "cat/a.png": 1, "cat/c.png": 1, "dog/a.png": 2, "dog/b.png": 2}
+    assert labels_by_source(out, src) == expected
+    record = json.loads((out / "encoding.json").read_text())["items"]
+    assert not (out / "vae-sd" / latent_member(1)).exists()  # cat/b's item is gone
+    for name in ("cat/a.png", "cat/c.png", "dog/b.png"):
+        assert np.array_equal(np.load(out / "vae-sd" / latent_member(record[name]["index"])), first[name])
+    assert not np.allclose(np.load(out / "vae-sd" / latent_member(record["dog/a.png"]["index"])), first["dog/a.png"])
+    dataset = LatentDataset(str(out), with_images=True)
+    assert len(dataset) == 5 and sorted(dataset.labels) == [0, 1, 1, 2, 2]
+    assert encode_images.encode_image_folder(src, out, vae_dir, RESOLUTION, batch_size=2) == 0
+
+
+def run_encoder(argv: list[str], capsys) -> tuple[int, str]:
+    code = encode_images.main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_encoder_mistakes_are_one_line_and_a_corrupt_image_is_skipped(image_source, vae_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["--dest", str(out), "--device", "cpu", "--batch-size", "2"]
+    good = ["--source", str(image_source), "--vae", vae_dir, *common]
+    for argv, expected in [
+        (["--source", str(tmp_path / "nowhere"), "--vae", vae_dir, *common], "does not exist"),
+        ([*good, "--resolution", "0"], "--resolution must be a positive number of pixels, got 0"),
+        (["--source", str(image_source), "--vae", str(tmp_path / "no_vae"), *common], "no diffusers AutoencoderKL"),
+    ]:
+        code, err = run_encoder(argv, capsys)
+        assert code == 2 and err.startswith("error: ") and expected in err and "Traceback" not in err
+    src = tmp_path / "src"
+    shutil.copytree(image_source, src)
+    (src / "dog" / "broken.png").write_bytes(b"\x89PNG not an image")
+    code, err = run_encoder(["--source", str(src), "--vae", vae_dir, *common, "--resolution", str(RESOLUTION)], capsys)
+    assert code == 0 and [line for line in err.splitlines() if "skipped" in line] == [
+        "skipped dog/broken.png: cannot read it (UnidentifiedImageError: cannot identify image file "
+        f"'{src / 'dog' / 'broken.png'}')"]
+    assert labels_by_source(out, src) == dict(zip(["cat/a.png", "cat/b.png", "cat/c.png", "dog/a.png", "dog/b.png"],
+                                                  LABELS))
+    code, err = run_encoder([*good, "--resolution", "8"], capsys)  # the same destination at another size
+    assert code == 2 and "resolution 16 then, 8 now" in err
+    earlier = tmp_path / "earlier"  # written before the record existed: items named by position, uncheckable
+    shutil.copytree(out, earlier)
+    (earlier / "encoding.json").unlink()
+    code, err = run_encoder(["--source", str(src), "--vae", vae_dir, "--dest", str(earlier)], capsys)
+    assert code == 2 and "no encoding.json" in err
+
+
+def test_ctrl_c_keeps_what_was_encoded(image_source, vae_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    argv = ["--source", str(image_source), "--dest", str(out), "--vae", vae_dir, "--resolution", str(RESOLUTION),
+            "--batch-size", "2", "--device", "cpu"]
+    real, calls = encode_images.encode_batch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(encode_images, "encode_batch", interrupted)
+    code, err = run_encoder(argv, capsys)
+    assert code == 130 and err.strip().splitlines()[-1].startswith("interrupted: what was encoded so far is kept")
+    assert "Traceback" not in err
+    monkeypatch.setattr(encode_images, "encode_batch", real)
+    assert encode_images.encode_image_folder(image_source, out, vae_dir, RESOLUTION, batch_size=2) == 3
+    assert labels_by_source(out, image_source) == dict(zip([f"{c}/{n}" for c, n, *_ in SOURCE_IMAGES], LABELS))
+
+
+def test_video_encoder_reruns_check_the_settings_and_follow_changed_sources(vae_dir, tmp_path, capsys, monkeypatch):
+    rng = np.random.default_rng(5)
+    source, out = tmp_path / "videos", tmp_path / "latents"
+    for name in ("jump/a.mp4", "run/b.mp4"):
+        write_test_video(source / name, rng.integers(0, 256, (4, RESOLUTION, RESOLUTION, 3), dtype=np.uint8))
+    argv = ["--source", str(source), "--dest", str(out), "--vae", vae_dir, "--num-frames", "4", "--device", "cpu"]
+    assert encode_videos.main([*argv, "--resolution", str(RESOLUTION)]) == 0
+    capsys.readouterr()
+    before = {name: load_file(out / f"{name}.safetensors") for name in ("jump/a.mp4", "run/b.mp4")}
+    assert encode_videos.main([*argv, "--resolution", "8"]) == 2  # one index would mix 8x8 and 4x4 latents
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "resolution 16 then, 8 now" in err
+    assert encode_videos.main([*argv, "--resolution", str(RESOLUTION), "--vae-kind", "video"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "'AutoencoderKL'" in err and "Traceback" not in err
+    write_test_video(source / "jump/a.mp4", rng.integers(0, 256, (4, RESOLUTION, RESOLUTION, 3), dtype=np.uint8))
+    assert encode_videos.encode_video_folder(source, out, vae_dir, RESOLUTION, num_frames=4) == 1  # a.mp4 changed
+    assert not torch.equal(load_file(out / "jump/a.mp4.safetensors")["mean"], before["jump/a.mp4"]["mean"])
+    assert torch.equal(load_file(out / "run/b.mp4.safetensors")["mean"], before["run/b.mp4"]["mean"])
+    monkeypatch.setattr(encode_videos, "read_frames", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    (out / "run/b.mp4.safetensors").unlink()
+    assert encode_videos.main([*argv, "--resolution", str(RESOLUTION)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted: what was encoded so far is kept")

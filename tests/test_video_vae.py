@@ -189,7 +189,7 @@ def video_source(tmp_path_factory) -> Path:
     return root
 
 
-def test_sharded_video_vae_encoding_round_trips_through_the_dataset(video_source, vae_dirs, tmp_path):
+def test_sharded_video_vae_encoding_round_trips_through_the_dataset(video_source, vae_dirs, tmp_path, capsys):
     wan = vae_dirs["AutoencoderKLWan"]
     out = tmp_path / "latents"
     with pytest.raises(ValueError, match=r"^6 frames: AutoencoderKLWan encodes clips of 1 \+ 4k: allowed 1, 5, 9"):
@@ -205,10 +205,11 @@ def test_sharded_video_vae_encoding_round_trips_through_the_dataset(video_source
                                               shard=0, num_shards=2)
     written_by_first = {p.relative_to(out).as_posix() for p in out.rglob("*.safetensors")}
     assert first == 3 and not (out / "index.jsonl").exists()  # shard 1 has not run yet
-    with pytest.warns(UserWarning, match="short.mp4"):  # shard 1: b, short (3 frames < 5: skipped), e
-        encode_videos.main(["--source", str(video_source), "--dest", str(out), "--vae", wan, "--vae-kind", "video",
-                            "--resolution", str(SIDE), "--num-frames", "5", "--shard", "1", "--num-shards", "2",
-                            "--device", "cpu"])
+    # shard 1: b, short (3 frames < 5: skipped with one line), e
+    assert encode_videos.main(["--source", str(video_source), "--dest", str(out), "--vae", wan, "--vae-kind", "video",
+                               "--resolution", str(SIDE), "--num-frames", "5", "--shard", "1", "--num-shards", "2",
+                               "--device", "cpu"]) == 0
+    assert "skipped run/short.mp4: cannot read it (ValueError: " in capsys.readouterr().err
     everything = {p.relative_to(out).as_posix() for p in out.rglob("*.safetensors")}
     assert written_by_first == {"jump/a.mp4.safetensors", "run/c.mp4.safetensors", "walk/d.mp4.safetensors"}
     assert everything - written_by_first == {"jump/b.mp4.safetensors", "walk/e.mp4.safetensors"}
@@ -234,16 +235,20 @@ def test_sharded_video_vae_encoding_round_trips_through_the_dataset(video_source
                                    atol=1e-4, rtol=1e-4)
         assert drawn["label"] == entry["label"]
     with safe_open(out / lines[0]["path"], "pt") as stored:
-        assert stored.metadata() == {"vae": "AutoencoderKLWan", "normalised": "true"}
+        metadata = stored.metadata()
+    source = video_source / lines[0]["path"].removesuffix(".safetensors")
+    assert metadata == {"vae": "AutoencoderKLWan", "normalised": "true", "resolution": str(SIDE),
+                        "source_size": str(source.stat().st_size), "source_mtime_ns": str(source.stat().st_mtime_ns),
+                        "source_sha256": encode_images.file_sha256(source)}
 
     before = load_file(out / "run/c.mp4.safetensors")
     (out / "jump/b.mp4.safetensors").unlink()
     # Resume: shard 0 has nothing left to do; shard 1 encodes only its missing file and merges the index again.
     assert encode_videos.encode_video_folder(video_source, out, wan, SIDE, num_frames=5, vae_kind="video",
                                              shard=0, num_shards=2) == 0
-    with pytest.warns(UserWarning, match="short.mp4"):
-        assert encode_videos.encode_video_folder(video_source, out, wan, SIDE, num_frames=5, vae_kind="video",
-                                                 shard=1, num_shards=2) == 1
+    assert encode_videos.encode_video_folder(video_source, out, wan, SIDE, num_frames=5, vae_kind="video",
+                                             shard=1, num_shards=2) == 1
+    assert "skipped run/short.mp4" in capsys.readouterr().err
     assert (out / "jump/b.mp4.safetensors").is_file()
     torch.testing.assert_close(load_file(out / "run/c.mp4.safetensors"), before, atol=0, rtol=0)
     assert [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()] == expected

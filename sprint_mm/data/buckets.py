@@ -232,9 +232,16 @@ def item_sizes(dataset: SizedItems, cache_dir: str | os.PathLike | None = None) 
     else read again and the cache rewritten. A folder that cannot be written only costs the cache (a warning). A
     dataset made of `parts` (`JointDataset`) is the concatenation of its parts' sizes, each cached on its own.
     """
+    return sizes_and_unreadable(dataset, cache_dir)[0]
+
+
+def sizes_and_unreadable(dataset: SizedItems, cache_dir: str | os.PathLike | None = None
+                         ) -> tuple[list[Optional[Shape]], list[tuple[str, str, str]]]:
+    """`item_sizes`, and the (kind, path, reason) of every item whose size cannot be read."""
     parts = getattr(dataset, "parts", None)
     if parts is not None:
-        return [size for part in parts for size in item_sizes(part, cache_dir)]
+        read = [sizes_and_unreadable(part, cache_dir) for part in parts]
+        return [size for sizes, _ in read for size in sizes], [record for _, records in read for record in records]
     key = dataset.cache_key()
     path = None if key is None else cache_path(dataset, key[0], cache_dir)
     cached = None if path is None else _read_cache(path, key[1], len(dataset))
@@ -243,19 +250,20 @@ def item_sizes(dataset: SizedItems, cache_dir: str | os.PathLike | None = None) 
     else:
         sizes, unreadable = _read_sizes(dataset)
         if path is not None:
-            _write_cache(path, {"fingerprint": key[1], "sizes": sizes, "unreadable": unreadable})
+            _write_cache(path, {"fingerprint": key[1], "sizes": sizes, "unreadable": describe(unreadable),
+                                "unreadable_items": unreadable})
     missing = sum(size is None for size in sizes)
     if missing == len(sizes):
         raise BadDataError(f"no item of the {len(sizes)} in {type(dataset).__name__} has a readable size: "
-                           f"{unreadable}")
+                           f"{describe(unreadable)}")
     if missing:
         warnings.warn(f"{missing} of {len(sizes)} items of {type(dataset).__name__} have no readable size and are "
-                      f"left out: {unreadable}", stacklevel=2)
-    return sizes
+                      f"left out (counted as bad data): {describe(unreadable)}", stacklevel=2)
+    return sizes, unreadable
 
 
-def _read_sizes(dataset: SizedItems) -> tuple[list[Optional[Shape]], str]:
-    """Every item's size from `item_size` (None where it raises `BadItem`) and the description of those bad items."""
+def _read_sizes(dataset: SizedItems) -> tuple[list[Optional[Shape]], list[tuple[str, str, str]]]:
+    """Every item's size from `item_size` (None where it raises `BadItem`) and the records of those bad items."""
     sizes: list[Optional[Shape]] = []
     bad = []
     for index in tqdm(range(len(dataset)), desc=f"reading item sizes of {type(dataset).__name__}", unit="item",
@@ -270,18 +278,22 @@ def _read_sizes(dataset: SizedItems) -> tuple[list[Optional[Shape]], str]:
             raise ValueError(f"{type(dataset).__name__}.item_size({index}) must be a positive (frames, height, "
                              f"width), got {size}")
         sizes.append(size)  # type: ignore[arg-type]
-    return sizes, describe(bad)
+    return sizes, bad
 
 
-def _read_cache(path: Path, print_: str, count: int) -> Optional[tuple[list[Optional[Shape]], str]]:
-    """The cached sizes and description of unreadable items, None when there is no cache for this item list."""
+def _read_cache(path: Path, print_: str, count: int) -> Optional[tuple[list[Optional[Shape]], list[tuple]]]:
+    """The cached sizes and records of unreadable items, None when there is no cache for this item list (or one
+    written before the records were kept, that has unreadable items)."""
     try:
         content = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(content, dict) or content.get("fingerprint") != print_ or len(content.get("sizes", ())) != count:
         return None
-    return [None if size is None else tuple(size) for size in content["sizes"]], content.get("unreadable", "")
+    sizes = [None if size is None else tuple(size) for size in content["sizes"]]
+    if None in sizes and "unreadable_items" not in content:
+        return None
+    return sizes, [tuple(record) for record in content.get("unreadable_items", [])]
 
 
 def _write_cache(path: Path, content: dict[str, Any]) -> None:
@@ -317,7 +329,8 @@ class BucketedDataset(Dataset):
 
     `x` is (C, H, W) for an image dataset and (C, T, H, W) for a video dataset, T = the bucket's frames. Items that
     no bucket takes (see `BucketTable.assign`) or whose size cannot be read are left out (`bucket_of[i]` is None)
-    and reported once, by count with examples; `BucketBatchSampler(bucket_of, table, ...)` never asks for them.
+    and reported once, by count with examples; `BucketBatchSampler(bucket_of, table, ...)` never asks for them. The
+    unreadable ones (`unreadable`: (kind, path, reason) each) are bad data: a run counts them in its ledger.
     `len` is the wrapped dataset's. With `SkippingDataset`, a bad item is replaced by the next good item of the SAME
     bucket (`substitutes`), so every batch keeps one shape.
     """
@@ -331,7 +344,8 @@ class BucketedDataset(Dataset):
         if not isinstance(table, BucketTable):
             raise ValueError(f"table must be a BucketTable, got {type(table).__name__}")
         self.dataset, self.table = dataset, table
-        sizes, crop = item_sizes(dataset, cache_dir), _crop_only(dataset, crop_only)
+        sizes, self.unreadable = sizes_and_unreadable(dataset, cache_dir)
+        crop = _crop_only(dataset, crop_only)
         self.bucket_of: list[Optional[int]] = _assign_all(sizes, table, crop)
         self.members: list[list[int]] = [[] for _ in table]
         self._rank = [-1] * len(self.bucket_of)  # item -> its place among its bucket's members

@@ -18,11 +18,13 @@ from sprint_mm.text import TEXT_KEYS, EmbeddingCache, condition_keys
 
 MEDIA = ("image", "video")
 INDEX_FIELDS = ("path", "caption")
+SHOWN = 5  # how many missing files an error names
 
 
 class CaptionRecord(NamedTuple):
     path: Path
     caption: str
+    where: str = ""  # file:line of the index row, for errors
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -30,7 +32,8 @@ class CaptionRecord(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------------
 
 def read_caption_index(index: str | Path) -> list[CaptionRecord]:
-    """The (path, caption) records of a JSONL (`{"path": ..., "caption": ...}` per line) or CSV (`path,caption`) index.
+    """The (path, caption) records of a JSONL (`{"path": ..., "caption": ...}` per line) or CSV (`path,caption`,
+    read with the csv module: quote a caption that holds a comma) index.
 
     Relative paths resolve against the index's folder.
     """
@@ -48,7 +51,21 @@ def record_from_row(row: dict, where: str, root: Path) -> CaptionRecord:
             raise ValueError(f"{where}: {field} must be a string, got {row[field]!r}")
     if not row["path"]:
         raise ValueError(f"{where} has an empty path")
-    return CaptionRecord(root / row["path"], row["caption"])
+    return CaptionRecord(root / row["path"], row["caption"], where)
+
+
+def check_caption_records(index: Path, records: list[CaptionRecord]) -> None:
+    """Refuse at start what would stop or spoil a run later: media files that do not exist (found mid-run, they would
+    lose the steps since the last checkpoint) and captions that are all empty (the model would learn no text)."""
+    missing = [record for record in records if not record.path.is_file()]
+    if missing:
+        listed = "; ".join(f"{record.where}: {record.path}" for record in missing[:SHOWN])
+        more = f"; and {len(missing) - SHOWN} more" if len(missing) > SHOWN else ""
+        raise FileNotFoundError(f"the caption index {str(index)!r} lists {len(missing)} of {len(records)} media "
+                                f"file(s) that do not exist: {listed}{more}")
+    if not any(record.caption.strip() for record in records):
+        raise ValueError(f"every caption in {str(index)!r} is empty ({len(records)} rows): a text-conditioned model "
+                         "would learn no text from them (it would train unconditionally); fill in the captions")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,7 +95,8 @@ class CaptionDataset(torch.utils.data.Dataset):
     A row whose image PIL cannot decode, or whose video the reader fails on (any exception but ImportError) or
     returns as anything but a finite float (C, T, H, W) tensor, raises `BadItem("caption", media path, reason)`
     (`SkippingDataset` replaces it by the next good row); so does a cached text embedding that cannot be read. A
-    media file that does not exist is an error of the index and raises FileNotFoundError.
+    media file that does not exist is an error of the index: the dataset refuses it when it is built, naming the
+    index lines (`check_caption_records`), as it refuses an index whose captions are all empty.
 
     Buckets: `item_size` reads an image's header, or a video's container metadata with `video_size(path) ->
     (frames, height, width)` (default: PyAV's stream info, `sprint_mm.data.video.video_size`); `load(i, shape)`
@@ -108,6 +126,7 @@ class CaptionDataset(torch.utils.data.Dataset):
             )
         self.index = Path(index)
         self.records = read_caption_index(index)
+        check_caption_records(self.index, self.records)
         self.resolution = resolution
         self.media = media
         self.video_reader = video_reader
@@ -129,7 +148,7 @@ class CaptionDataset(torch.utils.data.Dataset):
     def _item(self, i: int, frames: int | None, size: tuple[int, int]) -> dict:
         """Row `i` resized to cover `size` and centre-cropped; a video cut to its middle `frames` frames (None:
         all)."""
-        path, caption = self.records[i]
+        path, caption = self.records[i].path, self.records[i].caption
         x = read_image(path) if self.media == "image" else self.read_video(path)
         if frames is not None:
             x = x[:, clip_frame_indices(x.shape[1], frames, 1, random_start=False)]

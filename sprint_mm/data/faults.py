@@ -116,11 +116,17 @@ class SkippingDataset(Dataset):
 class BadDataLedger:
     """The bad items of a run: fed each micro-batch's records, it gives counts to log and stops a run with too many.
 
-    The bad fraction is (requested items that were bad) / (items delivered): each bad item an index asked for counts
-    once, under its kind, and was replaced by a good one; further bad items a replacement passed on the way
+    The bad fraction read is (requested items that were bad) / (items delivered): each bad item an index asked for
+    counts once, under its kind, and was replaced by a good one; further bad items a replacement passed on the way
     (`offset` > 0) are named in reports but counted when their own index is requested. Over an epoch that is exactly
-    the share of bad files. `check` raises `BadDataError` once that fraction exceeds `max_bad_fraction`, judged only
-    after `min_items` items, so one bad file in the first batch does not stop a run. Counts are per process.
+    the share of bad files. Items a bucketed dataset leaves out because their size cannot be read (`left_out`) are
+    never requested: their share of the listed items is known at start and adds to it, so a bucket run stops on bad
+    data as a plain run does. `check` raises `BadDataError` once the fraction exceeds `max_bad_fraction`, judged only
+    after `min_items` items, so one bad file in the first batch does not stop a run.
+
+    Counts are global over the processes: `share` adds the other processes' counts (every process calls it at the
+    same point), so every process judges the same fraction and stops at the same step. A checkpoint holds the global
+    counts (`state_dict`), and a resumed run continues from them on any number of processes.
     """
 
     def __init__(self, max_bad_fraction: float = 0.01, min_items: int = 50) -> None:
@@ -129,8 +135,10 @@ class BadDataLedger:
         if min_items < 1:
             raise ValueError(f"min_items must be >= 1, got {min_items}")
         self.max_bad_fraction, self.min_items = max_bad_fraction, min_items
-        self.items = 0
-        self.bad: Counter[str] = Counter()
+        self.items, self.bad = 0, Counter()  # this process's, since it started
+        self.restored_items, self.restored_bad = 0, Counter()  # every process's, up to the resumed checkpoint
+        self.elsewhere_items, self.elsewhere_bad = 0, Counter()  # the other processes', as of the last `share`
+        self.left_out, self.listed = Counter(), 0  # items with no readable size, of how many listed
         self.examples: list[BadRecord] = []  # the first EXAMPLES distinct bad files
 
     def add(self, records: Iterable[tuple], items: int) -> None:
@@ -141,31 +149,72 @@ class BadDataLedger:
             raise ValueError(f"a batch of {items} items cannot hold substitutes for {sum(requested.values())} bad ones")
         self.items += items
         self.bad += requested
+        self._remember(records)
+
+    def add_left_out(self, records: Iterable[tuple], listed: int) -> None:
+        """The items a dataset of `listed` items leaves out before training (their size cannot be read); every
+        process reads the same list, so these are not summed over processes."""
+        records = [BadRecord(*record[:3], 0) for record in records]
+        self.left_out, self.listed = Counter(record.kind for record in records), listed
+        self._remember(records)
+
+    def _remember(self, records: list[BadRecord]) -> None:
         known = {(record.kind, record.path) for record in self.examples}
         for record in records:
             if len(self.examples) < EXAMPLES and (record.kind, record.path) not in known:
                 self.examples.append(record)
                 known.add((record.kind, record.path))
 
+    def local_counts(self) -> list[float]:
+        """This process's counts as numbers to sum over processes: items, then bad items per kind of KINDS."""
+        return [float(self.items), *(float(self.bad[kind]) for kind in KINDS)]
+
+    def share(self, summed: list[float]) -> None:
+        """Take the sum of every process's `local_counts` (the others' are the difference to this one's)."""
+        mine = self.local_counts()
+        self.elsewhere_items = round(summed[0] - mine[0])
+        self.elsewhere_bad = Counter({kind: round(total - own) for kind, total, own in zip(KINDS, summed[1:], mine[1:])
+                                      if round(total - own)})
+
+    @property
+    def total_items(self) -> int:
+        return self.restored_items + self.elsewhere_items + self.items
+
+    @property
+    def total_bad(self) -> Counter:
+        return self.restored_bad + self.elsewhere_bad + self.bad
+
     @property
     def bad_fraction(self) -> float:
-        return sum(self.bad.values()) / self.items if self.items else 0.0
+        """The share of bad items: left out at start, plus bad among those read from the rest."""
+        left_out = sum(self.left_out.values()) / self.listed if self.listed else 0.0
+        read = sum(self.total_bad.values()) / self.total_items if self.total_items else 0.0
+        return left_out + (1.0 - left_out) * read
 
     def metrics(self) -> dict[str, float]:
-        """`bad_fraction` and `bad_<kind>` (bad requested items so far) for every kind seen."""
-        return {"bad_fraction": self.bad_fraction, **{f"bad_{kind}": count for kind, count in sorted(self.bad.items())}}
+        """`bad_fraction` and `bad_<kind>` (bad requested items so far, over every process, and items left out) for
+        every kind seen."""
+        counts = self.total_bad + self.left_out
+        return {"bad_fraction": self.bad_fraction, **{f"bad_{kind}": count for kind, count in sorted(counts.items())}}
 
     def summary(self) -> str:
         """One line for a log: the counts and examples; empty while nothing was bad."""
-        if not self.bad:
-            return ""
-        counts = ", ".join(f"{kind} {count}" for kind, count in sorted(self.bad.items()))
-        return (f"{sum(self.bad.values())} of {self.items} items read were bad ({self.bad_fraction:.2%}; {counts}), "
-                f"each replaced by the next good item; e.g. {describe(self.examples)}")
+        parts = []
+        if self.total_bad:
+            counts = ", ".join(f"{kind} {count}" for kind, count in sorted(self.total_bad.items()))
+            read = sum(self.total_bad.values()) / self.total_items
+            parts.append(f"{sum(self.total_bad.values())} of {self.total_items} items read were bad ({read:.2%}; "
+                         f"{counts}), each replaced by the next good item")
+        if self.left_out:
+            counts = ", ".join(f"{kind} {count}" for kind, count in sorted(self.left_out.items()))
+            parts.append(f"{sum(self.left_out.values())} of {self.listed} items were left out before training, their "
+                         f"size unreadable ({counts}): {self.bad_fraction:.2%} bad in all")
+        return f"{'; '.join(parts)}; e.g. {describe(self.examples)}" if parts else ""
 
     def check(self) -> None:
         """Raise `BadDataError` if more than `max_bad_fraction` of at least `min_items` items were bad."""
-        if self.items >= self.min_items and self.bad_fraction > self.max_bad_fraction:
+        judged = self.total_items >= self.min_items or (self.left_out and self.listed >= self.min_items)
+        if judged and self.bad_fraction > self.max_bad_fraction:
             above = math.ceil(self.bad_fraction * 100) / 100  # the next whole percent
             raise BadDataError(
                 f"too much bad data: {self.summary()}. The limit is BadDataLedger.max_bad_fraction = "
@@ -174,11 +223,13 @@ class BadDataLedger:
             )
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-ready counts, so a resumed run continues them."""
-        return {"items": self.items, "bad": dict(self.bad), "examples": [list(record) for record in self.examples]}
+        """JSON-ready counts over every process (as of the last `share`), so a resumed run continues them."""
+        return {"items": self.total_items, "bad": dict(self.total_bad),
+                "examples": [list(record) for record in self.examples]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.items, self.bad = state["items"], Counter(state["bad"])
+        self.restored_items, self.restored_bad = state["items"], Counter(state["bad"])
+        self.items, self.bad, self.elsewhere_items, self.elsewhere_bad = 0, Counter(), 0, Counter()
         self.examples = [BadRecord(*record) for record in state["examples"]]
 
 

@@ -66,6 +66,8 @@ def jsonl_rows(lines: Iterable[str], source: str, columns: tuple[str, ...]) -> I
 
 
 def _csv_rows(lines: Iterable[str], source: str, columns: tuple[str, ...]) -> Iterator[IndexRow]:
+    """The rows of a CSV file (the csv module: quoted cells may hold commas, quotes and line breaks). A row with more
+    or fewer cells than the header is refused at its line: an unquoted comma in a caption would otherwise cut it."""
     reader = csv.DictReader(lines)
     missing = [column for column in columns if column not in (reader.fieldnames or [])]
     if missing:
@@ -73,5 +75,11 @@ def _csv_rows(lines: Iterable[str], source: str, columns: tuple[str, ...]) -> It
             f"index {source!r} has the CSV header {reader.fieldnames}, which lacks column {missing[0]!r} "
             f"(it must name {','.join(columns)})"
         )
+    header = len(reader.fieldnames)
     for row in reader:
+        cells = header + len(row.get(None, ())) - sum(value is None for key, value in row.items() if key is not None)
+        if cells != header:
+            raise ValueError(f"{source}:{reader.line_num} has {cells} cells but the header names {header} columns "
+                             f"({','.join(reader.fieldnames)}): quote a cell that holds a comma, e.g. "
+                             '"a photo, with a comma"')
         yield IndexRow(row, reader.line_num)

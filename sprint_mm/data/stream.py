@@ -185,9 +185,13 @@ class DataStream:
         return None
 
     def next_batch(self) -> dict[str, Any]:
-        """The next micro-batch, its bad items counted (and the run stopped past the ledger's limit)."""
+        """The next micro-batch, its bad items counted over every process (and the run stopped past the ledger's
+        limit, on every process at the same micro-batch)."""
         batch = next(self._loader)
         self.ledger.add(batch.pop(BAD_ITEMS), batch["x"].shape[0])
+        if self.accelerator.num_processes > 1:
+            counts = torch.tensor(self.ledger.local_counts(), dtype=torch.float64, device=self.accelerator.device)
+            self.ledger.share(self.accelerator.reduce(counts, reduction="sum").tolist())
         self.ledger.check()
         return batch
 
@@ -209,6 +213,8 @@ class BucketStream(DataStream):
         self.micro_batch = None  # each bucket has its own batch size (the sampler checks it divides)
         with accelerator.main_process_first():  # the main process writes the cached size index, the others read it
             self.data = BucketedDataset(dataset, table)
+        self.ledger.add_left_out(self.data.unreadable, len(self.data))
+        self.ledger.check()  # items whose size cannot be read: counted as bad data from the start
         self.sampler = BucketBatchSampler(self.data.bucket_of, table, batching.seed, accelerator.process_index,
                                           accelerator.num_processes, batching.grad_accum)
 

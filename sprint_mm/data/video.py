@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import os
 import re
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -33,6 +34,7 @@ INSTALL_HINT = "pip install 'sprint-mm[video]'"
 # reader name -> the module it imports
 READER_MODULES = {"decord": "decord", "pyav": "av"}
 _INT_LABEL = re.compile(r"-?\d+")
+SIZE_SAMPLES = 5  # how many evenly spaced videos set the frame size of a dataset without a resolution
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,6 +225,10 @@ class VideoFolderDataset(Dataset):
     decode them again (a timed-out decode holds a thread until it returns; a retry would hold another).
     A missing reader package is an ImportError, never a bad file.
 
+    With `resolution` None the clips keep their frames' size, which must be the dataset's: the most common among a
+    few evenly spaced videos, read from their container metadata when the dataset is built (`frame_size`); a video
+    of another size raises `BadItem` (it could not be batched with the others).
+
     `cache_frames` keeps every file's decoded frames in memory after its first read and cuts later clips from
     them: for small sets of short videos (the moving-digits demo), where decoding would cost as much as the
     training step. Each DataLoader worker holds its own cache, so it costs the decoded size per worker.
@@ -266,6 +272,20 @@ class VideoFolderDataset(Dataset):
         self.decode_timeout = decode_timeout
         self._frame_cache: dict[Path, np.ndarray] = {}
         self._failed: dict[Path, BadItem] = {}  # this process's files that no reader decoded in time
+        self.frame_size = self._typical_frame_size() if resolution is None else None
+
+    def _typical_frame_size(self) -> tuple[int, int] | None:
+        """The most common (height, width) among up to SIZE_SAMPLES evenly spaced videos (None when none of them
+        reports its size: every clip is then taken as it is)."""
+        count = len(self.samples)
+        picks = sorted({round(k * (count - 1) / (SIZE_SAMPLES - 1)) for k in range(SIZE_SAMPLES)}) if count else []
+        sizes: Counter[tuple[int, int]] = Counter()
+        for index in picks:
+            try:
+                sizes[tuple(self.item_size(index)[1:])] += 1
+            except BadItem:
+                continue
+        return sizes.most_common(1)[0][0] if sizes else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -354,7 +374,13 @@ class VideoFolderDataset(Dataset):
         if path in self._failed:
             raise self._failed[path].with_traceback(None)
         try:
-            return {"x": self._load_clip(path, pick, length, size), "label": label}
+            clip = self._load_clip(path, pick, length, size)
         except BadItem as bad:
             self._failed[path] = bad
             raise
+        if size is None and self.frame_size is not None and tuple(clip.shape[-2:]) != self.frame_size:
+            (height, width), (h, w) = clip.shape[-2:], self.frame_size  # bad at its own size only: not remembered
+            raise BadItem("video", path, f"frames of {height}x{width} px, but the dataset's videos have {h}x{w} "
+                          "(VideoFolderDataset.resolution = None keeps the frames' size; set a resolution to resize "
+                          "every clip to it)")
+        return {"x": clip, "label": label}

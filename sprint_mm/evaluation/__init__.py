@@ -21,6 +21,7 @@ from sprint_mm.evaluation.commands import (
     compute_feature_stats,
     evaluate,
     format_result,
+    is_stats_file,
     reference_stats,
     write_reference_stats,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "evaluate",
     "extractor_kind",
     "format_result",
+    "is_stats_file",
     "frechet_distance",
     "load_samples",
     "open_samples",

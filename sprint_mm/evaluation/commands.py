@@ -36,7 +36,9 @@ def compute_feature_stats(samples_path: str | Path, extractor: FeatureExtractor,
     return accumulator.stats(extractor.description, samples.shape[1:])
 
 
-def _is_stats_file(path: Path) -> bool:
+def is_stats_file(path: str | Path) -> bool:
+    """Whether `path` is a statistics ``.npz`` (``mu`` and ``sigma``) rather than samples."""
+    path = Path(path)
     if path.suffix != ".npz" or not path.is_file():
         return False
     with np.load(path) as data:
@@ -46,7 +48,7 @@ def _is_stats_file(path: Path) -> bool:
 def reference_stats(reference_path: str | Path, extractor: FeatureExtractor, batch_size: int = 50) -> FeatureStats:
     """Statistics of the reference: read from a ``mu``/``sigma`` ``.npz``, else computed from its samples."""
     path = Path(reference_path)
-    if not _is_stats_file(path):
+    if not is_stats_file(path):
         return compute_feature_stats(path, extractor, batch_size)
     stats = FeatureStats.load(path)
     if stats.extractor is None:

@@ -116,6 +116,10 @@ def _load_inception(path: Path) -> nn.Module:
     """torchvision's inception_v3 with local weights, strictly matched, classifier removed (pool features)."""
     from torchvision.models import inception_v3
 
+    if path.is_dir():
+        raise ValueError(f"--weights {path} is a folder, but Inception (--metric fid, or fvd with inception frame "
+                         "features) loads a state dict file (.pth, .pt or .safetensors); a folder is for DINOv2 "
+                         "(--metric fdd, or --frame-features dinov2)")
     if not path.is_file():
         raise FileNotFoundError(f"weights not found: {path} (a local .pth/.pt or .safetensors state dict)")
     if path.suffix not in WEIGHT_SUFFIXES:

@@ -20,6 +20,10 @@ def _as_gaussian(mu: np.ndarray, sigma: np.ndarray, name: str) -> tuple[np.ndarr
         raise ValueError(
             f"{name}: expected mu of shape (F,) and sigma of shape (F, F), got {mu.shape} and {sigma.shape}"
         )
+    bad = int((~np.isfinite(mu)).sum() + (~np.isfinite(sigma)).sum())
+    if bad:  # scipy's sqrtm does not return on them (it was killed after 11 minutes)
+        raise ValueError(f"{name}: mu and sigma hold {bad} NaN or infinite value(s): these statistics come from "
+                         "failed features and cannot be compared; compute them again")
     return mu, sigma
 
 
@@ -98,6 +102,7 @@ class FeatureStats:
         with np.load(path) as data:
             if "mu" not in data.files or "sigma" not in data.files:
                 raise KeyError(f"{path} has keys {data.files}; Frechet statistics need 'mu' and 'sigma'")
+            _as_gaussian(data["mu"], data["sigma"], f"statistics file {path}")  # named by its file
             return cls(
                 mu=data["mu"],
                 sigma=data["sigma"],

@@ -69,8 +69,12 @@ class _PngFolderSamples:
 
     @staticmethod
     def _read(path: Path) -> np.ndarray:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # what PIL raises on bad files
+            raise ValueError(f"sample {path} cannot be read as an image ({type(error).__name__}: {error}); remove or "
+                             "replace it") from None
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         for start in range(0, len(self.files), batch_size):
