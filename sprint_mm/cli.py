@@ -23,7 +23,9 @@ from sprint_mm.errors import check_number, report_mistakes
 from sprint_mm.media import pack_uint8, save_image_grid, save_npz, save_video, save_video_preview, unpack_uint8
 from sprint_mm.preemption import EXIT_PREEMPTED, Preempted
 from sprint_mm.checkpointer import CheckpointWriteError, NonFiniteTraining
+from sprint_mm.parallelize import process_layout, spread_model
 from sprint_mm.sampling import GUIDANCES, SOLVERS, Guidance
+from sprint_mm.sequence_split import choose
 from sprint_mm.sharded import WEIGHTS
 from sprint_mm.trained import TrainedRun, load_run
 from sprint_mm.training import Trainer
@@ -107,6 +109,12 @@ def sample_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each transformer block (one graph per token count; the first batch pays the "
                              "compilation)")
+    parser.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                        help="under torchrun / accelerate launch: spread each sample's tokens over N processes (long "
+                             "clips); the processes of a group sample the same batch")
+    parser.add_argument("--cfg-parallel", action="store_true",
+                        help="under torchrun / accelerate launch: run the two branches of CFG / PDG on two (groups of) "
+                             "processes")
     return parser
 
 
@@ -155,24 +163,30 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def check_sample_counts(args: argparse.Namespace) -> None:
-    """The counts of the command line, checked before anything loads: --num (when given), --batch-size, --steps."""
-    for option in ("num", "batch_size", "steps"):
+    """The counts of the command line, checked before anything loads: --num (when given), --batch-size, --steps,
+    --context-parallel."""
+    for option in ("num", "batch_size", "steps", "context_parallel"):
         value = getattr(args, option)
         if value is not None:
             check_number(f"--{option.replace('_', '-')}", value, low=1, integer=True)
 
 
 def write_samples(args: argparse.Namespace) -> Path:
-    """Sample in shards of --batch-size: shard s gets noise seeded by (seed, s) and is written atomically, processes
-    take shards round-robin, and a restarted command skips finished shards; the main process then packs the output.
-    The run's own path and time shift (`TrainedRun.sampling`) drive the sampler."""
+    """Sample in shards of --batch-size: shard s gets noise seeded by (seed, s) and is written atomically, data groups
+    (single processes, or the processes that spread a sample's tokens and the guidance branches) take shards
+    round-robin, and a restarted command skips finished shards; the main process then packs the output. The run's
+    own path and time shift (`TrainedRun.sampling`) drive the sampler."""
     from accelerate import Accelerator
 
     from sprint_mm.backbone import compile_blocks
 
     check_sample_counts(args)
     guidance = Guidance(args.guidance, args.scale, tuple(args.interval))
+    if args.cfg_parallel and guidance.kind == "none":
+        raise ValueError("--cfg-parallel runs the two guidance branches apart: give --guidance cfg or pdg")
     accelerator = Accelerator()
+    layout = process_layout(accelerator.num_processes, args.context_parallel, accelerator.device,
+                            "--context-parallel", branches=2 if args.cfg_parallel else 1)
 
     def requests(model: torch.nn.Module) -> tuple[list, list]:  # checked before a text encoder or a VAE loads
         return sample_requests(args, model.backbone.condition.kind, model.backbone.condition.num_classes)
@@ -183,6 +197,9 @@ def write_samples(args: argparse.Namespace) -> Path:
         compile_blocks(run.model)
     out = Path(args.out or Path(args.run) / "samples" / f"samples_{args.guidance}.png")
     shape = sample_shape(run, args, out)
+    spread_model(run.model, layout.context, "--context-parallel")
+    if layout.context is not None:  # the sample's grid must cut into equal boxes
+        choose(run.model.backbone.token_grid((1, *shape)), layout.context_size)
     total = len(labels or prompts)
     shards = out.with_name(f".{out.name}.shards")
     settings = (f"{run.checkpoint.name}/{args.weights} {args.guidance} {args.scale} {tuple(args.interval)} "
@@ -192,15 +209,16 @@ def write_samples(args: argparse.Namespace) -> Path:
         prepare_shard_folder(shards, settings)
     accelerator.wait_for_everyone()
     count = math.ceil(total / args.batch_size)
-    mine = [s for s in range(accelerator.process_index, count, accelerator.num_processes)
-            if not (shards / f"{s:06d}.pt").is_file()]
+    # each data group takes shards round-robin; the processes of a group sample the same shard, its lead writes it
+    mine = [s for s in range(layout.data_rank, count, layout.data_size) if not (shards / f"{s:06d}.pt").is_file()]
     try:
         for s in tqdm(mine, desc="shards", disable=not accelerator.is_main_process or len(mine) < 2):
             rows = range(s * args.batch_size, min((s + 1) * args.batch_size, total))
             cond = run.conditioning.from_request([labels[i] for i in rows] if labels else None,
                                                  [prompts[i] for i in rows] if prompts else None, accelerator.device)
-            packed = pack_uint8(sample_shard(run, args, guidance, cond, (len(rows), *shape), s))
-            atomic_write(shards / f"{s:06d}.pt", lambda tmp: torch.save(packed, tmp))
+            packed = pack_uint8(sample_shard(run, args, guidance, cond, (len(rows), *shape), s, layout.branches))
+            if layout.leads:
+                atomic_write(shards / f"{s:06d}.pt", lambda tmp: torch.save(packed, tmp))
     except BaseException:
         if accelerator.is_main_process:
             discard_if_empty(shards)
@@ -226,13 +244,14 @@ def sample_shape(run: TrainedRun, args: argparse.Namespace, out: Path) -> tuple[
 
 
 def sample_shard(run: TrainedRun, args: argparse.Namespace, guidance: Guidance, cond: Any, shape: Sequence[int],
-                 shard: int) -> torch.Tensor:
-    """The decoded samples of shard `shard`: noise and sampler randomness seeded by (--seed, shard)."""
+                 shard: int, branches: Any = None) -> torch.Tensor:
+    """The decoded samples of shard `shard`: noise and sampler randomness seeded by (--seed, shard); `branches`: the
+    CFG-parallel pair of processes."""
     seed = args.seed * 1_000_003 + shard
     device = next(run.model.parameters()).device
     noise = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
     return run.generate(cond, noise.to(device), args.steps, args.solver, guidance, batch_size=args.batch_size,
-                        generator=torch.Generator(device).manual_seed(seed))
+                        generator=torch.Generator(device).manual_seed(seed), branches=branches)
 
 
 def prepare_shard_folder(shards: Path, settings: str) -> None:
