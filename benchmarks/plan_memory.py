@@ -7,8 +7,8 @@ count and its data x context split, FSDP or DDP, bf16, activation checkpointing,
     python benchmarks/plan_memory.py --check                    # the estimate against measured CPU peaks
 
 How it counts, per process (`estimate`):
-- state: fp32 parameters, gradients, AdamW's two moments and the fp32 EMA, 20 bytes per parameter, sharded over every
-  process by FSDP (data x context); whole under DDP, whose gradient buckets add a copy of the gradients (24 bytes).
+- state: fp32 parameters, AdamW's two moments and the fp32 EMA (16 bytes per parameter) and fp32 gradients (4), sharded
+  over every process by FSDP (data x context), whole under DDP, whose gradient buckets add a copy of the gradients.
   FSDP holds the unsharded compute weights of two blocks (the current and the prefetched) and the fp32 gradients of
   one while it gathers and reduces; DDP under bf16 autocast keeps a bf16 copy of every weight for the backward pass.
 - activations: what autograd keeps for the backward pass of every block at the token count it runs (this process's
@@ -18,7 +18,8 @@ How it counts, per process (`estimate`):
   checkpointing each block keeps its input and one block at a time is recomputed. Outside the blocks: the fusion
   and mask-token canvas of SPRINT, the final layer, and the loss on the whole sample (every process of a context
   group holds the whole latent, noise and prediction).
-- the backward pass's working memory: the gradients of one block's activations.
+- the peak: the activations are all alive when the backward pass starts, the gradients all exist when it ends; the
+  peak holds the larger of the two beside everything else (and, with checkpointing, the block being recomputed).
 Text embeddings and latents are assumed precomputed (datasets/cache_text_embeddings.py, encode_videos.py): the text
 encoder and the VAE are not resident. A card "fits" a plan when the estimate is at most 90 % of its memory (the rest for
 the CUDA context, communication buffers and the allocator's fragmentation).
@@ -210,6 +211,7 @@ class Plan:
     encoder_depth: int = 2
     decoder_depth: int = 2
     drop: float = 0.75
+    reduce_gradients: bool = True  # False: DDP's buckets left out (the CPU check spreads without reducing)
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -237,35 +239,47 @@ class Plan:
 
 
 def estimate(plan: Plan) -> dict[str, float]:
-    """Per-process bytes of one training step of `plan`, by part (see the module docstring)."""
+    """Per-process bytes of one training step of `plan`, by part, and their peak (see the module docstring): the
+    activations are all alive when the backward pass starts and the gradients when it ends, so the peak holds the
+    larger of the two, besides what stays (weights, AdamW, EMA, copies and buffers, the tensors outside the blocks)
+    and, with activation checkpointing, the block being recomputed."""
     s, sharded = plan.shape, plan.strategy == "fsdp"
     compute = 2 if plan.precision == "bf16" else 4
     parameters = s.parameters(plan.sprint)
-    buckets = 4 if not sharded and plan.processes > 1 else 0  # DDP's gradient buckets (one process: no DDP)
-    state = parameters * (20 + buckets) / (plan.processes if sharded else 1)
-    if sharded:
-        gathering = (2 * compute + 4) * s.block_parameters() if plan.processes > 1 else 0.0
-    else:
-        gathering = 2.0 * parameters if plan.precision == "bf16" else 0.0  # autocast's bf16 weight copies
+    shards = plan.processes if sharded else 1
+    if sharded:  # the unsharded compute weights of two blocks and the fp32 gradients of one
+        buffers = (2 * compute + 4) * s.block_parameters() if plan.processes > 1 else 0.0
+    else:  # DDP's gradient buckets (one process: no DDP); autocast's bf16 weight copies
+        buckets = plan.processes > 1 and plan.reduce_gradients
+        buffers = 4.0 * parameters * buckets + 2.0 * parameters * (plan.precision == "bf16")
     n = plan.tokens // plan.context
     kept = plan.kept()[0] // plan.context if plan.sprint else n
     outer = plan.encoder_depth + plan.decoder_depth if plan.sprint else 0
-    middle = s.depth - outer
     b = plan.batch
 
-    def blocks(tokens: int, count: int) -> float:
-        if plan.checkpointing:
-            return count * b * tokens * s.hidden * compute
-        return count * block_bytes(s, tokens, plan.precision, b, weights=False)
+    # spread over a context group, attention also keeps the values it gathered (Ulysses), which whole it reads from
+    # the qkv projection's output
+    gathered = s.hidden * compute if plan.context > 1 else 0
 
-    recomputed = block_bytes(s, n, plan.precision, b) if plan.checkpointing else 0.0
-    activations = blocks(n, outer) + blocks(kept, middle) + recomputed
+    def block(tokens: int) -> float:
+        return block_bytes(s, tokens, plan.precision, b) + b * tokens * gathered
+
+    def blocks(tokens: int, count: int) -> float:
+        if plan.checkpointing:  # each block keeps its input
+            return count * b * tokens * s.hidden * compute
+        return count * block(tokens)
+
     latent = b * plan.tokens * s.patch_dim * 4  # one whole-sample fp32 tensor (latent, noise, prediction, ...)
-    outside = 10 * latent + b * n * s.hidden * compute * (6 if plan.sprint else 3)
-    working = block_bytes(s, n, plan.precision, b)
-    parts = {"state": state, "gathering": gathering, "activations": activations, "outside blocks": outside,
-             "backward working": working}
-    return {**parts, "total": sum(parts.values())}
+    parts = {
+        "weights, AdamW, EMA": 16.0 * parameters / shards,
+        "gradients": 4.0 * parameters / shards,
+        "copies and buffers": buffers,
+        "activations": blocks(n, outer) + blocks(kept, s.depth - outer),
+        "recomputed block": block(n) if plan.checkpointing else 0.0,
+        "outside the blocks": 10 * latent + b * n * s.hidden * compute * (6 if plan.sprint else 3),
+    }
+    steady = sum(parts.values()) - parts["gradients"] - parts["activations"]
+    return {**parts, "total": steady + max(parts["gradients"], parts["activations"])}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,7 +350,8 @@ def profiled_peak(step) -> int:
 
 def measure(plan: Plan, group: object = None) -> int:
     """Peak bytes of live tensors of one training step of `plan` on this process (the second step: AdamW's moments
-    exist), measured on the CPU; `group`: the context group (FSDP over every process)."""
+    exist), measured on the CPU; `group`: the context group (FSDP over it when the plan says so; else the gradients
+    stay unreduced)."""
     from sprint_mm.flow import FlowMatching
     from sprint_mm.optimization import frozen_copy, update_ema
     from sprint_mm.parallelize import precision_policy, shard, spread_model
@@ -344,11 +359,12 @@ def measure(plan: Plan, group: object = None) -> int:
     torch.manual_seed(0)
     model = build_model(plan)
     ema = frozen_copy(model)
-    if group is not None:
-        spread_model(model, group, "context parallel")
+    spread_model(model, group, "context parallel")
+    sharded = plan.strategy == "fsdp" and group is not None
+    if sharded:
         shard(model, torch.device("cpu"), precision_policy(plan.precision), False)
         shard(ema, torch.device("cpu"), precision_policy("no"), False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=group is None or None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not sharded or None)
     s, generator = plan.shape, torch.Generator().manual_seed(1)
     x0 = torch.randn(plan.batch, s.latent_channels, plan.frames, plan.height, plan.width, generator=generator)
     cond = {"text_tokens": torch.randn(plan.batch, s.text_length, s.text_dim, generator=generator),
@@ -366,3 +382,188 @@ def measure(plan: Plan, group: object = None) -> int:
 
     step()
     return live_bytes(model, ema, optimizer, x0, cond) + profiled_peak(step)
+
+
+def check_plans() -> list[Plan]:
+    """The CPU check: dense and SPRINT (1/4/1), fp32 and bf16, with and without activation checkpointing, on one
+    process and spread over two (context parallel 2, the parameters whole on both and their gradients not reduced:
+    FSDP2 over gloo holds a timing-dependent number of gather and reduce-scatter buffers on the CPU)."""
+    base = Plan(CHECK_SHAPE, **CHECK_CLIP, processes=1, context=1, strategy="ddp", encoder_depth=1, decoder_depth=1)
+    return [replace(base, sprint=sprint, precision=precision, checkpointing=checkpointing, processes=processes,
+                    context=processes, reduce_gradients=processes == 1)
+            for processes in (1, 2) for sprint in (False, True) for precision in ("no", "bf16")
+            for checkpointing in (False, True)]
+
+
+def measure_spread(rank: int, plans: list[Plan], address: str, results: dict) -> None:
+    """One of two processes measuring `plans` spread over both (torch.multiprocessing.spawn's target)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=2)
+    try:
+        for index, plan in enumerate(plans):
+            peak = measure(plan, dist.group.WORLD)
+            if rank == 0:
+                results[index] = peak
+    finally:
+        dist.destroy_process_group()
+
+
+def run_check() -> list[dict]:
+    """Estimate and measured peak of every `check_plans` plan."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    plans = check_plans()
+    single = [plan for plan in plans if plan.processes == 1]
+    spread = [plan for plan in plans if plan.processes > 1]
+    measured = {plan: measure(plan) for plan in single}
+    with tempfile.TemporaryDirectory() as folder, mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(measure_spread, args=(spread, f"file://{folder}/rendezvous", results), nprocs=2)
+        measured.update({plan: results[index] for index, plan in enumerate(spread)})
+    return [{**describe(plan), "estimate_mib": estimate(plan)["total"] / 2**20,
+             "measured_mib": measured[plan] / 2**20,
+             "ratio": estimate(plan)["total"] / measured[plan]} for plan in plans]
+
+
+def describe(plan: Plan) -> dict:
+    return {"model": plan.shape.name, "sprint": plan.sprint, "precision": plan.precision,
+            "checkpointing": plan.checkpointing, "processes": plan.processes, "context": plan.context,
+            "strategy": plan.strategy, "grid": "x".join(map(str, plan.grid)), "batch": plan.batch}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What fits on a card
+# ----------------------------------------------------------------------------------------------------------------
+
+FIT_CLIPS = {"81 f 480p": (81, 480, 832), "81 f 720p": (81, 720, 1280)}
+
+
+def fits_rows(shapes: dict[str, ModelShape], names: Sequence[str], card_gib: float, processes: int) -> list[dict]:
+    """For each model, clip and context size: the per-process GiB of dense and SPRINT, with and without activation
+    checkpointing (bf16, FSDP over `processes`, one sample per data group), and whether it fits."""
+    rows = []
+    for name in names:
+        for clip, (frames, height, width) in FIT_CLIPS.items():
+            for context in (1, 2, 4, 8):
+                if processes % context:
+                    continue
+                row = {"model": name, "clip": clip, "context": context}
+                for sprint in (False, True):
+                    for checkpointing in (False, True):
+                        plan = Plan(shapes[name], frames, height, width, processes=processes, context=context,
+                                    sprint=sprint, checkpointing=checkpointing)
+                        row[(sprint, checkpointing)] = cell(plan, card_gib)
+                row["tokens"] = plan.tokens
+                rows.append(row)
+    return rows
+
+
+def cell(plan: Plan, card_gib: float) -> str:
+    """'12.3 yes' / '97.1 no', or why the plan cannot run (heads, tokens or kept tokens that do not split)."""
+    if plan.shape.heads % plan.context:
+        return f"{plan.shape.heads} heads do not split"
+    try:
+        choose(plan.grid, plan.context)
+    except ValueError:
+        return "grid does not split"
+    if plan.kept()[1] is not None:
+        return "kept tokens do not balance"
+    total = estimate(plan)["total"] / GIB
+    return f"{total:.1f} {'yes' if total <= USABLE * card_gib else 'no'}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=str(SHAPES), help="the CSV table of model shapes")
+    parser.add_argument("--model", default="wan2.1-14b", help="a row of the shapes table")
+    parser.add_argument("--frames", type=int, default=81, help="clip frames in pixels (1: images)")
+    parser.add_argument("--size", type=int, nargs=2, default=(480, 832), metavar=("H", "W"), help="pixels")
+    parser.add_argument("--batch", type=int, default=1, help="samples per data group and micro-batch")
+    parser.add_argument("--processes", type=int, default=8)
+    parser.add_argument("--context", type=int, default=1, help="processes per context group")
+    parser.add_argument("--strategy", choices=("fsdp", "ddp"), default="fsdp")
+    parser.add_argument("--precision", choices=("bf16", "no"), default="bf16")
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                        help="keep every block's activations (default: activation checkpointing)")
+    parser.add_argument("--dense", action="store_true", help="no SPRINT: every block on every token")
+    parser.add_argument("--split", type=int, nargs=2, default=(2, 2), metavar=("E", "L"),
+                        help="SPRINT encoder and decoder depth")
+    parser.add_argument("--card-gib", type=float, default=80.0)
+    parser.add_argument("--fits", action="store_true", help="the table of what fits on --card-gib cards")
+    parser.add_argument("--fits-models", nargs="+", default=["wan2.1-1.3b", "wan2.1-14b"])
+    parser.add_argument("--check", action="store_true", help="estimates against measured CPU peaks (small shapes)")
+    parser.add_argument("--out", help="result JSON (default: benchmarks/results/plan_memory_<mode>.json)")
+    return parser.parse_args(argv)
+
+
+def plan_from(args: argparse.Namespace, shapes: dict[str, ModelShape]) -> Plan:
+    if args.model not in shapes:
+        raise ValueError(f"unknown model {args.model!r} in {args.shapes}; known: {', '.join(shapes)}")
+    if args.processes % args.context:
+        raise ValueError(f"--context {args.context} must divide --processes {args.processes}")
+    return Plan(shapes[args.model], args.frames, *args.size, batch=args.batch, processes=args.processes,
+                context=args.context, strategy=args.strategy, precision=args.precision,
+                checkpointing=args.checkpointing, sprint=not args.dense, encoder_depth=args.split[0],
+                decoder_depth=args.split[1])
+
+
+def print_plan(plan: Plan, card_gib: float) -> dict:
+    parts = estimate(plan)
+    kept, unbalanced = plan.kept()
+    print(f"{plan.shape.name}: {plan.shape.parameters(plan.sprint) / 1e9:.2f} B parameters; grid "
+          f"{'x'.join(map(str, plan.grid))} = {plan.tokens} tokens ({plan.tokens // plan.context} per process), "
+          f"{'SPRINT keeps ' + str(kept) if plan.sprint else 'dense'}; {plan.processes} processes, context "
+          f"{plan.context}, {plan.strategy}, {plan.precision}, checkpointing {plan.checkpointing}")
+    if unbalanced:
+        print(f"warning: {unbalanced}: this plan cannot run with SPRINT")
+    if plan.shape.heads % plan.context:
+        print(f"warning: context {plan.context} does not divide the {plan.shape.heads} attention heads: this plan "
+              "cannot run")
+    print(markdown_table(["part", "GiB"], [[name, value / GIB] for name, value in parts.items()]))
+    print(f"fits a {card_gib:g} GB card (at most {USABLE:.0%} of it): {parts['total'] <= USABLE * card_gib * GIB}")
+    return {**describe(plan), "parts_gib": {name: value / GIB for name, value in parts.items()}}
+
+
+def print_fits(rows: list[dict], card_gib: float) -> None:
+    header = ["model", "clip (tokens)", "context", "dense", "dense + ckpt", "SPRINT", "SPRINT + ckpt"]
+    print(f"per-process GiB, and whether it fits an {card_gib:g} GB card (bf16, FSDP over 8 processes, one clip "
+          "per data group):")
+    print(markdown_table(header, [[r["model"], f"{r['clip']} ({r['tokens']})", r["context"],
+                                   *(r[(s, c)] for s in (False, True) for c in (False, True))] for r in rows]))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    shapes = load_shapes(Path(args.shapes))
+    if args.check:
+        result = {"check": run_check()}
+        print(markdown_table(["model", "SPRINT", "precision", "checkpointing", "processes", "estimate MiB",
+                              "measured MiB", "estimate / measured"],
+                             [[r["model"], r["sprint"], r["precision"], r["checkpointing"], r["processes"],
+                               r["estimate_mib"], r["measured_mib"], r["ratio"]] for r in result["check"]]))
+        mode = "check"
+    elif args.fits:
+        rows = fits_rows(shapes, args.fits_models, args.card_gib, args.processes)
+        print_fits(rows, args.card_gib)
+        result = {"card_gib": args.card_gib, "fits": [{k if isinstance(k, str) else
+                                                        f"{'sprint' if k[0] else 'dense'}{'+ckpt' if k[1] else ''}": v
+                                                        for k, v in row.items()} for row in rows]}
+        mode = "fits"
+    else:
+        return print_plan(plan_from(args, shapes), args.card_gib)
+    write_result(result, args.out or RESULTS / f"plan_memory_{mode}.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -96,11 +96,13 @@ class Embedded:
         """This process's share of the embedded sample when its tokens are spread over the processes of `group`
         (None: the whole sample): a box of the token grid, which keeps the same count of the kept tokens `ids_keep`
         (B, M) as every other box, with the tokens' true positions. `grid` becomes the box's grid."""
-        if group is None:
-            return self
-        shard = shard_for(group, self.grid, ids_keep)
+        return self if group is None else self.take(shard_for(group, self.grid, ids_keep))
+
+    def take(self, shard: SequenceShard) -> Embedded:
+        """The box `shard.part` of the token grid: its tokens with their true positions (which carry the shard's
+        group for attention) and kept skip states; `grid` becomes the box's grid."""
         ids = shard.token_ids(self.tokens.device)
-        positions = replace(self.positions.gather(ids.expand(self.positions.coords.shape[0], -1)), group=group)
+        positions = replace(self.positions.gather(ids.expand(self.positions.coords.shape[0], -1)), group=shard.group)
         return replace(self, tokens=self.tokens[:, ids], positions=positions, grid=shard.split.box, shard=shard,
                        skips={index: states[:, ids] for index, states in self.skips.items()})
 

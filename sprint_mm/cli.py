@@ -23,7 +23,7 @@ from sprint_mm.errors import check_number, report_mistakes
 from sprint_mm.media import pack_uint8, save_image_grid, save_npz, save_video, save_video_preview, unpack_uint8
 from sprint_mm.preemption import EXIT_PREEMPTED, Preempted
 from sprint_mm.checkpointer import CheckpointWriteError, NonFiniteTraining
-from sprint_mm.parallelize import process_layout, spread_model
+from sprint_mm.parallelize import ProcessLayout, process_layout, spread_model
 from sprint_mm.sampling import GUIDANCES, SOLVERS, Guidance
 from sprint_mm.sequence_split import choose
 from sprint_mm.sharded import WEIGHTS
@@ -182,11 +182,8 @@ def write_samples(args: argparse.Namespace) -> Path:
 
     check_sample_counts(args)
     guidance = Guidance(args.guidance, args.scale, tuple(args.interval))
-    if args.cfg_parallel and guidance.kind == "none":
-        raise ValueError("--cfg-parallel runs the two guidance branches apart: give --guidance cfg or pdg")
     accelerator = Accelerator()
-    layout = process_layout(accelerator.num_processes, args.context_parallel, accelerator.device,
-                            "--context-parallel", branches=2 if args.cfg_parallel else 1)
+    layout = sampling_layout(args, guidance, accelerator)
 
     def requests(model: torch.nn.Module) -> tuple[list, list]:  # checked before a text encoder or a VAE loads
         return sample_requests(args, model.backbone.condition.kind, model.backbone.condition.num_classes)
@@ -231,6 +228,15 @@ def write_samples(args: argparse.Namespace) -> Path:
               f"steps) to {out}")
     accelerator.wait_for_everyone()
     return out
+
+
+def sampling_layout(args: argparse.Namespace, guidance: Guidance, accelerator: Any) -> ProcessLayout:
+    """The processes in data groups of --context-parallel processes, twice as many with --cfg-parallel (one group per
+    guidance branch); one line for a size that does not divide the processes."""
+    if args.cfg_parallel and guidance.kind == "none":
+        raise ValueError("--cfg-parallel runs the two guidance branches apart: give --guidance cfg or pdg")
+    return process_layout(accelerator.num_processes, args.context_parallel, accelerator.device, "--context-parallel",
+                          branches=2 if args.cfg_parallel else 1)
 
 
 def sample_shape(run: TrainedRun, args: argparse.Namespace, out: Path) -> tuple[int, ...]:

@@ -355,13 +355,13 @@ class Attention(nn.Module):
         """Attention within each frame ('spatial') or across frames at each cell ('temporal') of q, k, v
         (B, h, n, d_head) whose tokens sit at coords (1 or B, n, 3)."""
         b, h, n, c = q.shape
-        order, frames, _ = group_by_frame(coords)
+        order, frames, per_frame = group_by_frame(coords)
         index = order.expand(b, -1)[:, None, :, None].expand(-1, h, -1, c)  # (B, h, n, d_head)
         pattern = "b h (t s) c -> (b t) h s c" if self.span == "spatial" else "b h (t s) c -> (b s) h t c"
         grouped = [rearrange(z.gather(2, index), pattern, t=frames) for z in (q, k, v)]
         out = attention(*grouped, backend=self.backend, kernel=self.kernel)
         back = "(b t) h s c -> b h (t s) c" if self.span == "spatial" else "(b s) h t c -> b h (t s) c"
-        return torch.empty_like(q).scatter(2, index, rearrange(out, back, b=b))
+        return torch.empty_like(q).scatter(2, index, rearrange(out, back, b=b, t=frames, s=per_frame))  # b may be 0
 
     def attend(self, x: torch.Tensor, rope: Optional[Rope]) -> torch.Tensor:
         """Attention among all tokens of x (B, N, D)."""

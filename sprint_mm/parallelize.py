@@ -193,9 +193,10 @@ def precision_policy(precision: str) -> MixedPrecisionPolicy:
 def shard(module: nn.Module, device: torch.device, policy: MixedPrecisionPolicy, cpu_offload: bool) -> None:
     """fully_shard every block of `module.backbone` and then the root, in place, over all processes.
 
-    With context parallelism the processes of a context group hold the same parameters and each computes a share of
-    their gradient; sharding over every process (data and context) divides the training state by the process count,
-    and the reduce-scatter sums the context shares while it averages over the data groups.
+    With context parallelism the processes of a context group hold the same parameters, and each computes its share of
+    their gradient times the group size (`sprint_mm.context_parallel`): sharding over every process (data and
+    context) divides the training state by the process count, and the average the reduce-scatter takes over every
+    process is the mean gradient over the data groups.
 
     Gradients are averaged over the processes (tests/test_fsdp.py compares a two-process step with a one-process
     step: gloo's FSDP2 reduction has summed instead of averaged in some torch versions, pytorch issue 162338). A

@@ -80,14 +80,17 @@ def guided_velocity(model: Any, x: torch.Tensor, t: float, cond: Any, guidance: 
     return weak + guidance.scale * (strong - weak)
 
 
-def branch_velocity(model: Any, x: torch.Tensor, t: float, cond: Any, guidance: Guidance, branches: Any) -> torch.Tensor:
+def branch_velocity(model: Any, x: torch.Tensor, t: float, cond: Any, guidance: Guidance,
+                    branches: Any) -> torch.Tensor:
     """CFG-parallel: process 0 of the pair `branches` runs the conditional half of the guided batch, process 1 the weak
     half (the null condition, and under PDG without the middle blocks); both get both halves and combine them alike."""
     if dist.get_world_size(branches) != 2:
-        raise ValueError(f"CFG-parallel needs a group of 2 processes (one per branch), got {dist.get_world_size(branches)}")
+        raise ValueError(f"CFG-parallel needs a group of 2 processes (one per branch), got "
+                         f"{dist.get_world_size(branches)}")
     b = x.shape[0]
     weak_here = dist.get_rank(branches) == 1
-    extra = {"skip_middle": torch.ones(b, dtype=torch.bool, device=x.device)} if weak_here and guidance.kind == "pdg" else {}
+    skip = weak_here and guidance.kind == "pdg"
+    extra = {"skip_middle": torch.ones(b, dtype=torch.bool, device=x.device)} if skip else {}
     mine = model(x, torch.full((b,), t, device=x.device, dtype=x.dtype),
                  model.backbone.null_condition(cond) if weak_here else cond, **extra)
     strong, weak = gather_parts(mine, branches)

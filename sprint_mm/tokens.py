@@ -37,7 +37,8 @@ class TokenPositions:
         return None if self.cos is None else (self.cos, self.sin)
 
     def _map(self, fn) -> TokenPositions:
-        present = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        present = {f.name: getattr(self, f.name) for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
         return replace(self, **{name: fn(tensor) for name, tensor in present.items()})
 
     def gather(self, ids: torch.Tensor) -> TokenPositions:

@@ -95,7 +95,8 @@ class Trainer:
         acc = self.accelerator = start_processes(self.parallelism)
         layout = self.layout = process_layout(acc.num_processes, self.parallelism.context_parallel, acc.device,
                                               "Trainer.context_parallel")
-        data = open_stream(self.dataset, self.batching, acc, self.buckets, DataShare(layout.data_rank, layout.data_size))
+        data = open_stream(self.dataset, self.batching, acc, self.buckets,
+                           DataShare(layout.data_rank, layout.data_size))
         torch.manual_seed(self.batching.seed)  # identical initialisation on every process
         model = self.build_model()
         data.check_fits(model.backbone)
@@ -119,7 +120,8 @@ class Trainer:
             write_run_configs(self.run_dir, {
                 "model": type(model).__name__, "backbone": type(model.backbone).__name__,
                 "parameters": sum(p.numel() for p in model.parameters()), **data.describe(),
-                "processes": acc.num_processes, "context_parallel": layout.context_size, "max_steps": self.schedule.max_steps, "lr": self.optimization.lr,
+                "processes": acc.num_processes, "context_parallel": layout.context_size,
+                "max_steps": self.schedule.max_steps, "lr": self.optimization.lr,
                 "precision": self.parallelism.precision, "objective": {k: repr(v) for k, v in vars(self.flow).items()}})
             codec = self.build_codec() if self.schedule.preview_every else None  # only previews decode
             self.previewer = Previewer(self.run_dir / "samples", self.conditioning, codec, self.dataset)
@@ -178,7 +180,8 @@ class Trainer:
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / accumulate
             # a context group shares its samples: each process counts its share of their tokens
-            tokens += x0.shape[0] * math.prod(parts.model.backbone.token_grid(tuple(x0.shape))) // self.layout.context_size
+            grid = parts.model.backbone.token_grid(tuple(x0.shape))
+            tokens += x0.shape[0] * math.prod(grid) // self.layout.context_size
         grad_norm = float(acc.clip_grad_norm_(self.trained.parameters(), self.optimization.clip_norm))
         # Under fp16 an infinite gradient is the loss scaler's business: it skips the step and lowers its scale.
         fp16 = self.parallelism.precision == "fp16"

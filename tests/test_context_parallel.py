@@ -160,3 +160,20 @@ def test_sizes_that_do_not_divide_are_refused_in_one_line(tmp_path, capsys):
     assert train(tmp_path / "run", 1, "Trainer.context_parallel = 2") == 2
     assert ("error: Trainer.context_parallel = 2 must divide the number of processes (1): each data group is 2 "
             "processes") in capsys.readouterr().err
+
+
+def test_bucket_runs_check_the_buckets_they_train():
+    # the trainer checks each of these shapes against the context size before the first step
+    from accelerate import Accelerator
+
+    from sprint_mm.data.buckets import BucketTable
+    from sprint_mm.data.captioned_digits import CaptionedDigitsDataset
+    from sprint_mm.data.stream import Batching, BucketStream
+    from sprint_mm.models import build_backbone
+
+    clips = CaptionedDigitsDataset(resolution=16, frames=8)
+    stream = BucketStream(clips, Batching(batch_size=4), Accelerator(cpu=True),
+                          BucketTable([(8, 16, 16, 4), (4, 8, 8, 4), (1, 16, 16, 8)]))
+    backbone = build_backbone("text_dit", hidden_size=32, depth=3, num_heads=2, input_size=(8, 16, 16),
+                              patch_size=(2, 4, 4), in_channels=1, text_dim=384, text_length=16)
+    assert stream.sample_shapes(backbone) == [(1, 8, 16, 16)]  # 8-frame clips: the other buckets stay empty
