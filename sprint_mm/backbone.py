@@ -11,7 +11,9 @@ mask token, the fusion and path drop, and reaches the backbone only through this
   a fifth argument, `block(x, c, positions, context, skip)` (U-ViT); most backbones declare none;
 - `token_grid(input_shape)`, `sample_shape`, `drop_condition(cond, drop)` / `null_condition(cond)`;
 - `condition`: how it is conditioned (a `ConditionSpec`), declared instead of probed;
-- `flop_shape()`: its dense cost shape; `Sprint` adds its split.
+- `flop_shape()`: its dense cost shape; `Sprint` adds its split;
+- `shards_sequence`: whether it can run a box of its token grid, so that context parallelism spreads each sample over
+  processes (`Embedded.spread` / `join`; `sprint_mm.context_parallel`).
 
 `run_stack` runs a span of the blocks with the long skips; `sprint_mm.testing.check_backbone` holds a backbone to the
 seam. Every model, wrapped or not, reaches its backbone the same way: `model.backbone`.
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sprint_mm.context_parallel import SequenceShard, shard_for
 from sprint_mm.flops import TransformerShape
 from sprint_mm.masking import Grid
 from sprint_mm.tokens import TokenPositions, batch_size_of, device_of, gather_tokens, select_rows
@@ -72,6 +75,7 @@ class Embedded:
     # a backbone that `updates_context` gets it back from every block (a text stream)
     skips: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> its output (B, N, D), kept for a
     # long skip; restricted to rows and kept tokens with the tokens
+    shard: Optional[SequenceShard] = None  # the tokens are this process's box of the grid (context parallelism)
 
     def with_tokens(self, tokens: torch.Tensor, context: Any = None) -> Embedded:
         """The same conditioning, positions and kept skips around other hidden states of all tokens (B, N, D) and,
@@ -94,6 +98,30 @@ class Embedded:
                        skips={index: restrict(states) for index, states in self.skips.items()})
 
 
+    def spread(self, group: Any, ids_keep: Optional[torch.Tensor] = None) -> Embedded:
+        """This process's share of the embedded sample when its tokens are spread over the processes of `group`
+        (None: the whole sample): a box of the token grid, which keeps the same count of the kept tokens `ids_keep`
+        (B, M) as every other box, with the tokens' true positions. `grid` becomes the box's grid."""
+        return self if group is None else self.take(shard_for(group, self.grid, ids_keep))
+
+    def take(self, shard: SequenceShard) -> Embedded:
+        """The box `shard.part` of the token grid: its tokens with their true positions (which carry the shard's
+        group for attention) and kept skip states; `grid` becomes the box's grid."""
+        ids = shard.token_ids(self.tokens.device)
+        positions = replace(self.positions.gather(ids.expand(self.positions.coords.shape[0], -1)), group=shard.group)
+        return replace(self, tokens=self.tokens[:, ids], positions=positions, grid=shard.split.box, shard=shard,
+                       skips={index: states[:, ids] for index, states in self.skips.items()})
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the whole sample (of every process's share together)."""
+        return self.tokens.shape[1] if self.shard is None else self.shard.split.num_tokens
+
+    def join(self, output: torch.Tensor) -> torch.Tensor:
+        """The whole prediction from `unembed`'s output of this share (the output itself without a shard)."""
+        return output if self.shard is None else self.shard.join(output, self.image)
+
+
 class Backbone(nn.Module):
     """A plain diffusion transformer. Alone it is the dense baseline; `Sprint` wraps it.
 
@@ -108,6 +136,11 @@ class Backbone(nn.Module):
     long_skips: tuple[LongSkip, ...] = ()  # (source, target): block target reads the output of block source
     updates_context: bool = False  # blocks return (x, context): every block updates the context (a text stream)
     gradient_checkpointing: bool = False  # set by build_model; read by the dense forward and by Sprint
+    # Whether the backbone can run a box of its token grid (context parallelism): its blocks take any subset of the
+    # tokens with their positions (self-attention through sprint_mm.layers.Attention), and `unembed` of a box gives
+    # that box's region of the output (B, C, [T,] H, W). A backbone that cannot leaves it False.
+    shards_sequence: bool = False
+    context_group: Any = None  # set by `sprint_mm.parallelize.spread_model`: spread each sample over this group
 
     @property
     def backbone(self) -> Backbone:
@@ -149,9 +182,9 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        """Dense forward over all blocks."""
-        embedded = self.embed(x, t, cond)
-        return self.unembed(run_stack(self, embedded).tokens, embedded)
+        """Dense forward over all blocks (over this process's share of the tokens under context parallelism)."""
+        embedded = self.embed(x, t, cond).spread(self.context_group)
+        return embedded.join(self.unembed(run_stack(self, embedded).tokens, embedded))
 
 
 def skip_sources(backbone: Backbone) -> dict[int, int]:

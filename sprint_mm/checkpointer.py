@@ -107,12 +107,16 @@ class CheckpointWriteError(RuntimeError):
 
 class Checkpointer:
     """Writes and restores the `parts` of a run in `run_dir` (keeping the newest `keep` checkpoints). `sharded`: the
-    model and EMA are FSDP-sharded and write DCP files; `say` prints a line for the user (main process)."""
+    model and EMA are FSDP-sharded and write DCP files; `say` prints a line for the user (main process);
+    `context_size`: the processes form context groups of that many (process r in data group r // context_size), whose
+    members draw the same noise, times and masks."""
 
     def __init__(self, run_dir: Path, parts: TrainingParts, accelerator: Accelerator, sharded: bool, keep: int,
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], context_size: int = 1) -> None:
         self.run_dir, self.parts, self.accelerator = Path(run_dir), parts, accelerator
         self.sharded, self.keep, self.say = sharded, keep, say
+        self.context_size = context_size
+        self.data_rank = accelerator.process_index // context_size
 
     # ------------------------------------------------------------------ writing
     def save(self) -> None:
@@ -193,7 +197,8 @@ class Checkpointer:
         if rank != 0:
             return
         state = {"scheduler": parts.scheduler.state_dict(), "step": parts.progress.step,
-                 "elapsed": parts.progress.elapsed, **parts.data.state_dict(parts.progress.step)}
+                 "elapsed": parts.progress.elapsed, "context_parallel": self.context_size,
+                 **parts.data.state_dict(parts.progress.step)}
         if not self.sharded:
             save_state_dict(parts.model.state_dict(), staging / "model.safetensors")
             save_state_dict(parts.ema.state_dict(), staging / "ema.safetensors")
@@ -205,8 +210,10 @@ class Checkpointer:
     # ------------------------------------------------------------------ reading
     def resume(self, init_from: Optional[str], seed: int) -> None:
         """Continue from the newest intact checkpoint (falling back past damaged ones); else start from `init_from`'s
-        EMA (stage 2); else start fresh. A process without a saved random state draws from (seed, step, rank). The
-        staging folders of a write that was killed are removed first (the caller holds the run's lock)."""
+        EMA (stage 2); else start fresh. Every process of a data group continues the random state of that data group
+        (the file of its first process when the checkpoint was written, whatever the context size then); a data group
+        without a saved random state draws from (seed, step, data rank). The staging folders of a write that was
+        killed are removed first (the caller holds the run's lock)."""
         if self.accelerator.is_main_process:
             for name in remove_staging_folders(self.run_dir):
                 self.say(f"removed {name}, the unfinished write of a checkpoint (the process writing it was stopped)")
@@ -214,23 +221,25 @@ class Checkpointer:
         folder, damaged = newest_intact_checkpoint(self.run_dir)
         for line in damaged:
             self.say(f"{line}: falling back to the previous checkpoint")
-        rank, progress = self.accelerator.process_index, self.parts.progress
+        rank, progress = self.data_rank, self.parts.progress
         if folder is not None:
-            self._read(folder)
+            written_by = self._read(folder)
             self.say(f"resumed from {folder} at step {progress.step}")
-            rng = folder / f"rng_rank{rank}.pt"
+            rng = folder / f"rng_rank{rank * written_by}.pt"
             if rng.is_file():
                 set_rng_state(read_rng_state(rng))
                 return
-            tqdm.write(f"[sprint_mm] process {rank}: {folder.name} has no rng_rank{rank}.pt (written by fewer processes); "
-                  f"its random stream starts from the seed of (seed {seed}, step {progress.step}, rank {rank})")
+            tqdm.write(f"[sprint_mm] process {self.accelerator.process_index}: {folder.name} has no {rng.name} "
+                       f"(written by fewer processes); its random stream starts from the seed of (seed {seed}, step "
+                       f"{progress.step}, rank {rank})")
         elif damaged:
             raise DamagedCheckpoint(f"run {self.run_dir} has no intact checkpoint to resume: {'; '.join(damaged)}")
         elif init_from:
             self._start_from(init_from)
-        torch.manual_seed(process_seed(seed, progress.step, rank))  # each process draws its own noise and masks
+        torch.manual_seed(process_seed(seed, progress.step, rank))  # each data group draws its own noise and masks
 
-    def _read(self, folder: Path) -> None:
+    def _read(self, folder: Path) -> int:
+        """Restore the parts from `folder`; returns the context size the checkpoint was written with."""
         parts = self.parts
         if is_sharded(folder) != self.sharded:
             raise ValueError(f"checkpoint {folder} is {KINDS[is_sharded(folder)]} but the run trains with "
@@ -249,6 +258,7 @@ class Checkpointer:
         parts.scheduler.load_state_dict(state["scheduler"])
         parts.progress.step, parts.progress.elapsed = state["step"], state["elapsed"]
         parts.data.load_state_dict(state, parts.progress.step)
+        return state.get("context_parallel", 1)  # checkpoints from before context parallelism: 1
 
     def _check_parts(self, folder: Path) -> None:
         """A checkpoint with the files of a part this configuration lacks (or without the files of one it has) is
@@ -353,7 +363,8 @@ def refusal_reason(err: BaseException) -> str:
 
 
 def process_seed(seed: int, step: int, rank: int) -> int:
-    """The torch seed of a process that starts at `step` without a saved random state (step 0: a fresh run)."""
+    """The torch seed of the processes of data group `rank` (without context parallelism: process `rank`) that start
+    at `step` without a saved random state (step 0: a fresh run)."""
     return seed * 7919 + rank + 1 + step * 1_000_003
 
 

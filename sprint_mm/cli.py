@@ -29,7 +29,9 @@ from sprint_mm.models import build_model
 from sprint_mm.parallelize import set_threads
 from sprint_mm.preemption import EXIT_PREEMPTED, Preempted
 from sprint_mm.checkpointer import CheckpointWriteError, NonFiniteTraining
+from sprint_mm.parallelize import ProcessLayout, process_layout, spread_model
 from sprint_mm.sampling import GUIDANCES, SOLVERS, Guidance
+from sprint_mm.sequence_split import choose
 from sprint_mm.sharded import WEIGHTS
 from sprint_mm.trained import TrainedRun, load_run
 from sprint_mm.training import Trainer
@@ -204,6 +206,12 @@ def sample_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each transformer block (one graph per token count; the first batch pays the "
                              "compilation)")
+    parser.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                        help="under torchrun / accelerate launch: spread each sample's tokens over N processes (long "
+                             "clips); the processes of a group sample the same batch")
+    parser.add_argument("--cfg-parallel", action="store_true",
+                        help="under torchrun / accelerate launch: run the two branches of CFG / PDG on two (groups of) "
+                             "processes")
     return parser
 
 
@@ -297,8 +305,9 @@ def sample_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def check_sample_counts(args: argparse.Namespace) -> None:
-    """The counts of the command line, checked before anything loads: --num (when given), --batch-size, --steps."""
-    for option in ("num", "batch_size", "steps"):
+    """The counts of the command line, checked before anything loads: --num (when given), --batch-size, --steps,
+    --context-parallel."""
+    for option in ("num", "batch_size", "steps", "context_parallel"):
         value = getattr(args, option)
         if value is not None:
             check_number(f"--{option.replace('_', '-')}", value, low=1, integer=True)
@@ -315,6 +324,7 @@ def write_samples(args: argparse.Namespace) -> Path:
     guidance = Guidance(args.guidance, args.scale, tuple(args.interval))
     set_threads()  # as training chooses them (one on a machine of a few cores)
     accelerator = Accelerator()
+    layout = sampling_layout(args, guidance, accelerator)
 
     def requests(model: torch.nn.Module) -> tuple[list, list]:  # checked before a text encoder or a VAE loads
         return sample_requests(args, model.backbone.condition.kind, model.backbone.condition.num_classes)
@@ -327,20 +337,25 @@ def write_samples(args: argparse.Namespace) -> Path:
         compile_blocks(run.model)
     out = Path(args.out or Path(args.run) / "samples" / f"samples_{args.guidance}.png")
     shape = sample_shape(run, args, out)
+    spread_model(run.model, layout.context, "--context-parallel")
+    if layout.context is not None:  # the sample's grid must cut into equal boxes
+        choose(run.model.backbone.token_grid((1, *shape)), layout.context_size)
     check_writable_folder(out.parent, "the folder of --out" if args.out else "the run's samples folder")
     lock = lock_for_all(accelerator, out.with_name(f".{out.name}.lock"), f"sample output {str(out)!r}")
     try:
-        sample_into(out, run, args, guidance, (labels, prompts), shape, accelerator)
+        sample_into(out, run, args, guidance, (labels, prompts), shape, accelerator, layout)
     finally:
         lock.release()
     return out
 
 
 def sample_into(out: Path, run: TrainedRun, args: argparse.Namespace, guidance: Guidance,
-                requested: tuple[list, list], shape: tuple[int, ...], accelerator: Any) -> None:
-    """Sample in shards of --batch-size: shard s gets noise seeded by (seed, s) and is written atomically, processes
-    take shards round-robin, and a restarted command skips finished shards; the main process then packs the output.
-    The run's own path and time shift (`TrainedRun.sampling`) drive the sampler."""
+                requested: tuple[list, list], shape: tuple[int, ...], accelerator: Any,
+                layout: ProcessLayout) -> None:
+    """Sample in shards of --batch-size: shard s gets noise seeded by (seed, s) and is written atomically, data groups
+    (single processes, or the processes that spread a sample's tokens and the guidance branches) take shards
+    round-robin, and a restarted command skips finished shards; the main process then packs the output. The run's
+    own path and time shift (`TrainedRun.sampling`) drive the sampler."""
     labels, prompts = requested
     total = len(labels or prompts)
     check_sample_size(run.model, shape, min(args.batch_size, total) * (1 if args.guidance == "none" else 2), args.force)
@@ -352,15 +367,16 @@ def sample_into(out: Path, run: TrainedRun, args: argparse.Namespace, guidance: 
         prepare_shard_folder(shards, settings)
     accelerator.wait_for_everyone()
     count = math.ceil(total / args.batch_size)
-    mine = [s for s in range(accelerator.process_index, count, accelerator.num_processes)
-            if not (shards / f"{s:06d}.pt").is_file()]
+    # each data group takes shards round-robin; the processes of a group sample the same shard, its lead writes it
+    mine = [s for s in range(layout.data_rank, count, layout.data_size) if not (shards / f"{s:06d}.pt").is_file()]
     try:
         for s in tqdm(mine, desc="shards", disable=not accelerator.is_main_process or len(mine) < 2):
             rows = range(s * args.batch_size, min((s + 1) * args.batch_size, total))
             cond = run.conditioning.from_request([labels[i] for i in rows] if labels else None,
                                                  [prompts[i] for i in rows] if prompts else None, accelerator.device)
-            packed = pack_uint8(sample_shard(run, args, guidance, cond, (len(rows), *shape), s))
-            atomic_write(shards / f"{s:06d}.pt", lambda tmp: torch.save(packed, tmp))
+            packed = pack_uint8(sample_shard(run, args, guidance, cond, (len(rows), *shape), s, layout.branches))
+            if layout.leads:
+                atomic_write(shards / f"{s:06d}.pt", lambda tmp: torch.save(packed, tmp))
     except BaseException:
         if accelerator.is_main_process:
             discard_if_empty(shards)
@@ -374,6 +390,15 @@ def sample_into(out: Path, run: TrainedRun, args: argparse.Namespace, guidance: 
     accelerator.wait_for_everyone()
 
 
+def sampling_layout(args: argparse.Namespace, guidance: Guidance, accelerator: Any) -> ProcessLayout:
+    """The processes in data groups of --context-parallel processes, twice as many with --cfg-parallel (one group per
+    guidance branch); one line for a size that does not divide the processes."""
+    if args.cfg_parallel and guidance.kind == "none":
+        raise ValueError("--cfg-parallel runs the two guidance branches apart: give --guidance cfg or pdg")
+    return process_layout(accelerator.num_processes, args.context_parallel, accelerator.device, "--context-parallel",
+                          branches=2 if args.cfg_parallel else 1)
+
+
 def sample_shape(run: TrainedRun, args: argparse.Namespace, out: Path) -> tuple[int, ...]:
     """The shape of one sample, --frames / --size applied, after checking that `out` suits the run's kind of data."""
     trained = tuple(run.model.backbone.sample_shape)
@@ -385,13 +410,14 @@ def sample_shape(run: TrainedRun, args: argparse.Namespace, out: Path) -> tuple[
 
 
 def sample_shard(run: TrainedRun, args: argparse.Namespace, guidance: Guidance, cond: Any, shape: Sequence[int],
-                 shard: int) -> torch.Tensor:
-    """The decoded samples of shard `shard`: noise and sampler randomness seeded by (--seed, shard)."""
+                 shard: int, branches: Any = None) -> torch.Tensor:
+    """The decoded samples of shard `shard`: noise and sampler randomness seeded by (--seed, shard); `branches`: the
+    CFG-parallel pair of processes."""
     seed = args.seed * 1_000_003 + shard
     device = next(run.model.parameters()).device
     noise = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
     return run.generate(cond, noise.to(device), args.steps, args.solver, guidance, batch_size=args.batch_size,
-                        generator=torch.Generator(device).manual_seed(seed))
+                        generator=torch.Generator(device).manual_seed(seed), branches=branches)
 
 
 def prepare_shard_folder(shards: Path, settings: str) -> None:

@@ -95,6 +95,8 @@ class DiT(Backbone):
     `text_dim`, read by a cross-attention in every block; `pooled_text`, `learned_null`).
     """
 
+    shards_sequence = True  # per-token layers and sprint_mm.layers attention; unembed unpatchifies a box
+
     def __init__(
         self,
         *,

@@ -11,6 +11,7 @@ from torch import nn
 
 from sprint_mm.errors import check_number
 from sprint_mm.masking import TokenMasker
+from sprint_mm.sequence_split import choose
 from sprint_mm.sprint import Sprint
 
 PATHS = ("linear", "cosine")
@@ -178,6 +179,19 @@ class FlowMatching:
         """How many of a sample's tokens the middle blocks see in training (for the FLOP accounting)."""
         mask = None if self.masker is None else self.masker(1, grid, generator=torch.Generator())
         return math.prod(grid) if mask is None else mask.num_kept  # a ratio of 0 gives no mask
+
+    def check_spread(self, grid: tuple[int, int, int], parts: int) -> None:
+        """One line when a sample of token grid `grid` cannot be spread over `parts` processes (context parallelism)
+        with the masks this objective draws: a structured or tube mask keeps the same count in every box of whole
+        mask groups whatever its draw, so one draw decides; a random mask keeps a random count per process."""
+        if self.masker is not None and self.masker.kind == "random" and self.masker.ratio > 0:
+            raise ValueError(f"context parallel {parts} needs a structured or tube TokenMasker: a random mask keeps a "
+                             "random count of each process's tokens, so the processes cannot stay balanced")
+        mask = None if self.masker is None else self.masker(1, grid, generator=torch.Generator())
+        if mask is None:
+            choose(grid, parts)
+        else:
+            choose(grid, parts, mask.ids_keep, self.masker.group_for(grid)[0])
 
     def checkpoint_parts(self) -> dict[str, Any]:
         """Parts of the training state the objective keeps in files of its own: none."""

@@ -29,16 +29,19 @@ def generate(
     progress: bool = False,
     time_shift: Optional[Shift] = None,
     path: str = "linear",
+    branches: Any = None,
 ) -> torch.Tensor:
     """Samples for `cond` from the given noise, decoded to [-1, 1], in batches of `batch_size`. `path` and
-    `time_shift` are the ones the model trained with (`TrainedRun.sampling`; see `sampling.sample`)."""
+    `time_shift` are the ones the model trained with (`TrainedRun.sampling`; see `sampling.sample`); `branches`: a
+    pair of processes that computes the guidance branches apart (CFG-parallel)."""
     if guidance.kind == "pdg" and not isinstance(model, Sprint):
         raise ValueError("PDG needs a SPRINT model (a middle path to drop); this model is a dense backbone: use cfg")
     outputs = []
     for start in range(0, noise.shape[0], batch_size):
         rows = torch.arange(start, min(start + batch_size, noise.shape[0]), device=noise.device)
         latents = sample(model, noise[rows], select_rows(cond, rows), steps=steps, solver=solver,
-                         guidance=guidance, path=path, generator=generator, progress=progress, time_shift=time_shift)
+                         guidance=guidance, path=path, generator=generator, progress=progress, time_shift=time_shift,
+                         branches=branches)
         outputs.append(codec.decode(latents).clamp(-1, 1).cpu())
     return torch.cat(outputs)
 

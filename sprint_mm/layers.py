@@ -11,7 +11,8 @@ from einops import rearrange
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sprint_mm.tokens import Rope, TokenPositions, gather_tokens
+from sprint_mm.context_parallel import gather_tokens_of, heads_to_tokens, tokens_to_heads
+from sprint_mm.tokens import Rope, TokenPositions
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -305,7 +306,9 @@ class Attention(nn.Module):
     """Self-attention with fused qkv, per-head q/k norm and RoPE applied after the norm.
 
     `span` 'full' attends over all tokens; 'spatial' within each frame and 'temporal' across frames at each spatial
-    position (factorised attention, as Latte), with the same parameters.
+    position (factorised attention, as Latte), with the same parameters. When the tokens are a process's share of a
+    sequence (`positions.group`, context parallelism), q, k and v trade heads for tokens with the other processes of
+    the group before attention and back after it (Ulysses), so each process attends over every token for its heads.
     """
 
     def __init__(
@@ -325,30 +328,44 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, positions: Optional[TokenPositions] = None) -> torch.Tensor:
-        if self.span == "full":
-            return self.attend(x, None if positions is None else positions.rope)
-        if positions is None:
+        if self.span != "full" and positions is None:
             raise ValueError(f"{self.span} attention needs the tokens' positions (frames and cells)")
-        b, n, d = x.shape
-        order, frames, per_frame = group_by_frame(positions.coords)
-        order = order.expand(b, -1)  # (B, n)
-        grouped = [rearrange(gather_tokens(z, order), "b (t s) c -> b t s c", t=frames)
-                   for z in (x, *(positions.rope or ()))]  # (B, T, S, *)
-        if self.span == "temporal":
-            grouped = [rearrange(z, "b t s c -> b s t c") for z in grouped]
-        x_g, *rope = (z.flatten(0, 1) for z in grouped)  # (B*T, S, *) or (B*S, T, *)
-        out = self.attend(x_g, tuple(rope) or None).unflatten(0, grouped[0].shape[:2])
-        if self.span == "temporal":
-            out = rearrange(out, "b s t c -> b t s c")
-        return torch.empty_like(x).scatter(1, order[..., None].expand(-1, -1, d), out.reshape(b, n, d))
+        group = None if positions is None else positions.group
+        q, k, v = self.heads(x, None if positions is None else positions.rope)  # (B, h, n, d_head)
+        if group is not None:
+            q, k, v = (heads_to_tokens(z, group) for z in (q, k, v))  # (B, h / p, N, d_head)
+        if self.span == "full":
+            out = attention(q, k, v, backend=self.backend, kernel=self.kernel)
+        else:
+            coords = positions.coords if group is None else gather_tokens_of(positions.coords, group)
+            out = self.factorised(q, k, v, coords)
+        if group is not None:
+            out = tokens_to_heads(out, group)  # (B, h, n, d_head)
+        return self.proj(rearrange(out, "b h n c -> b n (h c)"))
+
+    def heads(self, x: torch.Tensor, rope: Optional[Rope]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, h, N, d_head) of tokens x (B, N, D): normed, q and k rotated."""
+        q, k, v = rearrange(self.qkv(x), "b n (three h c) -> three b h n c", three=3, h=self.num_heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return q, k, v
+
+    def factorised(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Attention within each frame ('spatial') or across frames at each cell ('temporal') of q, k, v
+        (B, h, n, d_head) whose tokens sit at coords (1 or B, n, 3)."""
+        b, h, n, c = q.shape
+        order, frames, per_frame = group_by_frame(coords)
+        index = order.expand(b, -1)[:, None, :, None].expand(-1, h, -1, c)  # (B, h, n, d_head)
+        pattern = "b h (t s) c -> (b t) h s c" if self.span == "spatial" else "b h (t s) c -> (b s) h t c"
+        grouped = [rearrange(z.gather(2, index), pattern, t=frames) for z in (q, k, v)]
+        out = attention(*grouped, backend=self.backend, kernel=self.kernel)
+        back = "(b t) h s c -> b h (t s) c" if self.span == "spatial" else "(b s) h t c -> b h (t s) c"
+        return torch.empty_like(q).scatter(2, index, rearrange(out, back, b=b, t=frames, s=per_frame))  # b may be 0
 
     def attend(self, x: torch.Tensor, rope: Optional[Rope]) -> torch.Tensor:
         """Attention among all tokens of x (B, N, D)."""
-        q, k, v = rearrange(self.qkv(x), "b n (three h c) -> three b h n c", three=3, h=self.num_heads)
-        q, k = self.q_norm(q), self.k_norm(k)  # (B, h, N, d_head)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = attention(q, k, v, backend=self.backend, kernel=self.kernel)
+        out = attention(*self.heads(x, rope), backend=self.backend, kernel=self.kernel)
         return self.proj(rearrange(out, "b h n c -> b n (h c)"))
 
 

@@ -1,5 +1,6 @@
-"""Where and how training runs: the processes (accelerate), and `parallelize`, which applies activation checkpointing,
-regional compilation and FSDP2 sharding or DDP replication to a model in one place."""
+"""Where and how training runs: the processes (accelerate) and their layout (data x context), and `parallelize`, which
+applies activation checkpointing, regional compilation, context parallelism and FSDP2 sharding or DDP replication to
+a model in one place."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sprint_mm.backbone import compile_blocks
 from sprint_mm.errors import check_number
+from sprint_mm.layers import Attention
 
 PRECISIONS = ("no", "fp16", "bf16")
 STRATEGIES = ("ddp", "fsdp")
@@ -50,6 +52,8 @@ class Parallelism:
     `activation_checkpointing` recomputes each block's activations in the backward pass; `num_threads` sets torch's
     CPU threads (None: `default_threads`, one on a machine of a few cores, where one thread can be many times faster
     than one per core beside another busy process).
+    `context_parallel` N spreads each sample's tokens over N processes (`sprint_mm.context_parallel`); the processes
+    form a data x context mesh.
     """
 
     precision: str = "no"
@@ -58,6 +62,7 @@ class Parallelism:
     compile: bool = False
     fsdp_cpu_offload: bool = False
     activation_checkpointing: bool = False
+    context_parallel: int = 1
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -70,6 +75,7 @@ class Parallelism:
             raise ValueError("Trainer.fsdp_cpu_offload = True needs Trainer.strategy = 'fsdp'")
         if self.num_threads is not None:
             check_number("Trainer.num_threads", self.num_threads, low=1, integer=True)
+        check_number("Trainer.context_parallel", self.context_parallel, low=1, integer=True)
 
     @property
     def sharded(self) -> bool:
@@ -103,6 +109,64 @@ def start_processes(parallelism: Parallelism) -> Accelerator:
     return accelerator
 
 
+@dataclass(frozen=True)
+class ProcessLayout:
+    """The processes as a data x branch x context mesh. `data_size` data-parallel groups; this process reads share
+    `data_rank` of the work (of every global batch in training, of the sample batches in sampling). Within a data
+    group, the processes of a context group (`context`, None without context parallelism) spread the tokens of each
+    sample; sampling with CFG-parallel pairs two context groups (`branches`), one per guidance branch. Process r sits
+    at (r // (b c), r // c % b, r % c) of the mesh (b branches, c context processes)."""
+
+    data_rank: int = 0
+    data_size: int = 1
+    context_size: int = 1
+    context: Any = None
+    branches: Any = None
+
+    @property
+    def leads(self) -> bool:
+        """Whether this process speaks for its data group (the first of its branches and of its context group)."""
+        return all(group is None or dist.get_rank(group) == 0 for group in (self.context, self.branches))
+
+
+def process_layout(world_size: int, context_size: int, device: torch.device, option: str,
+                   branches: int = 1) -> ProcessLayout:
+    """The layout of `world_size` processes in data groups of `branches` x `context_size`. A context size (times the
+    branches) that does not divide the process count is refused with one line naming `option`."""
+    group = branches * context_size
+    if world_size % group:
+        paired = f" x {branches} CFG-parallel branches" if branches > 1 else ""
+        raise ValueError(f"{option} = {context_size}{paired} must divide the number of processes ({world_size}): "
+                         f"each data group is {group} processes")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if group == 1:
+        return ProcessLayout(rank, world_size)
+    mesh = init_device_mesh(device.type, (world_size // group, branches, context_size),
+                            mesh_dim_names=("data", "branch", "context"))
+    return ProcessLayout(mesh.get_local_rank("data"), world_size // group, context_size,
+                         mesh.get_group("context") if context_size > 1 else None,
+                         mesh.get_group("branch") if branches > 1 else None)
+
+
+def spread_model(model: nn.Module, group: Any, option: str) -> None:
+    """Every forward of `model` from now on spreads each sample's tokens over the processes of `group` (None: whole
+    samples). One line for a backbone that cannot run a share of its sequence (it does not declare
+    `shards_sequence`), or attention heads that the group size does not divide (each process attends with h / p)."""
+    backbone = model.backbone
+    if group is not None:
+        size = dist.get_world_size(group)
+        if not backbone.shards_sequence:
+            raise ValueError(
+                f"{option} = {size} needs a backbone that can split its token sequence over processes; "
+                f"{type(backbone).__name__} cannot (it does not declare `shards_sequence = True`, which promises that "
+                "its blocks take any share of the tokens with their positions and its unembed a box of the grid)")
+        for name, module in backbone.named_modules():
+            if isinstance(module, Attention) and module.num_heads % size:
+                raise ValueError(f"{option} = {size} must divide the number of attention heads ({module.num_heads} "
+                                 f"in {name}): each process attends with heads / {size} of them")
+    backbone.context_group = group
+
+
 def ensure_process_group(device: torch.device) -> None:
     """FSDP needs a process group even on one process, where accelerate starts none: a private one-member group."""
     if not dist.is_initialized():
@@ -111,14 +175,17 @@ def ensure_process_group(device: torch.device) -> None:
 
 
 def parallelize(model: nn.Module, ema: nn.Module, trained: nn.Module, accelerator: Accelerator,
-                parallelism: Parallelism) -> nn.Module:
-    """Apply activation checkpointing and compilation to `model`, then shard `model` and `ema` (FSDP) or place them
+                parallelism: Parallelism, layout: ProcessLayout = ProcessLayout()) -> nn.Module:
+    """Apply activation checkpointing and compilation to `model`, spread its samples over the context group of
+    `layout`, then shard `model` and `ema` (FSDP, over every process: the data x context mesh flattened) or place them
     and replicate `trained` (the model, or the model with the auxiliary modules its objective trains) over the
-    processes (DDP). Returns the module a training step calls. The EMA stays eager (it only samples previews)."""
+    processes (DDP). Returns the module a training step calls. The EMA stays eager and whole (it only samples
+    previews, on one process)."""
     if parallelism.activation_checkpointing:
         model.backbone.gradient_checkpointing = True
     if parallelism.compile:
         compile_blocks(model)
+    spread_model(model, layout.context, "Trainer.context_parallel")
     device = accelerator.device
     if parallelism.sharded:  # placed by sharding, and not wrapped: FSDP reduces the gradients itself
         shard(model, device, precision_policy(parallelism.precision), parallelism.fsdp_cpu_offload)
@@ -156,6 +223,11 @@ def precision_policy(precision: str) -> MixedPrecisionPolicy:
 
 def shard(module: nn.Module, device: torch.device, policy: MixedPrecisionPolicy, cpu_offload: bool) -> None:
     """fully_shard every block of `module.backbone` and then the root, in place, over all processes.
+
+    With context parallelism the processes of a context group hold the same parameters, and each computes its share of
+    their gradient times the group size (`sprint_mm.context_parallel`): sharding over every process (data and
+    context) divides the training state by the process count, and the average the reduce-scatter takes over every
+    process is the mean gradient over the data groups.
 
     Gradients are averaged over the processes (tests/test_fsdp.py compares a two-process step with a one-process
     step: gloo's FSDP2 reduction has summed instead of averaged in some torch versions, pytorch issue 162338). A

@@ -7,8 +7,10 @@ from typing import Any, Optional
 
 import gin
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from sprint_mm.context_parallel import gather_parts
 from sprint_mm.errors import check_number
 from sprint_mm.tokens import batch_size_of, concat_rows
 from sprint_mm.flops import GUIDANCE_MODES as GUIDANCES
@@ -53,14 +55,18 @@ class Guidance:
         return self.kind != "none" and self.scale != 1.0 and self.interval[0] <= t <= self.interval[1]
 
 
-def guided_velocity(model: Any, x: torch.Tensor, t: float, cond: Any, guidance: Guidance) -> torch.Tensor:
+def guided_velocity(model: Any, x: torch.Tensor, t: float, cond: Any, guidance: Guidance,
+                    branches: Any = None) -> torch.Tensor:
     """One velocity estimate. When guidance is active the batch is doubled [x; x] with [cond; null];
-    PDG's weak half also skips the middle blocks. An undoubled batch never takes the PDG route."""
+    PDG's weak half also skips the middle blocks. An undoubled batch never takes the PDG route. `branches`: a
+    process group of two that computes the two halves apart (CFG-parallel, `branch_velocity`)."""
     b = x.shape[0]
     dtype = next(model.parameters()).dtype
     xin = x.to(dtype)
     if not guidance.active(t):
         return model(xin, torch.full((b,), t, device=x.device, dtype=dtype), cond).to(x.dtype)
+    if branches is not None:
+        return branch_velocity(model, xin, t, cond, guidance, branches).to(x.dtype)
     extra = {}
     if guidance.kind == "pdg":
         extra["skip_middle"] = torch.arange(2 * b, device=x.device) >= b
@@ -71,6 +77,23 @@ def guided_velocity(model: Any, x: torch.Tensor, t: float, cond: Any, guidance: 
         **extra,
     ).to(x.dtype)
     strong, weak = both[:b], both[b:]
+    return weak + guidance.scale * (strong - weak)
+
+
+def branch_velocity(model: Any, x: torch.Tensor, t: float, cond: Any, guidance: Guidance,
+                    branches: Any) -> torch.Tensor:
+    """CFG-parallel: process 0 of the pair `branches` runs the conditional half of the guided batch, process 1 the weak
+    half (the null condition, and under PDG without the middle blocks); both get both halves and combine them alike."""
+    if dist.get_world_size(branches) != 2:
+        raise ValueError(f"CFG-parallel needs a group of 2 processes (one per branch), got "
+                         f"{dist.get_world_size(branches)}")
+    b = x.shape[0]
+    weak_here = dist.get_rank(branches) == 1
+    skip = weak_here and guidance.kind == "pdg"
+    extra = {"skip_middle": torch.ones(b, dtype=torch.bool, device=x.device)} if skip else {}
+    mine = model(x, torch.full((b,), t, device=x.device, dtype=x.dtype),
+                 model.backbone.null_condition(cond) if weak_here else cond, **extra)
+    strong, weak = gather_parts(mine, branches)
     return weak + guidance.scale * (strong - weak)
 
 
@@ -96,10 +119,12 @@ def sample(
     generator: Optional[torch.Generator] = None,
     progress: bool = False,
     time_shift: Optional[Shift] = None,
+    branches: Any = None,
 ) -> torch.Tensor:
     """Integrate from noise at t = 1 to data at t = 0; the state is kept in float64 between steps. `path` (the SDE
     sampler's score) and `time_shift` (which warps the time grid by the noise's token count) must be the ones the
-    model trained with: `trained_sampling()`, or `TrainedRun.sampling` of a loaded run (`sprint_mm.trained`)."""
+    model trained with: `trained_sampling()`, or `TrainedRun.sampling` of a loaded run (`sprint_mm.trained`).
+    `branches`: CFG-parallel over that pair of processes (`guided_velocity`); both hold the same noise and state."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
     if batch_size_of(cond) != noise.shape[0]:
@@ -112,12 +137,12 @@ def sample(
     pairs = list(zip(grid[:-1], grid[1:]))
     for i, (t_cur, t_next) in enumerate(tqdm(pairs, desc=f"{solver} {guidance.kind}", disable=not progress, leave=False)):
         dt = t_next - t_cur
-        v = guided_velocity(model, x, t_cur, cond, guidance)
+        v = guided_velocity(model, x, t_cur, cond, guidance, branches)
         if solver == "sde":
             x = sde_step(x, v, t_cur, dt, path, last=i == len(pairs) - 1, generator=generator)
         elif solver == "heun" and t_next > 0:
             x_euler = x + dt * v
-            v_next = guided_velocity(model, x_euler, t_next, cond, guidance)
+            v_next = guided_velocity(model, x_euler, t_next, cond, guidance, branches)
             x = x + dt * 0.5 * (v + v_next)
         else:
             x = x + dt * v

@@ -174,12 +174,14 @@ class Sprint(nn.Module):
                 f"token mask is for batch {mask.ids_keep.shape[0]} x {mask.num_tokens} tokens, "
                 f"but the input has batch {b} x {n} tokens (grid {emb.grid})"
             )
+        # under context parallelism: this process's box of the grid, keeping as many tokens as every other box
+        emb = emb.spread(self.backbone.context_group, None if mask is None else mask.ids_keep.to(x.device))
         encoded = run_stack(self.backbone, emb, 0, self.encoder_depth)  # tokens (B, N, D), encoder skip states
         dense = encoded.tokens
         sparse, context = self._middle(encoded, mask, skip_middle)  # (B, N, D), the context after the middle
         h = sparse if self.fusion is None else self.fusion(torch.cat([sparse, dense], dim=-1))
         h = run_stack(self.backbone, encoded.with_tokens(h, context), self.decoder_start).tokens  # (B, N, D)
-        return self.backbone.unembed(h, emb)
+        return emb.join(self.backbone.unembed(h, emb))
 
     def _middle(self, encoded: Embedded, mask: Optional[TokenMask], skip_middle: Optional[torch.Tensor]
                 ) -> tuple[torch.Tensor, Any]:
@@ -195,6 +197,8 @@ class Sprint(nn.Module):
         canvas = dense if self.fill == "route" else self.mask_token.to(dense.dtype).expand(b, n, d)
         rows = middle_rows(b, skip_middle, dense.device)
         ids_keep = None if mask is None else mask.ids_keep.to(dense.device)[rows]  # (b_run, M)
+        if ids_keep is not None and encoded.shard is not None:
+            ids_keep = encoded.shard.local_kept(ids_keep)  # (b_run, M / p): this box's kept tokens, local indices
         # each kept token keeps its true position and the encoder's skip states at its place
         sparse = encoded.subset(dense, rows, ids_keep)
         ran = run_stack(self.backbone, sparse, self.encoder_depth, self.decoder_start)

@@ -16,7 +16,9 @@ AssertionError) naming the backbone, the property and the split. The properties:
   model converts to SPRINT exactly;
 - PDG batch = two passes: PDG's doubled batch equals a strong and a middle-skipping weak pass run apart;
 - gradient checkpointing gives the same gradients;
-- image = one-frame video, where the backbone takes both.
+- image = one-frame video, where the backbone takes both;
+- a box of the grid unembeds to its region, where the backbone declares `shards_sequence` (context parallelism; its
+  attention must be sprint_mm.layers.Attention, which the two-process tests of tests/test_context_parallel.py hold).
 
 The mask, PDG, skipped-row and identity properties run at every legal split with encoder and decoder blocks.
 """
@@ -31,9 +33,11 @@ from torch import nn
 
 from sprint_mm.backbone import Backbone, run_stack
 from sprint_mm.checkpoints import load_strict, read_state_dict, save_state_dict
+from sprint_mm.context_parallel import SequenceShard
 from sprint_mm.masking import TokenMasker, random_mask
 from sprint_mm.models import build_backbone
 from sprint_mm.sampling import Guidance, guided_velocity
+from sprint_mm.sequence_split import candidate_splits
 from sprint_mm.sprint import FILLS, Sprint, check_split
 from sprint_mm.tokens import select_rows
 
@@ -254,6 +258,25 @@ def image_equals_a_one_frame_video(case: ContractCase, split: Split) -> bool:
     return True
 
 
+@torch.no_grad()
+def boxes_unembed_to_their_regions(case: ContractCase, split: Split) -> bool:
+    """False where the backbone does not declare `shards_sequence` or its grid has no box to cut (too small)."""
+    model = case.model(split)
+    backbone, (x, t, cond) = model.backbone, inputs(model)
+    embedded = backbone.embed(x, t, cond)
+    cuts = candidate_splits(embedded.grid, 2)
+    if not backbone.shards_sequence or not cuts:
+        return False
+    hidden = run_stack(backbone, embedded).tokens
+    whole = backbone.unembed(hidden, embedded)
+    for cut in cuts:  # each box's tokens, unembedded alone, fill that box's region of the output
+        shards = [SequenceShard(cut, part, None) for part in range(cut.parts)]
+        boxes = [backbone.unembed(hidden[:, shard.token_ids(x.device)], embedded.take(shard)) for shard in shards]
+        torch.testing.assert_close(cut.assemble(torch.stack(boxes), embedded.image), whole, atol=0, rtol=0,
+                                   msg=lambda m: f"boxes {cut.describe()}: {m}")
+    return True
+
+
 # name -> (check, whether it runs at every legal split or at the first, what a backbone must do to hold it); in order
 PROPERTIES: dict[str, tuple[Callable[[ContractCase, Split], bool], bool, str]] = {
     "strict save and load": (
@@ -279,6 +302,10 @@ PROPERTIES: dict[str, tuple[Callable[[ContractCase, Split], bool], bool, str]] =
     "image = one-frame video": (
         image_equals_a_one_frame_video, False,
         "an image (B, C, H, W) must give what the one-frame video (B, C, 1, H, W) gives"),
+    "a box of the grid unembeds to its region": (
+        boxes_unembed_to_their_regions, False,
+        "a backbone that declares shards_sequence must unembed the tokens of a box of its token grid (with the box's "
+        "Embedded, `Embedded.take`) to that box's region of the output (B, C, [T,] H, W)"),
 }
 
 

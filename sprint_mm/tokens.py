@@ -21,20 +21,24 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 class TokenPositions:
     """Where every token sits: its (t, h, w) grid coordinates and, with RoPE, its rotation.
 
-    Every field has the token axis 1 and a batch axis 0 of size 1 (shared by the batch) or B. A sparse path gathers
-    the positions with the tokens (`gather`), so each kept token keeps its true position.
+    Every tensor has the token axis 1 and a batch axis 0 of size 1 (shared by the batch) or B. A sparse path gathers
+    the positions with the tokens (`gather`), so each kept token keeps its true position. `group`: the tokens are
+    this process's share of a sequence spread over the processes of that group (context parallelism); attention
+    gathers the rest (`sprint_mm.context_parallel`).
     """
 
     coords: torch.Tensor  # (1 or B, N, 3) int64 (t, h, w)
     cos: Optional[torch.Tensor] = None  # (1 or B, N, head_dim) RoPE, or None for absolute positions
     sin: Optional[torch.Tensor] = None
+    group: Any = None  # a torch.distributed process group, or None: the tokens are the whole sequence
 
     @property
     def rope(self) -> Optional[Rope]:
         return None if self.cos is None else (self.cos, self.sin)
 
     def _map(self, fn) -> TokenPositions:
-        present = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        present = {f.name: getattr(self, f.name) for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
         return replace(self, **{name: fn(tensor) for name, tensor in present.items()})
 
     def gather(self, ids: torch.Tensor) -> TokenPositions:

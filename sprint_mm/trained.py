@@ -66,11 +66,13 @@ class TrainedRun:
         batch_size: int = 64,
         generator: Optional[torch.Generator] = None,
         progress: bool = False,
+        branches: Any = None,
     ) -> torch.Tensor:
         """Decoded samples in [-1, 1] for `cond` from `noise` (`generation.generate`), integrated along the path and
-        time shift this run trained with."""
+        time shift this run trained with; `branches`: CFG-parallel over that pair of processes."""
         return generation.generate(self.model, cond, self.codec, noise, steps, solver, guidance, batch_size, generator,
-                                   progress, time_shift=self.sampling.time_shift, path=self.sampling.path)
+                                   progress, time_shift=self.sampling.time_shift, path=self.sampling.path,
+                                   branches=branches)
 
 
 def load_run(

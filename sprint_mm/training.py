@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from sprint_mm.checkpointer import Checkpointer, NonFiniteTraining, TrainingParts
 from sprint_mm.conditioning import build_conditioning
 from sprint_mm.data.buckets import BucketTable
-from sprint_mm.data.stream import Batching, open_stream
+from sprint_mm.data.stream import Batching, DataShare, open_stream
 from sprint_mm.errors import check_writable_folder
 from sprint_mm.flow import FlowMatching
 from sprint_mm.generation import Previewer
@@ -34,7 +34,7 @@ from sprint_mm.lora import adapter_parts, lora_of
 from sprint_mm.metrics_log import MetricsLog, StepResult, flops_saved
 from sprint_mm.models import build_model
 from sprint_mm.optimization import Optimization, frozen_copy, update_ema
-from sprint_mm.parallelize import Parallelism, agreed, fused_optimizer, parallelize, start_processes
+from sprint_mm.parallelize import Parallelism, agreed, fused_optimizer, parallelize, process_layout, start_processes
 from sprint_mm.preemption import DEFAULT_SIGNALS, Preempted, StopSignals
 from sprint_mm.repa import AlignedObjective, RepaAlignment
 from sprint_mm.run_config import check_resume_config, refuse_dynamic_registration
@@ -77,7 +77,8 @@ class Trainer:
     Its inputs are its arguments: the data (`dataset`, batched by `batch_size`, `grad_accum`, `num_workers`, `seed`,
     or by the `buckets` of a `BucketTable`), the objective (`FlowMatching`, plus REPA's `alignment`), the factories of
     the model, its conditioning and its codec (gin configures them), the optimization (`lr` ... `ema_warmup`, see
-    `Optimization`), the devices (`precision` ... `activation_checkpointing`, see `Parallelism`) and the schedule
+    `Optimization`), the devices (`precision` ... `activation_checkpointing`, `context_parallel`, see `Parallelism`;
+    the processes of a context group read the same samples and spread their tokens) and the schedule
     (`max_steps` ... `stop_signals`, see `Schedule`). `stage` 2 marks a full-token fine-tune (gin/base/stage2.gin),
     which needs `init_from`. `run` trains until the schedule says stop and returns the run folder; every step's
     data, noise and masks are a function of the seed and the step, so resume is exact. The run folder is locked while
@@ -97,6 +98,7 @@ class Trainer:
         strategy: str = "ddp", fsdp_cpu_offload: bool = False, buckets: Optional[BucketTable] = None,
         clock: str = "wall", activation_checkpointing: bool = False, model: Callable[[], torch.nn.Module] = build_model,
         conditioning: Callable[[], Any] = build_conditioning, codec: Callable[[], Any] = build_codec, stage: int = 1,
+        context_parallel: int = 1,
     ) -> None:
         if dataset is None:
             raise ValueError("Trainer.dataset is not bound: bind it in a .gin file, e.g. `Trainer.dataset = @DigitsDataset()`")
@@ -106,13 +108,16 @@ class Trainer:
         self.optimization = Optimization(lr, betas, adam_eps, weight_decay, warmup_steps, warmup_start_factor,
                                          grad_clip, ema_decay, ema_warmup)
         self.parallelism = Parallelism(precision, strategy, num_threads, compile, fsdp_cpu_offload,
-                                       activation_checkpointing)
+                                       activation_checkpointing, context_parallel)
         self.schedule = Schedule(max_steps, time_budget_minutes, checkpoint_every, keep_checkpoints, log_every,
                                  preview_every, max_bad_steps, clock, tuple(stop_signals))
         self.progress = progress
         self.parallelism.refuse_with_fsdp(alignment is not None, "Trainer.alignment (REPA)")
         self.parallelism.refuse_with_fsdp(preview_every > 0, "Trainer.preview_every > 0 (previews from a sharded "
                                                              "EMA; set it to 0 and sample from the checkpoints)")
+        if context_parallel > 1 and alignment is not None:
+            raise ValueError("Trainer.context_parallel > 1 does not support Trainer.alignment (REPA) yet: its targets "
+                             "are per token of the whole image")
         if buckets is not None and alignment is not None:
             raise ValueError("Trainer.buckets with Trainer.alignment (REPA) is not supported yet: the alignment "
                              "targets are computed for one image size; train REPA runs at one size")
@@ -125,16 +130,21 @@ class Trainer:
         """Processes, data stream, model, conditioning, parallelism, optimizer, then the run folder (made, locked, its
         configuration compared with this one), the resumed (or stage-2, or fresh) state, and the logs."""
         acc = self.accelerator = start_processes(self.parallelism)
-        data = open_stream(self.dataset, self.batching, acc, self.buckets)
+        layout = self.layout = process_layout(acc.num_processes, self.parallelism.context_parallel, acc.device,
+                                              "Trainer.context_parallel")
+        data = open_stream(self.dataset, self.batching, acc, self.buckets,
+                           DataShare(layout.data_rank, layout.data_size))
         torch.manual_seed(self.batching.seed)  # identical initialisation on every process
         model = self.build_model()
         self._check_precision(model)
         data.check_fits(model.backbone)
+        for shape in data.sample_shapes(model.backbone) if layout.context is not None else ():
+            self.flow.check_spread(model.backbone.token_grid((1, *shape)), layout.context_size)
         self.conditioning = self.build_conditioning()
         self.conditioning.prepare(model)
         trained = self.objective.attach(model, acc.device)
         ema = frozen_copy(model)  # before compilation: the EMA only samples previews and stays eager
-        self.trained = parallelize(model, ema, trained, acc, self.parallelism)
+        self.trained = parallelize(model, ema, trained, acc, self.parallelism, layout)
         optimizer, scheduler = self.optimization.build(self.trained.parameters(), fused_optimizer(acc, self.parallelism))
         self.optimizer = acc.prepare(optimizer)
         self.parts = TrainingParts(model, ema, optimizer, scheduler, data,
@@ -144,7 +154,7 @@ class Trainer:
         self.log = MetricsLog(self.run_dir, acc, self.schedule.max_steps, self.schedule.log_every, self.progress,
                               data.ledger)
         self.checkpointer = Checkpointer(self.run_dir, self.parts, acc, self.parallelism.sharded,
-                                         self.schedule.keep_checkpoints, self.log.say)
+                                         self.schedule.keep_checkpoints, self.log.say, layout.context_size)
         self.checkpointer.resume(self.init_from, self.batching.seed)
         data.start(self.parts.progress.step)
         if acc.is_main_process:
@@ -155,7 +165,8 @@ class Trainer:
             write_run_configs(self.run_dir, {
                 "model": type(model).__name__, "backbone": type(model.backbone).__name__,
                 "parameters": sum(p.numel() for p in model.parameters()), **data.describe(),
-                "processes": acc.num_processes, "max_steps": self.schedule.max_steps, "lr": self.optimization.lr,
+                "processes": acc.num_processes, "context_parallel": layout.context_size,
+                "max_steps": self.schedule.max_steps, "lr": self.optimization.lr,
                 "precision": self.parallelism.precision, "objective": {k: repr(v) for k, v in vars(self.flow).items()}})
             codec = self.build_codec() if self.schedule.preview_every else None  # only previews decode
             self.previewer = Previewer(self.run_dir / "samples", self.conditioning, codec, self.dataset)
@@ -248,7 +259,9 @@ class Trainer:
                 acc.backward(losses["loss"] / accumulate)
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / accumulate
-            tokens += x0.shape[0] * math.prod(parts.model.backbone.token_grid(tuple(x0.shape)))
+            # a context group shares its samples: each process counts its share of their tokens
+            grid = parts.model.backbone.token_grid(tuple(x0.shape))
+            tokens += x0.shape[0] * math.prod(grid) // self.layout.context_size
         grad_norm = float(acc.clip_grad_norm_(self.trained.parameters(), self.optimization.clip_norm))
         # Under fp16 an infinite gradient is the loss scaler's business: it skips the step and lowers its scale.
         fp16 = self.parallelism.precision == "fp16"

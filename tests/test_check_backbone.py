@@ -2,6 +2,7 @@
 properties before it), by the property's name; it takes a name, a class or a plugin's backbone."""
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -132,6 +133,19 @@ class VideoFrameEmbedding(DiT):
         return embedded if x.dim() == 4 else embedded.with_tokens(embedded.tokens + self.frame_embed)
 
 
+class OutputTableFromTheStart(DiT):
+    """Adds a learned table to its final tokens by raster index, counted from token 0: a box of the grid that does not
+    start there reads another box's entries (context parallelism would be wrong)."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        tokens = math.prod(self.token_grid((1, self.in_channels, *self.input_size)))
+        self.out_table = nn.Parameter(torch.randn(tokens, self.hidden_size))
+
+    def unembed(self, tokens, embedded):
+        return super().unembed(tokens + self.out_table[: tokens.shape[1]], embedded)
+
+
 VIDEO = dict(SMALL, input_size=8, in_channels=3, num_classes=4)
 # property -> a backbone that breaks it and passes every property before it
 BROKEN = {
@@ -143,6 +157,7 @@ BROKEN = {
     "PDG batch = two passes": (BatchStatistics, IMAGE),
     "gradient checkpointing gives the same gradients": (PrivateNoise, IMAGE),
     "image = one-frame video": (VideoFrameEmbedding, VIDEO),
+    "a box of the grid unembeds to its region": (OutputTableFromTheStart, VIDEO),
 }
 
 

@@ -86,6 +86,20 @@ class Batching:
             check_number(f"Trainer.{name}", getattr(self, name), low=low, integer=True)
 
 
+@dataclass(frozen=True)
+class DataShare:
+    """Which share of every global batch a process reads: `count` equal shares, one per data-parallel group; this
+    process reads share `index`. The processes of a context group read the same share (they spread its tokens)."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def of(cls, accelerator: Accelerator) -> DataShare:
+        """One share per process: no context parallelism."""
+        return cls(accelerator.process_index, accelerator.num_processes)
+
+
 class DataStream:
     """The micro-batches one process trains on, from the data position of any step on.
 
@@ -95,22 +109,26 @@ class DataStream:
     `ledger` (a part of the checkpoint), which stops the run past its limit.
     """
 
-    def __init__(self, dataset: Dataset, batching: Batching, accelerator: Accelerator) -> None:
+    def __init__(self, dataset: Dataset, batching: Batching, accelerator: Accelerator,
+                 share: Optional[DataShare] = None) -> None:
         self.dataset, self.batching, self.accelerator = dataset, batching, accelerator
+        self.share = share or DataShare.of(accelerator)
         self.data: Dataset = dataset  # what the loader reads (bucketed in BucketStream)
         self.ledger = BadDataLedger()
         self._loader: Optional[Iterator[dict]] = None
-        split = accelerator.num_processes * batching.grad_accum
+        split = self.share.count * batching.grad_accum
         if batching.batch_size % split:
-            raise ValueError(f"batch_size {batching.batch_size} must be divisible by processes "
-                             f"({accelerator.num_processes}) x grad_accum ({batching.grad_accum})")
+            groups = ("processes" if self.share.count == accelerator.num_processes
+                      else "data-parallel groups (processes / Trainer.context_parallel)")
+            raise ValueError(f"batch_size {batching.batch_size} must be divisible by {groups} "
+                             f"({self.share.count}) x grad_accum ({batching.grad_accum})")
         self.micro_batch: Optional[int] = batching.batch_size // split
 
     # ------------------------------------------------------------------ what the position means
     def position(self, step: int) -> int:
-        """Dataset indices this process has consumed after `step` steps. Times the process count it is the global
-        position, step x batch_size, so a run resumed on another number of processes reads the same global sequence
-        of samples (each global batch split anew among the processes)."""
+        """Dataset indices this process has consumed after `step` steps. Times the number of shares (data-parallel
+        groups) it is the global position, step x batch_size, so a run resumed on another number of processes or
+        another context size reads the same global sequence of samples (each global batch split anew)."""
         return step * self.batching.grad_accum * self.micro_batch
 
     def fingerprint(self) -> Optional[dict[str, Any]]:
@@ -162,6 +180,10 @@ class DataStream:
                              "(C, [T,] H, W): make the dataset's size and channels match the backbone's input_size "
                              "and in_channels")
 
+    def sample_shapes(self, backbone: torch.nn.Module) -> list[tuple[int, ...]]:
+        """The sample shapes (C, [T,] H, W) the model trains on: the configured one."""
+        return [tuple(backbone.sample_shape)]
+
     def first_item_shape(self, index: int) -> tuple[int, ...]:
         with torch.random.fork_rng(devices=[]):
             return tuple(SkippingDataset(self.data)[index]["x"].shape)
@@ -176,8 +198,8 @@ class DataStream:
             persistent_workers=self.batching.num_workers > 0, pin_memory=self.accelerator.device.type == "cuda"))
 
     def _batching(self, step: int) -> dict[str, Any]:
-        sampler = IndexStream(len(self.data), self.batching.seed, self.accelerator.process_index,
-                              self.accelerator.num_processes, start=self.position(step), order=self.epoch_order())
+        sampler = IndexStream(len(self.data), self.batching.seed, self.share.index, self.share.count,
+                              start=self.position(step), order=self.epoch_order())
         return {"batch_size": self.micro_batch, "drop_last": True, "sampler": sampler}
 
     def epoch_order(self) -> Optional[EpochOrder]:
@@ -206,8 +228,10 @@ class BucketStream(DataStream):
     depends only on (seed, step), so resume is exact on any number of processes. The fingerprint names the table and
     the item assignment: a run whose dataset or table changed since its checkpoint refuses to resume."""
 
-    def __init__(self, dataset: Dataset, batching: Batching, accelerator: Accelerator, table: BucketTable) -> None:
+    def __init__(self, dataset: Dataset, batching: Batching, accelerator: Accelerator, table: BucketTable,
+                 share: Optional[DataShare] = None) -> None:
         self.dataset, self.batching, self.accelerator, self.table = dataset, batching, accelerator, table
+        self.share = share or DataShare.of(accelerator)
         self.ledger = BadDataLedger()
         self._loader = None
         self.micro_batch = None  # each bucket has its own batch size (the sampler checks it divides)
@@ -215,8 +239,8 @@ class BucketStream(DataStream):
             self.data = BucketedDataset(dataset, table)
         self.ledger.add_left_out(self.data.unreadable, len(self.data))
         self.ledger.check()  # items whose size cannot be read: counted as bad data from the start
-        self.sampler = BucketBatchSampler(self.data.bucket_of, table, batching.seed, accelerator.process_index,
-                                          accelerator.num_processes, batching.grad_accum)
+        self.sampler = BucketBatchSampler(self.data.bucket_of, table, batching.seed, self.share.index,
+                                          self.share.count, batching.grad_accum)
 
     def position(self, step: int) -> int:
         return step  # global batches consumed: one per step
@@ -255,6 +279,12 @@ class BucketStream(DataStream):
                                  f"{shape} (C, [T,] H, W) there: make the dataset's channels match the backbone's "
                                  f"in_channels ({channels})")
 
+    def sample_shapes(self, backbone: torch.nn.Module) -> list[tuple[int, ...]]:
+        """The shapes of the buckets that have items, in the model's input layout."""
+        channels = backbone.sample_shape[0]
+        return [(channels, *bucket.shape[1:]) if bucket.frames == 1 else (channels, *bucket.shape)
+                for bucket, members in zip(self.table, self.data.members) if members]
+
     def _batching(self, step: int) -> dict[str, Any]:
         self.sampler.start = self.position(step)
         return {"batch_sampler": self.sampler}
@@ -268,8 +298,9 @@ class ShardStream(DataStream):
     order, which shuffles within windows of shards so that every process reads from the same few shards at a time.
     The fingerprint names the set (its index's sha256) and the window: a resume on other shards is refused."""
 
-    def __init__(self, dataset: ShardDataset, batching: Batching, accelerator: Accelerator) -> None:
-        super().__init__(dataset, batching, accelerator)
+    def __init__(self, dataset: ShardDataset, batching: Batching, accelerator: Accelerator,
+                 share: Optional[DataShare] = None) -> None:
+        super().__init__(dataset, batching, accelerator, share)
         sizes = np.unique(dataset.sizes(), axis=0)
         if len(sizes) > 1:
             shown = ", ".join("x".join(map(str, size)) for size in sizes[:SHOWN_SIZES].tolist())
@@ -292,10 +323,11 @@ def stream_kind(fingerprint: Optional[dict[str, Any]]) -> str:
 
 
 def open_stream(dataset: Dataset, batching: Batching, accelerator: Accelerator,
-                buckets: Optional[BucketTable] = None) -> DataStream:
-    """The stream a run reads: from buckets when a table is given, else from a shard set, or plain."""
+                buckets: Optional[BucketTable] = None, share: Optional[DataShare] = None) -> DataStream:
+    """The stream a run reads (this process's `share` of every global batch; default one share per process): from
+    buckets when a table is given, else from a shard set, or plain."""
     if buckets is not None:
-        return BucketStream(dataset, batching, accelerator, buckets)
+        return BucketStream(dataset, batching, accelerator, buckets, share)
     if isinstance(dataset, ShardDataset):
-        return ShardStream(dataset, batching, accelerator)
-    return DataStream(dataset, batching, accelerator)
+        return ShardStream(dataset, batching, accelerator, share)
+    return DataStream(dataset, batching, accelerator, share)
