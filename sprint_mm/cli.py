@@ -23,6 +23,7 @@ from sprint_mm.errors import check_number, report_mistakes
 from sprint_mm.media import pack_uint8, save_image_grid, save_npz, save_video, save_video_preview, unpack_uint8
 from sprint_mm.preemption import EXIT_PREEMPTED, Preempted
 from sprint_mm.checkpointer import CheckpointWriteError, NonFiniteTraining
+from sprint_mm.density import MiddleDensity
 from sprint_mm.sampling import GUIDANCES, SOLVERS, Guidance
 from sprint_mm.sharded import WEIGHTS
 from sprint_mm.trained import TrainedRun, load_run
@@ -94,6 +95,14 @@ def sample_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance", choices=GUIDANCES, default="pdg")
     parser.add_argument("--scale", type=float, default=1.5)
     parser.add_argument("--interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(0.0, 1.0))
+    parser.add_argument("--sparse-keep", type=float, default=0.25,
+                        help="--guidance sparse: the fraction of the strong branch's middle tokens its weak branch's "
+                             "middle sees")
+    parser.add_argument("--middle-keep", type=float, default=1.0, metavar="R",
+                        help="SPRINT runs: the middle blocks see a structured fraction R of the tokens while t > "
+                             "--middle-keep-above (t = 1 is noise), all below; 1 (default): every token at every step")
+    parser.add_argument("--middle-keep-above", type=float, default=0.5, metavar="T",
+                        help="the time above which --middle-keep applies")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--solver", choices=SOLVERS, default="euler")
     parser.add_argument("--seed", type=int, default=0)
@@ -171,7 +180,8 @@ def write_samples(args: argparse.Namespace) -> Path:
     from sprint_mm.backbone import compile_blocks
 
     check_sample_counts(args)
-    guidance = Guidance(args.guidance, args.scale, tuple(args.interval))
+    guidance = Guidance(args.guidance, args.scale, tuple(args.interval), args.sparse_keep)
+    density = MiddleDensity(args.middle_keep, args.middle_keep_above)
     accelerator = Accelerator()
 
     def requests(model: torch.nn.Module) -> tuple[list, list]:  # checked before a text encoder or a VAE loads
@@ -185,9 +195,10 @@ def write_samples(args: argparse.Namespace) -> Path:
     shape = sample_shape(run, args, out)
     total = len(labels or prompts)
     shards = out.with_name(f".{out.name}.shards")
+    flops = run.sampling_flops(shape, args.steps, args.solver, guidance, density)  # checks the keeps on the grid
     settings = (f"{run.checkpoint.name}/{args.weights} {args.guidance} {args.scale} {tuple(args.interval)} "
                 f"{args.solver} {args.steps} seed {args.seed} n {total} bs {args.batch_size} {args.gin_param} "
-                f"shape {shape}")
+                f"shape {shape}" + sparse_settings(guidance, density))
     if accelerator.is_main_process:
         prepare_shard_folder(shards, settings)
     accelerator.wait_for_everyone()
@@ -199,7 +210,7 @@ def write_samples(args: argparse.Namespace) -> Path:
             rows = range(s * args.batch_size, min((s + 1) * args.batch_size, total))
             cond = run.conditioning.from_request([labels[i] for i in rows] if labels else None,
                                                  [prompts[i] for i in rows] if prompts else None, accelerator.device)
-            packed = pack_uint8(sample_shard(run, args, guidance, cond, (len(rows), *shape), s))
+            packed = pack_uint8(sample_shard(run, args, guidance, density, cond, (len(rows), *shape), s))
             atomic_write(shards / f"{s:06d}.pt", lambda tmp: torch.save(packed, tmp))
     except BaseException:
         if accelerator.is_main_process:
@@ -210,7 +221,7 @@ def write_samples(args: argparse.Namespace) -> Path:
         write_output(torch.cat([torch.load(shards / f"{s:06d}.pt", weights_only=True) for s in range(count)]), out)
         shutil.rmtree(shards)
         print(f"[sprint_mm] wrote {total} samples ({args.guidance}, scale {args.scale}, {args.solver} {args.steps} "
-              f"steps) to {out}")
+              f"steps{sparse_settings(guidance, density)}; {flops / 1e9:.3f} GFLOPs per sample) to {out}")
     accelerator.wait_for_everyone()
     return out
 
@@ -225,14 +236,20 @@ def sample_shape(run: TrainedRun, args: argparse.Namespace, out: Path) -> tuple[
     return shape
 
 
-def sample_shard(run: TrainedRun, args: argparse.Namespace, guidance: Guidance, cond: Any, shape: Sequence[int],
-                 shard: int) -> torch.Tensor:
+def sparse_settings(guidance: Guidance, density: MiddleDensity) -> str:
+    """The middle keep (and sparse guidance's keep) in words; empty for the dense sampler."""
+    words = f", middle keep {density.keep:g} above t = {density.above:g}" if density.keep < 1 else ""
+    return words + (f", sparse keep {guidance.sparse_keep:g}" if guidance.kind == "sparse" else "")
+
+
+def sample_shard(run: TrainedRun, args: argparse.Namespace, guidance: Guidance, density: MiddleDensity, cond: Any,
+                 shape: Sequence[int], shard: int) -> torch.Tensor:
     """The decoded samples of shard `shard`: noise and sampler randomness seeded by (--seed, shard)."""
     seed = args.seed * 1_000_003 + shard
     device = next(run.model.parameters()).device
     noise = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
     return run.generate(cond, noise.to(device), args.steps, args.solver, guidance, batch_size=args.batch_size,
-                        generator=torch.Generator(device).manual_seed(seed))
+                        generator=torch.Generator(device).manual_seed(seed), density=density)
 
 
 def prepare_shard_folder(shards: Path, settings: str) -> None:

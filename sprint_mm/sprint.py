@@ -11,7 +11,7 @@ split, and for skips mirrored as i -> depth-1-i (U-ViT) the legal splits are enc
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import gin
 import torch
@@ -132,13 +132,27 @@ class Sprint(nn.Module):
     ) -> torch.Tensor:
         """mask: tokens the middle sees (None = all); skip_middle (B,) bool: rows whose middle output is the mask token."""
         emb = self.backbone.embed(x, t, cond)
+        encoded = run_stack(self.backbone, emb, 0, self.encoder_depth)  # tokens (B, N, D), encoder skip states
+        return self._decode(emb, encoded, mask, skip_middle)
+
+    def branches(self, x: torch.Tensor, t: torch.Tensor, cond: Any,
+                 masks: Sequence[Optional[TokenMask]]) -> list[torch.Tensor]:
+        """The outputs for one input under several middle masks (None = all tokens), each equal to
+        `forward(x, t, cond, mask)`: the embedding and the encoder, which no mask reaches, run once for all of them
+        (sparse guidance's two branches share them)."""
+        emb = self.backbone.embed(x, t, cond)
+        encoded = run_stack(self.backbone, emb, 0, self.encoder_depth)
+        return [self._decode(emb, encoded, mask, None) for mask in masks]
+
+    def _decode(self, emb: Embedded, encoded: Embedded, mask: Optional[TokenMask],
+                skip_middle: Optional[torch.Tensor]) -> torch.Tensor:
+        """Middle, fusion, decoder and unembedding after the encoder's output `encoded`."""
         b, n, _ = emb.tokens.shape
         if mask is not None and (mask.ids_keep.shape[0] != b or mask.num_tokens != n):
             raise ValueError(
                 f"token mask is for batch {mask.ids_keep.shape[0]} x {mask.num_tokens} tokens, "
                 f"but the input has batch {b} x {n} tokens (grid {emb.grid})"
             )
-        encoded = run_stack(self.backbone, emb, 0, self.encoder_depth)  # tokens (B, N, D), encoder skip states
         dense = encoded.tokens
         sparse = self._middle(encoded, mask, skip_middle)  # (B, N, D)
         h = sparse if self.fusion is None else self.fusion(torch.cat([sparse, dense], dim=-1))

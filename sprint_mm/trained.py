@@ -22,7 +22,8 @@ from sprint_mm.configs import parse_gin
 from sprint_mm.latents import LatentCodec, build_codec
 from sprint_mm.models import build_model
 from sprint_mm.runs import checkpoint_step, find_checkpoint, verify_checkpoint
-from sprint_mm.sampling import Guidance, SamplingDefaults, trained_sampling
+from sprint_mm.density import DENSE, MiddleDensity
+from sprint_mm.sampling import Guidance, SamplingDefaults, sampling_flops, trained_sampling
 from sprint_mm.sharded import WEIGHTS, read_weights
 
 
@@ -66,11 +67,19 @@ class TrainedRun:
         batch_size: int = 64,
         generator: Optional[torch.Generator] = None,
         progress: bool = False,
+        density: MiddleDensity = DENSE,
     ) -> torch.Tensor:
         """Decoded samples in [-1, 1] for `cond` from `noise` (`generation.generate`), integrated along the path and
-        time shift this run trained with."""
+        time shift this run trained with; `density` thins the middle at the noisy steps."""
         return generation.generate(self.model, cond, self.codec, noise, steps, solver, guidance, batch_size, generator,
-                                   progress, time_shift=self.sampling.time_shift, path=self.sampling.path)
+                                   progress, time_shift=self.sampling.time_shift, path=self.sampling.path,
+                                   density=density)
+
+    def sampling_flops(self, sample_shape: tuple[int, ...], steps: int = 50, solver: str = "euler",
+                       guidance: Guidance = Guidance(kind="none"), density: MiddleDensity = DENSE) -> float:
+        """Matmul FLOPs per sample of `generate` with these settings (`sampling.sampling_flops`)."""
+        generation.check_needs_sprint(self.model, guidance, density)
+        return sampling_flops(self.model, sample_shape, steps, solver, guidance, density, self.sampling.time_shift)
 
 
 def load_run(
