@@ -362,7 +362,7 @@ def test_the_goal_is_the_cheapest_setting_as_good_as_each_pdg_setting():
                 "sparse_keep": 0.25, "gflops": gflops, "accuracy": accuracy, "frechet": frechet}
 
     rows = [row("pdg", 1.0, 10.0, 0.90, 1.00), row("cfg", 0.25, 5.0, 0.95, 0.90),  # as good, half the FLOPs
-            row("pdg", 0.25, 4.0, 0.885, 1.04),  # within the tolerance (0.01, 5 %): cheaper still
+            row("pdg", 0.25, 4.0, 0.895, 1.04),  # within the tolerance (0.01, 5 %): cheaper still
             row("none", 0.25, 2.0, 0.80, 0.90), row("pdg", 0.5, 3.0, 0.95, 1.10)]  # worse on one metric each
     [goal] = guidance_pareto.goal_rows(rows, (0.01, 0.05))
     assert (goal["cheapest"], goal["saving"], goal["met"]) == ("pdg 2 keep 0.25>0.5", pytest.approx(0.6), True)
