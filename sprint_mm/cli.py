@@ -221,7 +221,7 @@ def write_samples(args: argparse.Namespace) -> Path:
         write_output(torch.cat([torch.load(shards / f"{s:06d}.pt", weights_only=True) for s in range(count)]), out)
         shutil.rmtree(shards)
         print(f"[sprint_mm] wrote {total} samples ({args.guidance}, scale {args.scale}, {args.solver} {args.steps} "
-              f"steps{sparse_settings(guidance, density)}; {flops / 1e9:.3f} GFLOPs per sample) to {out}")
+              f"steps{sparse_settings(guidance, density)}; {flops / 1e9:.4g} GFLOPs per sample) to {out}")
     accelerator.wait_for_everyone()
     return out
 

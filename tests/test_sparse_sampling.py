@@ -202,3 +202,26 @@ def test_sampling_flops_follow_the_formula():
     heun = sampling_flops(model, (3, 32, 32), steps=2, solver="heun", density=density)
     assert heun == (outer + middle[64]) + 2 * (outer + middle[256])  # t = 1, then 0.5 twice (not above 0.5); none at 0
     assert fraction_kept(0.25, (1, 16, 16)) == 64 and fraction_kept(1.0, (1, 16, 16)) == 256
+
+
+def test_sample_command_keeps_today_s_samples_at_keep_1_and_reports_flops(tmp_path, capsys):
+    from PIL import Image
+
+    from sprint_mm.cli import sample_main
+    from tests.test_training import train
+
+    run = tmp_path / "run"
+    assert train(run, 2) == 0
+    common = ["--run", str(run), "--labels", "1", "2", "--steps", "3", "--guidance", "pdg", "--scale", "2"]
+    outs = {name: tmp_path / f"{name}.png" for name in ("today", "keep1", "sparse", "sparse_guidance")}
+    assert sample_main([*common, "--out", str(outs["today"])]) == 0
+    assert sample_main([*common, "--middle-keep", "1", "--middle-keep-above", "0", "--out", str(outs["keep1"])]) == 0
+    assert sample_main([*common, "--middle-keep", "0.25", "--out", str(outs["sparse"])]) == 0
+    assert sample_main(["--run", str(run), "--labels", "1", "2", "--steps", "3", "--guidance", "sparse", "--scale", "2",
+                        "--middle-keep", "0.5", "--out", str(outs["sparse_guidance"])]) == 0
+    pixels = {name: list(Image.open(path).getdata()) for name, path in outs.items()}
+    assert pixels["keep1"] == pixels["today"]  # (the 2-step model's middle is near its zero init: no pixel to tell)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "GFLOPs per sample" in line]
+    assert len(lines) == 4 and "middle keep 0.5 above t = 0.5, sparse keep 0.25" in lines[3]
+    gflops = [float(line.split("; ")[1].split(" GFLOPs")[0]) for line in lines]
+    assert gflops[0] == gflops[1] > gflops[2]
