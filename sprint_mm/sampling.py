@@ -11,12 +11,12 @@ import torch
 from tqdm.auto import tqdm
 
 from sprint_mm.density import DENSE, MiddleDensity, check_fraction, fraction_kept, fraction_mask
-from sprint_mm.masking import TokenMask
 from sprint_mm.errors import check_number
-from sprint_mm.tokens import batch_size_of, concat_rows
 from sprint_mm.flops import GUIDANCE_MODES as GUIDANCES
 from sprint_mm.flops import guidance_flops
 from sprint_mm.flow import FlowMatching, TimeShift, score_from_velocity
+from sprint_mm.masking import TokenMask
+from sprint_mm.tokens import batch_size_of, concat_rows
 
 SOLVERS = ("euler", "heun", "sde")
 
