@@ -148,6 +148,68 @@ def test_train_speed_row_reports_timings_and_checkpointed_memory():
         assert 0 < row[f"{name}_checkpointed_activation_bytes"] < row[f"{name}_activation_bytes"]
 
 
+STAND_IN_OFFICIAL = {  # a stand-in for the official code's layout (none of its code): what train_speed calls of it
+    "src/models/sit.py": """
+import torch
+from torch import nn
+
+class SiT(nn.Module):
+    def __init__(self, encoder_depth, middle_depth, decoder_depth, residual_type, hidden_size, **options):
+        super().__init__()
+        self.blocks = nn.Sequential(*(nn.Linear(4, 4) for _ in range(encoder_depth + middle_depth + decoder_depth)))
+        self.depths, self.residual_type = (encoder_depth, middle_depth, decoder_depth), residual_type
+
+    def forward(self, x, t, y, mask_dict=None):
+        return self.blocks(x.transpose(1, -1)).transpose(1, -1), None
+""",
+    "src/scheduler/flow_matching.py": """
+import torch
+
+class FlowMatching:
+    def __init__(self, accelerator, **options):
+        self.accelerator, self.masked = accelerator, []
+
+    def compute_loss(self, model, images, model_kwargs, zs, mask_config):
+        self.masked.append(mask_config.mask_ratio)
+        with self.accelerator.autocast():
+            out, _ = model(images, torch.rand(images.shape[0]), **model_kwargs, mask_dict=None)
+        return ((out - images) ** 2).mean(), torch.tensor(0.0)
+""",
+    "src/utils/utils.py": """
+import torch
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay=0.9999):
+    for e, p in zip(ema_model.parameters(), model.parameters()):
+        e.mul_(decay).add_(p, alpha=1 - decay)
+""",
+    "src/utils/parallelize.py": "def apply_compile(model, compile_config=None):\n    model.compiled = True\n",
+}
+
+
+def test_side_by_side_runs_both_steps_and_profiles_them_or_says_why_not(tmp_path, capsys):
+    for name, text in STAND_IN_OFFICIAL.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    argv = ["--sizes", "--hidden", "32", "--depth", "4", "--heads", "2", "--encoder", "1", "--decoder", "1",
+            "--side-by-side", "8:2", "--repeats", "2", "--warmup", "0", "--profile", "1"]
+    result = train_speed.main([*argv, "--official", str(tmp_path), "--out", str(tmp_path / "r.json")])["side_by_side"]
+    seconds, ratios = result["seconds"], result["ratios"]
+    assert set(seconds) == {"ours_sprint", "ours_dense", "official_sprint", "official_dense"}
+    assert ratios["ours_over_official_sprint"] == seconds["ours_sprint"] / seconds["official_sprint"]
+    assert ratios["official_dense_over_sprint"] == seconds["official_dense"] / seconds["official_sprint"]
+    for profile in result["profile"].values():
+        assert set(profile) == {*(c for c, _ in train_speed.OP_CATEGORIES), train_speed.OTHER}
+        assert profile["matrix products (Linear forward and backward)"] > 0
+    assert "| eager | sprint |" in capsys.readouterr().out
+    assert train_speed.op_category("aten::addmm") == train_speed.op_category("aten::mm")
+    assert train_speed.op_category("Optimizer.step#AdamW.step") == "optimizer, clipping and EMA"
+    assert train_speed.op_category("aten::_scaled_dot_product_flash_attention_for_cpu").startswith("attention")
+    missing = train_speed.main([*argv, "--official", str(tmp_path / "absent"), "--out", str(tmp_path / "m.json")])
+    assert "no official SPRINT code at" in missing["side_by_side"]["skipped"]
+    assert "side by side with the official code: skipped" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------------------------
 # guidance_speed.py
 # ----------------------------------------------------------------------------------------------
