@@ -19,10 +19,10 @@ from sprint_mm import generation
 from sprint_mm.checkpoints import load_strict
 from sprint_mm.conditioning import build_conditioning, check_kind
 from sprint_mm.configs import parse_gin
+from sprint_mm.density import DENSE, MiddleDensity
 from sprint_mm.latents import LatentCodec, build_codec
 from sprint_mm.models import build_model
 from sprint_mm.runs import checkpoint_step, find_checkpoint, verify_checkpoint
-from sprint_mm.density import DENSE, MiddleDensity
 from sprint_mm.sampling import Guidance, SamplingDefaults, sampling_flops, trained_sampling
 from sprint_mm.sharded import WEIGHTS, read_weights
 
