@@ -2,9 +2,10 @@
 
 `draw_quality_figures` reads quality_curves_<tokens>.json files and writes quality_curves.png (one column per token
 count: judge accuracy and Frechet distance against training CPU seconds, dense vs SPRINT) plus TensorBoard scalars
-under <folder>/tensorboard/quality; `draw_guidance_figure` writes guidance_pareto.png (accuracy and Frechet distance
-against sampling CPU seconds, CFG vs PDG, Pareto points ringed) plus <folder>/tensorboard/guidance. Each call
-rewrites its TensorBoard folder, so a redraw never duplicates curves.
+under <folder>/tensorboard/quality; `draw_guidance_figure` writes guidance_pareto*.png (accuracy and Frechet distance
+against GFLOPs per sample and sampling CPU seconds, CFG, PDG and sparse guidance, filled markers on every token,
+hollow ones with a sparse middle at the noisy steps, Pareto points ringed) plus <folder>/tensorboard/guidance*. Each
+call rewrites its TensorBoard folder, so a redraw never duplicates curves.
 
     python benchmarks/curve_plots.py [--results benchmarks/results]     # redraw both from the JSON files
 """
@@ -30,7 +31,8 @@ METRICS = (("accuracy", "judge accuracy", True), ("frechet", "Frechet distance (
 QUALITY_LINES = {("dense", "cfg"): ("dense, CFG", "tab:gray", "-"),
                  ("sprint", "cfg"): ("SPRINT, CFG", "tab:blue", "-"),
                  ("sprint", "pdg"): ("SPRINT, PDG", "tab:orange", "--")}
-GUIDANCE_COLOURS = {"none": "black", "cfg": "tab:blue", "pdg": "tab:orange"}
+GUIDANCE_COLOURS = {"none": "black", "cfg": "tab:blue", "pdg": "tab:orange", "sparse": "tab:green"}
+COSTS = {"gflops": "matmul GFLOPs per sample", "sample_cpu_s": "sampling CPU seconds"}  # guidance_pareto's costs
 
 
 def time_to_reach(seconds: Sequence[float], values: Sequence[float], level: float,
@@ -66,11 +68,11 @@ def curve(points: Sequence[dict], arm: str, guidance: str, metric: str) -> tuple
             [statistics.fmean(m for _, m in by_budget[b]) for b in budgets])
 
 
-def pareto_front(points: Sequence[dict], metric: str, higher_is_better: bool) -> list[dict]:
-    """The settings no other setting beats on both sampling cost and `metric` (cost ascending)."""
+def pareto_front(points: Sequence[dict], metric: str, higher_is_better: bool, cost: str = "sample_cpu_s") -> list[dict]:
+    """The settings no other setting beats on both `cost` and `metric` (cost ascending)."""
     sign = 1.0 if higher_is_better else -1.0
     front, best = [], -float("inf")
-    for point in sorted(points, key=lambda p: (p["sample_cpu_s"], -sign * p[metric])):
+    for point in sorted(points, key=lambda p: (p[cost], -sign * p[metric])):
         if sign * point[metric] > best:
             front.append(point)
             best = sign * point[metric]
@@ -127,35 +129,53 @@ def draw_quality_figures(paths: Sequence[Path], folder: Path) -> Path:
 
 
 def guidance_label(point: dict) -> str:
+    """'pdg 2 [0.25,0.75] keep 0.25>0.5': guidance, scale, interval (unless [0, 1]), middle density (unless every
+    token), sparse guidance's weak keep."""
     low, high = point["interval"]
-    if point["guidance"] == "none":
-        return "none"
-    return f"{point['guidance']} {point['scale']:g}" + ("" if (low, high) == (0.0, 1.0) else f" [{low:g},{high:g}]")
+    label = "none" if point["guidance"] == "none" else f"{point['guidance']} {point['scale']:g}"
+    if point["guidance"] != "none" and (low, high) != (0.0, 1.0):
+        label += f" [{low:g},{high:g}]"
+    if point.get("middle_keep", 1.0) < 1.0:
+        label += f" keep {point['middle_keep']:g}>{point['keep_above']:g}"
+    if point["guidance"] == "sparse":
+        label += f" weak {point['sparse_keep']:g}"
+    return label
 
 
-def draw_guidance_figure(result: dict, folder: Path) -> Path:
-    """guidance_pareto.png and TensorBoard scalars from a guidance_pareto.py result."""
+def _scatter_costs(ax, points: Sequence[dict], metric: str, higher_is_better: bool, cost: str) -> None:
+    """Every setting by guidance kind (hollow markers: a sparse middle at the noisy steps), the Pareto front ringed."""
+    for kind, colour in GUIDANCE_COLOURS.items():
+        for thinned in (False, True):
+            mine = [p for p in points if p["guidance"] == kind and (p.get("middle_keep", 1.0) < 1.0) == thinned]
+            if mine:
+                name = (kind.upper() if kind != "none" else "no guidance") + (", sparse middle" if thinned else "")
+                ax.scatter([p[cost] for p in mine], [p[metric] for p in mine], s=24, label=name,
+                           color=colour if not thinned else "none", edgecolors=colour)
+    front = pareto_front(points, metric, higher_is_better, cost)
+    ax.plot([p[cost] for p in front], [p[metric] for p in front], color="black", linewidth=0.8, label="Pareto front")
+    for point in front:
+        ax.scatter(point[cost], point[metric], s=110, facecolors="none", edgecolors="black")
+        ax.annotate(guidance_label(point), (point[cost], point[metric]), fontsize=6, textcoords="offset points",
+                    xytext=(4, 4))
+
+
+def draw_guidance_figure(result: dict, folder: Path, stem: str = "guidance_pareto") -> Path:
+    """<stem>.png and TensorBoard scalars (under tensorboard/guidance<stem's rest>) from a guidance_pareto.py result:
+    accuracy and Frechet distance against GFLOPs per sample (when the result has them) and sampling CPU seconds."""
     points = result["settings"]
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    tensorboard = _fresh_writer_root(folder / "tensorboard" / "guidance")
-    for ax, (metric, label, higher_is_better) in zip(axes, METRICS):
-        for kind, colour in GUIDANCE_COLOURS.items():
-            mine = [p for p in points if p["guidance"] == kind]
-            ax.scatter([p["sample_cpu_s"] for p in mine], [p[metric] for p in mine], color=colour,
-                       label=kind.upper() if kind != "none" else "no guidance", s=24)
-        front = pareto_front(points, metric, higher_is_better)
-        ax.plot([p["sample_cpu_s"] for p in front], [p[metric] for p in front], color="black", linewidth=0.8,
-                label="Pareto front")
-        for point in front:
-            ax.scatter(point["sample_cpu_s"], point[metric], s=110, facecolors="none", edgecolors="black")
-            ax.annotate(guidance_label(point), (point["sample_cpu_s"], point[metric]), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))
-        ax.set_xlabel(f"sampling CPU seconds ({result['samples']} samples, euler {result['steps']} steps, 1 thread)")
-        ax.set_ylabel(label)
-        if metric == "frechet":
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    costs = [cost for cost in COSTS if all(cost in p for p in points)]
+    figure, axes = plt.subplots(len(costs), 2, figsize=(13, 5 * len(costs)), squeeze=False)
+    tensorboard = _fresh_writer_root(folder / "tensorboard" / ("guidance" + stem[len("guidance_pareto"):]))
+    sampler = f"{result.get('solver', 'euler')} {result['steps']} steps"
+    for row, cost in enumerate(costs):
+        for ax, (metric, label, higher_is_better) in zip(axes[row], METRICS):
+            _scatter_costs(ax, points, metric, higher_is_better, cost)
+            ax.set_xlabel(f"{COSTS[cost]} ({result['samples']} samples, {sampler}{', 1 thread' * (cost != 'gflops')})")
+            ax.set_ylabel(label)
+            if metric == "frechet":
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     for kind in GUIDANCE_COLOURS:
         mine = sorted((p for p in points if p["guidance"] == kind), key=lambda p: p["sample_cpu_s"])
         if not mine:
@@ -164,9 +184,9 @@ def draw_guidance_figure(result: dict, folder: Path) -> Path:
             for metric, _, _ in METRICS:  # x: sampling milliseconds (TensorBoard steps are integers)
                 for point in mine:
                     writer.add_scalar(f"{metric}_vs_sampling_ms", point[metric], round(1000 * point["sample_cpu_s"]))
-    axes[0].set_title(f"guidance vs cost: {result['run']}")
+    axes[0][0].set_title(f"guidance vs cost: {result['run']}")
     figure.tight_layout()
-    path = folder / "guidance_pareto.png"
+    path = folder / f"{stem}.png"
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -180,8 +200,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     curves = sorted(folder.glob("quality_curves_*.json"))
     if curves:
         drawn.append(draw_quality_figures(curves, folder))
-    if (folder / "guidance_pareto.json").is_file():
-        drawn.append(draw_guidance_figure(json.loads((folder / "guidance_pareto.json").read_text()), folder))
+    for path in sorted(folder.glob("guidance_pareto*.json")):
+        drawn.append(draw_guidance_figure(json.loads(path.read_text()), folder, path.stem))
     print("\n".join(str(p) for p in drawn) or f"nothing to draw in {folder}")
     return drawn
 

@@ -39,10 +39,12 @@ import torch
 
 from benchmarks.curve_plots import curve, draw_quality_figures, time_to_reach
 from benchmarks.demo_accuracy import class_major_labels
-from benchmarks.digits_classifier import DigitsClassifier, digits_tensors, test_split_accuracy
+from benchmarks.digits_classifier import DigitsClassifier, digit_crops, digits_tensors, test_split_accuracy
 from benchmarks.equal_wallclock import DENSE, NO_STEP_LIMIT, STAGE1, STAGE2
 from benchmarks.harness import RESULTS, add_out_option, load_class_run, markdown_table, training_record, write_result
 from sprint_mm.cli import add_gin_param_option, run_training
+from sprint_mm.density import DENSE as EVERY_TOKEN
+from sprint_mm.density import MiddleDensity
 from sprint_mm.evaluation.frechet import FeatureStats, frechet_distance
 from sprint_mm.runs import find_checkpoint
 from sprint_mm.sampling import Guidance
@@ -66,8 +68,12 @@ class Judge:
 
     @classmethod
     def train(cls, resolution: int, channels: int = 1) -> Judge:
-        classifier = DigitsClassifier.train(resolution, channels)
-        images, _ = digits_tensors("test", resolution, channels)
+        return cls.from_classifier(DigitsClassifier.train(resolution, channels))
+
+    @classmethod
+    def from_classifier(cls, classifier: DigitsClassifier) -> Judge:
+        """The judge of a trained classifier: the real test digits at its resolution and channels."""
+        images, _ = digits_tensors("test", classifier.resolution, classifier.channels)
         return cls(classifier, FeatureStats.from_features(judge_features(classifier, images)))
 
     def frechet(self, images: torch.Tensor) -> float:
@@ -88,17 +94,31 @@ def judge_features(classifier: DigitsClassifier, images: torch.Tensor) -> np.nda
 
 
 def sample_quality(run: TrainedRun, judge: Judge, guidance: Guidance, per_class: int, steps: int,
-                   seed: int = 0) -> dict:
-    """Accuracy, Frechet distance and sampling CPU seconds of `per_class` samples per class under `guidance`
-    (noise from `seed`: the same for every run and guidance of one sample shape)."""
+                   seed: int = 0, solver: str = "euler", density: MiddleDensity = EVERY_TOKEN) -> dict:
+    """Accuracy, Frechet distance, sampling CPU and wall seconds and matmul GFLOPs per sample of `per_class` samples
+    per class under `guidance` and `density` (noise from `seed`: the same for every run and setting of one sample
+    shape; the SDE's noise from seed + 1). Videos are judged frame by frame on the digit crop of every frame
+    (`digit_crops` at the judge's resolution): accuracy is the fraction of frames read as the digit asked for,
+    `video_accuracy` that of videos whose frames' majority is, and the Frechet distance compares the crops' features
+    with the real test digits'."""
     labels = class_major_labels(run.num_classes, per_class)
-    noise = torch.randn((len(labels), *run.model.backbone.sample_shape), generator=torch.Generator().manual_seed(seed))
-    started = time.process_time()
-    samples = run.generate(labels, noise, steps, "euler", guidance, batch_size=len(labels))
-    seconds = time.process_time() - started
-    return {"guidance": guidance.kind, "scale": guidance.scale, "interval": list(guidance.interval),
-            "accuracy": judge.classifier.score(samples, labels), "frechet": judge.frechet(samples),
-            "sample_cpu_s": seconds}
+    shape = tuple(run.model.backbone.sample_shape)
+    noise = torch.randn((len(labels), *shape), generator=torch.Generator().manual_seed(seed))
+    started, started_wall = time.process_time(), time.perf_counter()
+    samples = run.generate(labels, noise, steps, solver, guidance, batch_size=len(labels),
+                           generator=torch.Generator().manual_seed(seed + 1), density=density)
+    seconds, wall = time.process_time() - started, time.perf_counter() - started_wall
+    row = {"guidance": guidance.kind, "scale": guidance.scale, "interval": list(guidance.interval),
+           "middle_keep": density.keep, "keep_above": density.above, "sparse_keep": guidance.sparse_keep,
+           "sample_cpu_s": seconds, "wall_s": wall,
+           "gflops": run.sampling_flops(shape, steps, solver, guidance, density) / 1e9}
+    if samples.dim() == 5:
+        crops = digit_crops(samples, judge.classifier.resolution)
+        reads = judge.classifier.predict(crops).view(samples.shape[0], samples.shape[2])  # (N, T)
+        return {**row, "accuracy": float((reads == labels[:, None]).float().mean()),
+                "video_accuracy": float((reads.mode(dim=1).values == labels).float().mean()),
+                "frechet": judge.frechet(crops)}
+    return {**row, "accuracy": judge.classifier.score(samples, labels), "frechet": judge.frechet(samples)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,15 @@ machine load hit both. Memory: activation bytes saved for the backward pass (cou
 of a training step's memory) and, on CUDA, the peak allocated memory.
 
     python benchmarks/train_speed.py [--sizes 32:8 64:2] [--device cpu|cuda] [--repeats 5] [--warmup 1] [--compile]
-                                     [--strategy ddp fsdp] [--world-size 2]
+                                     [--strategy ddp fsdp] [--world-size 2] [--official /tmp/official] [--profile]
+
+`--official PATH` adds the side-by-side with the official SPRINT code (a local copy at PATH, e.g. /tmp/official;
+nothing of it is in this repository, and the measurement says so and skips when PATH is absent): our trainer's step
+(`FlowMatching.loss`, backward, gradient clipping, AdamW as the trainer builds it, the EMA update) against the
+official train.py's (its `FlowMatching.compute_loss`, backward, clipping, its AdamW, its `update_ema`) on the same
+model, SPRINT and dense, eager (and compiled with `--compile`, each side compiling its blocks its own way), with the
+same structured masks (2x2 groups keeping 1: 0.75 drop), no path-dropped rows, timed interleaved. `--profile` adds
+where each step's time goes: torch.profiler's self CPU time of every op, summed by what the op is.
 
 `--sizes` lists latent side:batch pairs (32 = 256 tokens at patch 2). Defaults are SiT-S/2 (hidden 384, 12 blocks,
 6 heads; SPRINT 2/8/2) with 4 latent channels. `--compile` adds both models with every block compiled
@@ -31,11 +39,13 @@ from benchmarks.harness import (
     RESULTS, add_out_option, add_timing_options, apply_threads, markdown_table, median_seconds, peak_cuda_bytes,
     resolve_device, synchronizer, time_interleaved, write_result,
 )
+from benchmarks.official_sprint import OfficialCodeMissing, load_official, official_steps
 from registry import BACKBONES
 from sprint_mm.backbone import compile_blocks
 from sprint_mm.flops import forward_flops
 from sprint_mm.flow import FlowMatching
 from sprint_mm.masking import TokenMasker
+from sprint_mm.optimization import Optimization, frozen_copy, update_ema
 from sprint_mm.sprint import Sprint
 
 DROP_RATIO = 0.75
@@ -89,21 +99,26 @@ def objective_for(model: nn.Module) -> FlowMatching:
 
 
 class TrainingStep:
-    """One forward + backward + AdamW step of `model` on a fixed batch."""
+    """One step of `model` on a fixed batch as the trainer takes it: the loss, backward, gradient-norm clipping, AdamW
+    (`Optimization.build`, fused where the trainer fuses it: always on a single process), the EMA update."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> None:
         self.model = model.train()
         self.objective = objective_for(model)
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        self.optimization = Optimization()
+        self.optimizer, _ = self.optimization.build(model.parameters(), fused=True)
+        self.ema = frozen_copy(model)
         self.x, self.labels = x, labels
 
     def loss(self) -> torch.Tensor:
         return self.objective.loss(self.model, self.x, self.labels)
 
     def __call__(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
         self.loss().backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optimization.clip_norm)
         self.optimizer.step()
+        update_ema(self.ema, self.model, self.optimization.ema_decay)
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def flop_ratio(dense: nn.Module, sprint: Sprint, x: torch.Tensor) -> float:
@@ -161,6 +176,117 @@ def measure_size(
     return row
 
 
+# ----------------------------------------------------------------------------------------------
+# Side by side with the official code, and where the time goes
+# ----------------------------------------------------------------------------------------------
+
+# What an op is, by its name (the first category that matches, in this order); torch.profiler's self CPU time of
+# every aten op of a step is summed per category.
+OP_CATEGORIES = (
+    ("matrix products (Linear forward and backward)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("attention kernel (SDPA forward and backward)", ("scaled_dot_product",)),
+    ("GELU (forward and backward)", ("aten::gelu",)),
+    ("LayerNorm (forward and backward)", ("layer_norm",)),
+    ("optimizer, clipping and EMA", ("adam", "lerp", "foreach", "linalg_vector_norm", "addcdiv", "addcmul_",
+                                     "aten::sqrt", "aten::mul_", "aten::add_", "aten::div_", "aten::clamp")),
+    ("gather / scatter / index (the middle's token subset)", ("gather", "scatter", "index", "masked_select")),
+    ("random draws and mask sorting", ("rand", "sort", "topk", "bincount", "cumsum")),
+    ("reductions (bias, modulation and norm gradients, RMSNorm)", ("aten::sum", "aten::mean")),
+    ("copies and layout (cat, stack, contiguous, clone)", ("aten::copy_", "aten::cat", "aten::stack", "aten::clone",
+                                                           "aten::flip")),
+    ("elementwise (adaLN modulation and gates, RoPE, RMSNorm, loss)", ("aten::mul", "aten::add", "aten::sub",
+                                                                      "aten::neg", "aten::div", "aten::pow",
+                                                                      "aten::rsqrt", "aten::silu", "aten::where",
+                                                                      "aten::fill_", "aten::zero_", "aten::exp",
+                                                                      "aten::sigmoid", "aten::cos", "aten::sin")),
+)
+OTHER = "other (dispatch, views, autograd bookkeeping)"
+
+
+def op_category(name: str) -> str:
+    name = name.lower()
+    for category, patterns in OP_CATEGORIES:
+        if any(pattern in name for pattern in patterns):
+            return category
+    return OTHER
+
+
+def step_profile(step: Callable[[], object], steps: int) -> dict[str, float]:
+    """Seconds per step of each op category (self CPU time; on the CPU the ops run one after another)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    seconds: dict[str, float] = {category: 0.0 for category, _ in OP_CATEGORIES}
+    seconds[OTHER] = 0.0
+    for event in prof.key_averages():
+        seconds[op_category(event.key)] += event.self_cpu_time_total / 1e6 / steps
+    return seconds
+
+
+def side_by_side(args: argparse.Namespace, device: torch.device) -> dict:
+    """Our trainer's step against the official code's (`benchmarks.official_sprint`), SPRINT and dense, eager and
+    with `--compile` compiled, timed interleaved; with `--profile`, where each step's time goes."""
+    official = load_official(args.official)
+    latent, batch = args.side_by_side
+    dense, sprint = build_pair(latent, args.hidden, args.depth, args.heads, args.encoder, args.decoder)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, 4, latent, latent), generator=generator).to(device)
+    labels = torch.randint(0, 1000, (batch,), generator=generator).to(device)
+    steps = {"ours_sprint": TrainingStep(sprint.to(device), x, labels),
+             "ours_dense": TrainingStep(dense.to(device), x, labels),
+             **official_steps(official, args, latent, x, labels, compiled=False)}
+    if args.compile:
+        steps.update({f"{name}_compiled": TrainingStep(compiled_copy(steps[name].model), x, labels)
+                      for name in ("ours_sprint", "ours_dense")})
+        steps.update(official_steps(official, args, latent, x, labels, compiled=True))
+    times = time_interleaved(steps, args.repeats, args.warmup, synchronizer(device))
+    medians = median_seconds(times)
+    result = {"official": official.root, "triton_stand_in": official.triton_stand_in, "latent": latent,
+              "tokens": (latent // 2) ** 2, "batch": batch, "seconds": medians, "times": times,
+              "flop_ratio": flop_ratio(dense, sprint, x), "ratios": {}}
+    for suffix in ("", "_compiled") if args.compile else ("",):
+        for arm in ("sprint", "dense"):
+            result["ratios"][f"ours_over_official_{arm}{suffix}"] = (medians[f"ours_{arm}{suffix}"]
+                                                                     / medians[f"official_{arm}{suffix}"])
+        for side in ("ours", "official"):
+            result["ratios"][f"{side}_dense_over_sprint{suffix}"] = (medians[f"{side}_dense{suffix}"]
+                                                                     / medians[f"{side}_sprint{suffix}"])
+    if args.profile:
+        result["profile"] = {name: step_profile(steps[name], args.profile)
+                             for name in ("ours_sprint", "official_sprint", "ours_dense", "official_dense")}
+    return result
+
+
+def print_side_by_side(result: dict) -> None:
+    if "skipped" in result:
+        print(f"\nside by side with the official code: skipped ({result['skipped']})")
+        return
+    seconds, ratios = result["seconds"], result["ratios"]
+    print(f"\nside by side with the official code at {result['official']} ({result['tokens']} tokens, batch "
+          f"{result['batch']}; medians of interleaved steps; FLOP ratio dense / SPRINT {result['flop_ratio']:.2f}):")
+    rows = []
+    for suffix, mode in (("", "eager"), ("_compiled", "compiled")):
+        if f"ours_sprint{suffix}" not in seconds:
+            continue
+        for arm in ("sprint", "dense"):
+            rows.append([mode, arm, seconds[f"ours_{arm}{suffix}"], seconds[f"official_{arm}{suffix}"],
+                         ratios[f"ours_over_official_{arm}{suffix}"]])
+        rows.append([mode, "dense / SPRINT", ratios[f"ours_dense_over_sprint{suffix}"],
+                     ratios[f"official_dense_over_sprint{suffix}"], "-"])
+    print(markdown_table(["mode", "step", "ours s", "official s", "ours / official"], rows))
+    if "profile" in result:
+        profile = result["profile"]
+        names = list(profile)
+        print("\nwhere a step's time goes (self CPU seconds per step by kind of op, torch.profiler):")
+        categories = list(profile[names[0]])
+        table = [[category, *(f"{profile[n][category]:.3f} ({profile[n][category] / sum(profile[n].values()):.0%})"
+                              for n in names)] for category in categories]
+        table.append(["total", *(f"{sum(profile[n].values()):.3f}" for n in names)])
+        print(markdown_table(["op kind", *names], table))
+
+
 def strategy_memory(strategies: Sequence[str], world_size: int) -> list[dict]:
     """Per-process bytes of SiT-XL/2's fp32 parameters, gradients, AdamW moments and EMA for each strategy: DDP
     replicates all of them on every process, FSDP shards each over `world_size` processes. Counted from the model
@@ -205,6 +331,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--strategy", nargs="+", choices=("ddp", "fsdp"), default=[],
                         help="per-process memory of SiT-XL/2's training state under these strategies")
     parser.add_argument("--world-size", type=int, default=2, help="processes for --strategy")
+    parser.add_argument("--official", help="a local copy of the official SPRINT code: adds the side-by-side steps")
+    parser.add_argument("--side-by-side", type=parse_size, default=(32, 8), metavar="LATENT:BATCH",
+                        help="the size of the side-by-side steps (default 32:8: 256 tokens, batch 8)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="with --official: profile STEPS steps of each side-by-side step (0: no profile)")
     add_out_option(parser, RESULTS / "train_speed.json")
     return parser.parse_args(argv)
 
@@ -267,8 +398,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "rows": rows,
         "strategy_memory": strategy_memory(args.strategy, args.world_size),
     }
+    if args.official:
+        try:
+            result["side_by_side"] = side_by_side(args, device)
+        except OfficialCodeMissing as err:
+            result["side_by_side"] = {"skipped": str(err)}
     if rows:
         print_speed_tables(result)
+    if args.official:
+        print_side_by_side(result["side_by_side"])
     if args.strategy:
         print_strategy_table(result["strategy_memory"])
     write_result(result, args.out)

@@ -29,6 +29,7 @@ from sprint_mm.models import build_model
 from sprint_mm.parallelize import set_threads
 from sprint_mm.preemption import EXIT_PREEMPTED, Preempted
 from sprint_mm.checkpointer import CheckpointWriteError, NonFiniteTraining
+from sprint_mm.density import MiddleDensity
 from sprint_mm.parallelize import ProcessLayout, process_layout, spread_model
 from sprint_mm.sampling import GUIDANCES, SOLVERS, Guidance
 from sprint_mm.sequence_split import choose
@@ -189,6 +190,14 @@ def sample_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance", choices=GUIDANCES, default="pdg")
     parser.add_argument("--scale", type=float, default=1.5)
     parser.add_argument("--interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(0.0, 1.0))
+    parser.add_argument("--sparse-keep", type=float, default=0.25,
+                        help="--guidance sparse: the fraction of the strong branch's middle tokens its weak branch's "
+                             "middle sees")
+    parser.add_argument("--middle-keep", type=float, default=1.0, metavar="R",
+                        help="SPRINT runs: the middle blocks see a structured fraction R of the tokens while t > "
+                             "--middle-keep-above (t = 1 is noise), all below; 1 (default): every token at every step")
+    parser.add_argument("--middle-keep-above", type=float, default=0.5, metavar="T",
+                        help="the time above which --middle-keep applies")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--solver", choices=SOLVERS, default="euler")
     parser.add_argument("--seed", type=int, default=0)
@@ -321,7 +330,8 @@ def write_samples(args: argparse.Namespace) -> Path:
     from sprint_mm.backbone import compile_blocks
 
     check_sample_counts(args)
-    guidance = Guidance(args.guidance, args.scale, tuple(args.interval))
+    guidance = Guidance(args.guidance, args.scale, tuple(args.interval), args.sparse_keep)
+    density = MiddleDensity(args.middle_keep, args.middle_keep_above)
     set_threads()  # as training chooses them (one on a machine of a few cores)
     accelerator = Accelerator()
     layout = sampling_layout(args, guidance, accelerator)
@@ -360,9 +370,10 @@ def sample_into(out: Path, run: TrainedRun, args: argparse.Namespace, guidance: 
     total = len(labels or prompts)
     check_sample_size(run.model, shape, min(args.batch_size, total) * (1 if args.guidance == "none" else 2), args.force)
     shards = out.with_name(f".{out.name}.shards")
+    flops = run.sampling_flops(shape, args.steps, args.solver, guidance, density)  # checks the keeps on the grid
     settings = (f"{run.checkpoint.name}/{args.weights} {args.guidance} {args.scale} {tuple(args.interval)} "
                 f"{args.solver} {args.steps} seed {args.seed} n {total} bs {args.batch_size} {args.gin_param} "
-                f"shape {shape}")
+                f"shape {shape}" + sparse_settings(guidance, density))
     if accelerator.is_main_process:
         prepare_shard_folder(shards, settings)
     accelerator.wait_for_everyone()
@@ -374,7 +385,7 @@ def sample_into(out: Path, run: TrainedRun, args: argparse.Namespace, guidance: 
             rows = range(s * args.batch_size, min((s + 1) * args.batch_size, total))
             cond = run.conditioning.from_request([labels[i] for i in rows] if labels else None,
                                                  [prompts[i] for i in rows] if prompts else None, accelerator.device)
-            packed = pack_uint8(sample_shard(run, args, guidance, cond, (len(rows), *shape), s, layout.branches))
+            packed = pack_uint8(sample_shard(run, args, guidance, density, cond, (len(rows), *shape), s, layout.branches))
             if layout.leads:
                 atomic_write(shards / f"{s:06d}.pt", lambda tmp: torch.save(packed, tmp))
     except BaseException:
@@ -386,15 +397,16 @@ def sample_into(out: Path, run: TrainedRun, args: argparse.Namespace, guidance: 
         write_output(torch.cat([torch.load(shards / f"{s:06d}.pt", weights_only=True) for s in range(count)]), out)
         shutil.rmtree(shards)
         print(f"[sprint_mm] wrote {total} samples ({args.guidance}, scale {args.scale}, {args.solver} {args.steps} "
-              f"steps) to {out}")
+              f"steps{sparse_settings(guidance, density)}; {flops / 1e9:.4g} GFLOPs per sample) to {out}")
     accelerator.wait_for_everyone()
 
 
 def sampling_layout(args: argparse.Namespace, guidance: Guidance, accelerator: Any) -> ProcessLayout:
     """The processes in data groups of --context-parallel processes, twice as many with --cfg-parallel (one group per
     guidance branch); one line for a size that does not divide the processes."""
-    if args.cfg_parallel and guidance.kind == "none":
-        raise ValueError("--cfg-parallel runs the two guidance branches apart: give --guidance cfg or pdg")
+    if args.cfg_parallel and guidance.kind not in ("cfg", "pdg"):
+        raise ValueError(f"--cfg-parallel runs the two guidance branches apart: give --guidance cfg or pdg (got "
+                         f"{guidance.kind!r})")
     return process_layout(accelerator.num_processes, args.context_parallel, accelerator.device, "--context-parallel",
                           branches=2 if args.cfg_parallel else 1)
 
@@ -409,15 +421,21 @@ def sample_shape(run: TrainedRun, args: argparse.Namespace, out: Path) -> tuple[
     return shape
 
 
-def sample_shard(run: TrainedRun, args: argparse.Namespace, guidance: Guidance, cond: Any, shape: Sequence[int],
-                 shard: int, branches: Any = None) -> torch.Tensor:
+def sparse_settings(guidance: Guidance, density: MiddleDensity) -> str:
+    """The middle keep (and sparse guidance's keep) in words; empty for the dense sampler."""
+    words = f", middle keep {density.keep:g} above t = {density.above:g}" if density.keep < 1 else ""
+    return words + (f", sparse keep {guidance.sparse_keep:g}" if guidance.kind == "sparse" else "")
+
+
+def sample_shard(run: TrainedRun, args: argparse.Namespace, guidance: Guidance, density: MiddleDensity, cond: Any,
+                 shape: Sequence[int], shard: int, branches: Any = None) -> torch.Tensor:
     """The decoded samples of shard `shard`: noise and sampler randomness seeded by (--seed, shard); `branches`: the
     CFG-parallel pair of processes."""
     seed = args.seed * 1_000_003 + shard
     device = next(run.model.parameters()).device
     noise = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
     return run.generate(cond, noise.to(device), args.steps, args.solver, guidance, batch_size=args.batch_size,
-                        generator=torch.Generator(device).manual_seed(seed), branches=branches)
+                        generator=torch.Generator(device).manual_seed(seed), density=density, branches=branches)
 
 
 def prepare_shard_folder(shards: Path, settings: str) -> None:

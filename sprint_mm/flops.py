@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TIMESTEP_FEATURES = 256  # width of the sinusoidal timestep features fed to the timestep MLP
-GUIDANCE_MODES = ("none", "cfg", "pdg")
+GUIDANCE_MODES = ("none", "cfg", "pdg", "sparse")
 
 
 @dataclass(frozen=True)
@@ -107,16 +107,25 @@ def sprint_step_ratio(
     return forward_flops(shape_dense, tokens) / forward_flops(shape_sprint, tokens, kept_tokens)
 
 
-def guidance_flops(shape: TransformerShape, tokens: int, mode: str) -> float:
-    """FLOPs to advance one generated sample by one sampling step under a guidance mode.
+def guidance_flops(
+    shape: TransformerShape,
+    tokens: int,
+    mode: str,
+    kept_tokens: int | None = None,
+    weak_kept_tokens: int | None = None,
+) -> float:
+    """FLOPs to advance one generated sample by one model evaluation under a guidance mode, the middle blocks on
+    `kept_tokens` (None = all; a sampling-time density schedule).
 
-    'cfg' runs the whole model on the conditional and the null half; 'pdg' runs everything but the
-    middle on both halves and the middle only on the conditional half.
+    'cfg' runs the whole model on the conditional and the null half; 'pdg' runs everything but the middle on both
+    halves and the middle only on the conditional half; 'sparse' runs the embedding and the encoder once (both
+    branches see the same input and condition), the middle on `kept_tokens` for the strong branch and on
+    `weak_kept_tokens` for the weak one, and fusion, decoder and final layer for each.
     """
     if mode not in GUIDANCE_MODES:
         raise ValueError(f"unknown guidance mode {mode!r}; allowed: {', '.join(GUIDANCE_MODES)}")
     outer = _outer_flops(shape, tokens)
-    middle = _middle_flops(shape, tokens, None)
+    middle = _middle_flops(shape, tokens, kept_tokens)
     if mode == "none":
         return outer + middle
     if mode == "cfg":
@@ -124,24 +133,40 @@ def guidance_flops(shape: TransformerShape, tokens: int, mode: str) -> float:
     encoder, _, decoder = shape.depth
     if encoder + decoder == 0:
         raise ValueError(
-            f"guidance mode 'pdg' needs encoder or decoder blocks, got depth {shape.depth!r} "
-            "(a dense model has no path to drop)"
+            f"guidance mode {mode!r} needs encoder or decoder blocks, got depth {shape.depth!r} "
+            "(a dense model has no middle path to drop or thin)"
         )
-    return 2 * outer + middle
+    if mode == "pdg":
+        return 2 * outer + middle
+    if weak_kept_tokens is None:
+        raise ValueError("guidance mode 'sparse' needs weak_kept_tokens: the tokens its weak branch's middle sees")
+    weak_middle = _middle_flops(shape, tokens, weak_kept_tokens)
+    return _encoder_side_flops(shape, tokens) + 2 * _decoder_side_flops(shape, tokens) + middle + weak_middle
 
 
 def _outer_flops(shape: TransformerShape, tokens: int) -> float:
     """Everything that runs on all tokens: embeddings, encoder, fusion, decoder, final layer."""
+    return _encoder_side_flops(shape, tokens) + _decoder_side_flops(shape, tokens)
+
+
+def _encoder_side_flops(shape: TransformerShape, tokens: int) -> float:
+    """What runs before the middle: patch and timestep embeddings, the encoder blocks and their skip projections."""
     _require_int("tokens", tokens, minimum=1)
-    encoder, _, decoder = shape.depth
     n, d = tokens, shape.hidden
     patch_embed = 2 * n * shape.patch_dim * d
     timestep_mlp = 2 * TIMESTEP_FEATURES * d + 2 * d * d
+    encoder = shape.depth[0] * block_flops(shape, tokens)
+    return patch_embed + timestep_mlp + encoder + shape.skip_projections[0] * skip_projection_flops(shape, tokens)
+
+
+def _decoder_side_flops(shape: TransformerShape, tokens: int) -> float:
+    """What runs after the middle: fusion, the decoder blocks and their skip projections, the final layer."""
+    _require_int("tokens", tokens, minimum=1)
+    n, d = tokens, shape.hidden
     final_layer = 4 * d * d + 2 * n * d * shape.output_dim  # adaLN Linear(D, 2D) + output Linear
     fusion = 4 * n * d * d if shape.has_fusion else 0  # Linear(2D, D)
-    dense_blocks = (encoder + decoder) * block_flops(shape, tokens)
-    skips = (shape.skip_projections[0] + shape.skip_projections[2]) * skip_projection_flops(shape, tokens)
-    return patch_embed + timestep_mlp + final_layer + fusion + dense_blocks + skips
+    decoder = shape.depth[2] * block_flops(shape, tokens)
+    return fusion + decoder + final_layer + shape.skip_projections[2] * skip_projection_flops(shape, tokens)
 
 
 def _middle_flops(shape: TransformerShape, tokens: int, kept_tokens: int | None) -> float:

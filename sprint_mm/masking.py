@@ -205,6 +205,38 @@ def structured_mask(
     return _assemble(every_frame(ids_keep), every_frame(ids_drop))
 
 
+def rotating_mask(batch: int, grid: Grid, group: Grid, keep: int, phase: int, device: Device = None) -> TokenMask:
+    """A structured mask without randomness, the same for every sample: each group of g tokens keeps the k of
+    ranks (phase + j * g // k) mod g, j < k (ranks in raster order within the group, so the kept ones are spread
+    g // k apart: a 2x2x2 group keeping 2 keeps one cell in both frames; an edge group keeps its proportional
+    share the same way). Phase p + 1 shifts every kept rank by one, so g // k consecutive phases cover every token
+    once."""
+    _check_batch(batch)
+    grid = _check_grid(grid)
+    group = _check_group(group, keep)
+    if isinstance(phase, bool) or not isinstance(phase, int) or phase < 0:
+        raise ValueError(f"phase {phase!r} must be a non-negative int")
+    group_id, share = _group_layout(grid, group, keep, device)  # (N,), (G,)
+    size = torch.bincount(group_id, minlength=share.numel())  # (G,) tokens per group
+    order = group_id.argsort(stable=True)  # token indices grouped, raster order within a group
+    start = size.cumsum(0) - size
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device) - start[group_id[order]]  # (N,) rank in group
+    group_share, group_size = share[group_id[order]], size[group_id[order]]
+    stride = (group_size // group_share.clamp(min=1)).clamp(min=1)
+    offset = (rank[order] - phase) % group_size
+    kept = (offset % stride == 0) & (offset // stride < group_share)  # (N,) in grouped order
+    ids_keep, ids_drop = order[kept], order[~kept]
+    if ids_keep.numel() == 0:
+        raise ValueError(f"group {_format_shape(group)} keep {keep} keeps no token on grid {_format_shape(grid)}")
+    return _assemble(ids_keep.expand(batch, -1), ids_drop.expand(batch, -1))
+
+
+def kept_count(grid: Grid, group: Grid, keep: int) -> int:
+    """How many tokens a structured (or rotating) mask with `group` and `keep` keeps on `grid`."""
+    return int(_group_layout(_check_grid(grid), _check_group(group, keep), keep)[1].sum())
+
+
 # ----------------------------------------------------------------------------------------------
 # Choosing a group for a ratio
 # ----------------------------------------------------------------------------------------------
@@ -314,6 +346,6 @@ class TokenMasker:
         else:
             group, keep = self.group_for(grid)
             head = f"{self.kind} {_format_shape(group)} keep {keep} of {math.prod(group)}"
-            num_kept = int(_group_layout(grid, group, keep)[1].sum())
+            num_kept = kept_count(grid, group, keep)
         realised = (num_tokens - num_kept) / num_tokens
         return f"{head}: drop {self.ratio:.3f} (realised {realised:.3f} on {_format_shape(grid)})"

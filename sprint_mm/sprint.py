@@ -29,7 +29,7 @@ split, and for skips mirrored as i -> depth-1-i (U-ViT) the legal splits are enc
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import gin
 import torch
@@ -168,15 +168,29 @@ class Sprint(nn.Module):
     ) -> torch.Tensor:
         """mask: tokens the middle sees (None = all); skip_middle (B,) bool: rows whose middle output is the mask token."""
         emb = self.backbone.embed(x, t, cond)
-        b, n, _ = emb.tokens.shape
-        if mask is not None and (mask.ids_keep.shape[0] != b or mask.num_tokens != n):
-            raise ValueError(
-                f"token mask is for batch {mask.ids_keep.shape[0]} x {mask.num_tokens} tokens, "
-                f"but the input has batch {b} x {n} tokens (grid {emb.grid})"
-            )
+        check_mask(emb, mask)
         # under context parallelism: this process's box of the grid, keeping as many tokens as every other box
         emb = emb.spread(self.backbone.context_group, None if mask is None else mask.ids_keep.to(x.device))
         encoded = run_stack(self.backbone, emb, 0, self.encoder_depth)  # tokens (B, N, D), encoder skip states
+        return self._decode(emb, encoded, mask, skip_middle)
+
+    def branches(self, x: torch.Tensor, t: torch.Tensor, cond: Any,
+                 masks: Sequence[Optional[TokenMask]]) -> list[torch.Tensor]:
+        """The outputs for one input under several middle masks (None = all tokens), each equal to
+        `forward(x, t, cond, mask)`: the embedding and the encoder, which no mask reaches, run once for all of them
+        (sparse guidance's two branches share them)."""
+        if self.backbone.context_group is not None:
+            raise ValueError("sparse guidance's branches share one encoder pass, which context parallelism cannot "
+                             "split by two masks: sample without --context-parallel, or use --guidance cfg or pdg")
+        emb = self.backbone.embed(x, t, cond)
+        for mask in masks:
+            check_mask(emb, mask)
+        encoded = run_stack(self.backbone, emb, 0, self.encoder_depth)
+        return [self._decode(emb, encoded, mask, None) for mask in masks]
+
+    def _decode(self, emb: Embedded, encoded: Embedded, mask: Optional[TokenMask],
+                skip_middle: Optional[torch.Tensor]) -> torch.Tensor:
+        """Middle, fusion, decoder and unembedding after the encoder's output `encoded`."""
         dense = encoded.tokens
         sparse, context = self._middle(encoded, mask, skip_middle)  # (B, N, D), the context after the middle
         h = sparse if self.fusion is None else self.fusion(torch.cat([sparse, dense], dim=-1))
@@ -207,3 +221,11 @@ class Sprint(nn.Module):
             h = canvas[rows].scatter(1, ids_keep[..., None].expand(-1, -1, d), h)  # (b_run, N, D)
         context = assign_rows(encoded.context, rows, ran.context) if self.backbone.updates_context else encoded.context
         return canvas.index_copy(0, rows, h), context
+
+
+def check_mask(emb: Embedded, mask: Optional[TokenMask]) -> None:
+    """Refuse a token mask made for another batch or token count than the embedded input's."""
+    b, n, _ = emb.tokens.shape
+    if mask is not None and (mask.ids_keep.shape[0] != b or mask.num_tokens != n):
+        raise ValueError(f"token mask is for batch {mask.ids_keep.shape[0]} x {mask.num_tokens} tokens, "
+                         f"but the input has batch {b} x {n} tokens (grid {emb.grid})")

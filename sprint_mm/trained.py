@@ -18,11 +18,12 @@ from torch import nn
 from sprint_mm import generation
 from sprint_mm.checkpoints import load_strict
 from sprint_mm.conditioning import build_conditioning, check_kind
+from sprint_mm.density import DENSE, MiddleDensity
 from sprint_mm.latents import LatentCodec, build_codec
 from sprint_mm.models import build_model
 from sprint_mm.run_config import parse_run_config
 from sprint_mm.runs import DamagedCheckpoint, checkpoint_step, find_checkpoint, newest_intact_checkpoint, verify_checkpoint
-from sprint_mm.sampling import Guidance, SamplingDefaults, trained_sampling
+from sprint_mm.sampling import Guidance, SamplingDefaults, sampling_flops, trained_sampling
 from sprint_mm.sharded import WEIGHTS, read_weights
 
 
@@ -66,13 +67,21 @@ class TrainedRun:
         batch_size: int = 64,
         generator: Optional[torch.Generator] = None,
         progress: bool = False,
+        density: MiddleDensity = DENSE,
         branches: Any = None,
     ) -> torch.Tensor:
         """Decoded samples in [-1, 1] for `cond` from `noise` (`generation.generate`), integrated along the path and
-        time shift this run trained with; `branches`: CFG-parallel over that pair of processes."""
+        time shift this run trained with; `density` thins the middle at the noisy steps; `branches`: CFG-parallel over
+        that pair of processes."""
         return generation.generate(self.model, cond, self.codec, noise, steps, solver, guidance, batch_size, generator,
                                    progress, time_shift=self.sampling.time_shift, path=self.sampling.path,
-                                   branches=branches)
+                                   density=density, branches=branches)
+
+    def sampling_flops(self, sample_shape: tuple[int, ...], steps: int = 50, solver: str = "euler",
+                       guidance: Guidance = Guidance(kind="none"), density: MiddleDensity = DENSE) -> float:
+        """Matmul FLOPs per sample of `generate` with these settings (`sampling.sampling_flops`)."""
+        generation.check_needs_sprint(self.model, guidance, density)
+        return sampling_flops(self.model, sample_shape, steps, solver, guidance, density, self.sampling.time_shift)
 
 
 def load_run(

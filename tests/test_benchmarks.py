@@ -149,6 +149,68 @@ def test_train_speed_row_reports_timings_and_checkpointed_memory():
         assert 0 < row[f"{name}_checkpointed_activation_bytes"] < row[f"{name}_activation_bytes"]
 
 
+STAND_IN_OFFICIAL = {  # a stand-in for the official code's layout (none of its code): what train_speed calls of it
+    "src/models/sit.py": """
+import torch
+from torch import nn
+
+class SiT(nn.Module):
+    def __init__(self, encoder_depth, middle_depth, decoder_depth, residual_type, hidden_size, **options):
+        super().__init__()
+        self.blocks = nn.Sequential(*(nn.Linear(4, 4) for _ in range(encoder_depth + middle_depth + decoder_depth)))
+        self.depths, self.residual_type = (encoder_depth, middle_depth, decoder_depth), residual_type
+
+    def forward(self, x, t, y, mask_dict=None):
+        return self.blocks(x.transpose(1, -1)).transpose(1, -1), None
+""",
+    "src/scheduler/flow_matching.py": """
+import torch
+
+class FlowMatching:
+    def __init__(self, accelerator, **options):
+        self.accelerator, self.masked = accelerator, []
+
+    def compute_loss(self, model, images, model_kwargs, zs, mask_config):
+        self.masked.append(mask_config.mask_ratio)
+        with self.accelerator.autocast():
+            out, _ = model(images, torch.rand(images.shape[0]), **model_kwargs, mask_dict=None)
+        return ((out - images) ** 2).mean(), torch.tensor(0.0)
+""",
+    "src/utils/utils.py": """
+import torch
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay=0.9999):
+    for e, p in zip(ema_model.parameters(), model.parameters()):
+        e.mul_(decay).add_(p, alpha=1 - decay)
+""",
+    "src/utils/parallelize.py": "def apply_compile(model, compile_config=None):\n    model.compiled = True\n",
+}
+
+
+def test_side_by_side_runs_both_steps_and_profiles_them_or_says_why_not(tmp_path, capsys):
+    for name, text in STAND_IN_OFFICIAL.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    argv = ["--sizes", "--hidden", "32", "--depth", "4", "--heads", "2", "--encoder", "1", "--decoder", "1",
+            "--side-by-side", "8:2", "--repeats", "2", "--warmup", "0", "--profile", "1"]
+    result = train_speed.main([*argv, "--official", str(tmp_path), "--out", str(tmp_path / "r.json")])["side_by_side"]
+    seconds, ratios = result["seconds"], result["ratios"]
+    assert set(seconds) == {"ours_sprint", "ours_dense", "official_sprint", "official_dense"}
+    assert ratios["ours_over_official_sprint"] == seconds["ours_sprint"] / seconds["official_sprint"]
+    assert ratios["official_dense_over_sprint"] == seconds["official_dense"] / seconds["official_sprint"]
+    for profile in result["profile"].values():
+        assert set(profile) == {*(c for c, _ in train_speed.OP_CATEGORIES), train_speed.OTHER}
+        assert profile["matrix products (Linear forward and backward)"] > 0
+    assert "| eager | sprint |" in capsys.readouterr().out
+    assert train_speed.op_category("aten::addmm") == train_speed.op_category("aten::mm")
+    assert train_speed.op_category("Optimizer.step#AdamW.step") == "optimizer, clipping and EMA"
+    assert train_speed.op_category("aten::_scaled_dot_product_flash_attention_for_cpu").startswith("attention")
+    missing = train_speed.main([*argv, "--official", str(tmp_path / "absent"), "--out", str(tmp_path / "m.json")])
+    assert "no official SPRINT code at" in missing["side_by_side"]["skipped"]
+    assert "side by side with the official code: skipped" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------------------------
 # guidance_speed.py
 # ----------------------------------------------------------------------------------------------
@@ -372,12 +434,52 @@ def test_guidance_interval_outside_the_solver_grid_is_no_guidance(tmp_path, judg
     real_stats = quality_curves.FeatureStats.from_features(quality_curves.judge_features(judge, real))
     quality_judge = quality_curves.Judge(judge, real_stats)
     grid = guidance_pareto.settings(["pdg"], [3.0], [guidance_pareto.parse_interval("0:0"), (0.0, 1.0)])
-    rows = [quality_curves.sample_quality(run, quality_judge, g, per_class=2, steps=2) for g in grid]
+    rows = [quality_curves.sample_quality(run, quality_judge, g, per_class=2, steps=2, density=d) for g, d in grid]
     # Euler evaluates t = 1 and 0.5 only: an interval [0, 0] never guides, so it draws the unguided samples
     assert (rows[1]["accuracy"], rows[1]["frechet"]) == (rows[0]["accuracy"], rows[0]["frechet"])
     assert rows[2]["frechet"] != rows[0]["frechet"]
     with pytest.raises(Exception, match="interval"):
         guidance_pareto.parse_interval("0.5")
+
+
+def test_guidance_pareto_measures_every_setting_with_its_flops_and_tests_the_goal(tmp_path, monkeypatch, judge):
+    run_dir = equal_wallclock.train_arms(tmp_path, minutes=0.002, rounds=1, extra=TINY)["sprint"]
+    monkeypatch.setattr(guidance_pareto, "judge_for", lambda run: judge)
+    out = tmp_path / "guidance_pareto_tiny.json"
+    result = guidance_pareto.main(["--run", str(run_dir), "--kinds", "pdg", "sparse", "--scales", "2",
+                                   "--intervals", "0:1", "--densities", "1", "0.25:0.5", "--per-class", "1",
+                                   "--steps", "2", "--out", str(out)])
+    labels = [curve_plots.guidance_label(row) for row in result["settings"]]
+    assert labels == ["none", "none keep 0.25>0.5", "pdg 2", "pdg 2 keep 0.25>0.5", "sparse 2 weak 0.25",
+                      "sparse 2 keep 0.25>0.5 weak 0.25"]
+    run = harness.load_class_run(run_dir)
+    for row in result["settings"]:  # each setting's FLOPs are those of its sampler (a 4x4 grid, the middle 2 blocks)
+        guidance = guidance_pareto.Guidance(row["guidance"], row["scale"], tuple(row["interval"]), row["sparse_keep"])
+        density = guidance_pareto.MiddleDensity(row["middle_keep"], row["keep_above"])
+        assert row["gflops"] * 1e9 == run.sampling_flops((1, 16, 16), 2, "euler", guidance, density)
+    by_label = dict(zip(labels, result["settings"]))
+    assert by_label["pdg 2 keep 0.25>0.5"]["gflops"] < by_label["pdg 2"]["gflops"]
+    assert by_label["sparse 2 keep 0.25>0.5 weak 0.25"]["gflops"] < by_label["sparse 2 weak 0.25"]["gflops"]
+    [goal] = result["goal"]
+    assert goal["pdg"] == "pdg 2" and goal["gflops"] <= goal["pdg_gflops"]
+    assert goal["met"] == (goal["saving"] >= 0.4)
+    assert (tmp_path / "guidance_pareto_tiny.png").stat().st_size > 10_000
+    with pytest.raises(Exception, match="keep:above"):
+        guidance_pareto.parse_density("0.25")
+    with pytest.raises(Exception, match="keep:above"):
+        guidance_pareto.parse_density("0.25:1.5")
+
+
+def test_the_goal_is_the_cheapest_setting_as_good_as_each_pdg_setting():
+    def row(kind, keep, gflops, accuracy, frechet):
+        return {"guidance": kind, "scale": 2.0, "interval": [0.0, 1.0], "middle_keep": keep, "keep_above": 0.5,
+                "sparse_keep": 0.25, "gflops": gflops, "accuracy": accuracy, "frechet": frechet}
+
+    rows = [row("pdg", 1.0, 10.0, 0.90, 1.00), row("cfg", 0.25, 5.0, 0.95, 0.90),  # as good, half the FLOPs
+            row("pdg", 0.25, 4.0, 0.895, 1.04),  # within the tolerance (0.01, 5 %): cheaper still
+            row("none", 0.25, 2.0, 0.80, 0.90), row("pdg", 0.5, 3.0, 0.95, 1.10)]  # worse on one metric each
+    [goal] = guidance_pareto.goal_rows(rows, (0.01, 0.05))
+    assert (goal["cheapest"], goal["saving"], goal["met"]) == ("pdg 2 keep 0.25>0.5", pytest.approx(0.6), True)
 
 
 def test_figures_and_tensorboard_curves_are_drawn_once(tmp_path):
