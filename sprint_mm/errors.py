@@ -96,6 +96,37 @@ def mistake_message(err: BaseException) -> Optional[str]:
     return message
 
 
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Create `folder` or find it, refusing a file in its place and a folder this process cannot write (with the
+    OSError a write would meet, naming the folder), before any work that would end by writing there."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what} {str(folder)!r} is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
+        raise OSError(code, os.strerror(code), str(folder))
+
+
+def os_error_message(err: OSError) -> Optional[str]:
+    """One line for an OSError about a folder or a disk (the path, what the system said, what to do), or None."""
+    advice = FOLDER_PROBLEMS.get(err.errno) or DISK_PROBLEMS.get(err.errno)
+    if advice is None:
+        return None
+    paths = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
+    return f"{paths + ': ' if paths else ''}{err.strerror or os.strerror(err.errno)} ({advice})"
+
+
+def final_line(line: str) -> None:
+    """The line a command ends with (an error, a stop): on stderr, or to the launcher that started this process."""
+    folder = os.environ.get(LAUNCH_REPORTS)
+    if folder and Path(folder).is_dir():
+        with open(Path(folder) / f"rank{os.environ.get('RANK', '0')}.txt", "a") as file:
+            file.write(line.replace("\n", " ") + "\n")
+    else:
+        print(line, file=sys.stderr)
+
+
 def report_mistakes(work: Callable[..., object], *args: Any, interrupted: Optional[str] = None) -> int:
     """Run `work(*args)`: 0 when it succeeds, 2 with one `error: ...` line on stderr for a user's mistake or a folder
     it cannot use, 1 with one line for a full disk. With `interrupted` (what Ctrl-C leaves, e.g. "the samples written
