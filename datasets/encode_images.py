@@ -1,16 +1,27 @@
-"""Encode a class-folder image dataset into the REPA/EDM2 latent layout that `LatentDataset` reads.
+"""Encode a class-folder image dataset, or the images of a caption index, into the REPA/EDM2 latent layout that
+`LatentDataset` reads.
 
     python datasets/encode_images.py --source imagenet/train --dest data/imagenet256 \
         --vae weights/sd-vae-ft-mse --resolution 256 [--zip]
 
+    python datasets/encode_images.py --captions data/photos.jsonl --dest data/sd3-latents \
+        --vae weights/stable-diffusion-3-medium-diffusers --resolution 1024
+
 Writes `images/` (ADM centre crops as PNG) and `vae-sd/` (float32 `[mean; std]` of the VAE posterior),
 each with a `dataset.json`, in folders of 1000 files; `--zip` packs each tree into `images.zip` and
 `vae-sd.zip` at the end (the folders are removed after packing, so rerunning a finished `--zip` run
-encodes afresh). Class ids follow the sorted names of the class folders `source/<class>/...`.
+encodes afresh). Class ids follow the sorted names of the class folders `source/<class>/...`. With `--captions INDEX`
+(a JSONL or CSV caption index, `path, caption`, as `CaptionDataset` reads it) the images are the index's, unlabeled,
+and `dataset.json` also lists their captions (`LatentDataset` items then carry them, for text-to-image); the index
+must list every file once, inside its own folder. `--width W` crops `--resolution` x W instead of a square. `--vae`
+is a VAE folder or a diffusers pipeline folder (its vae/).
 
-`<dest>/encoding.json` records the settings (resolution, the VAE's fingerprint) and, per source image by its path
-relative to `--source`, its item number and content (size, mtime, sha256). A rerun refuses other settings, encodes
-only new or changed images, and drops the items of deleted ones, so every item keeps the label of its own source.
+`<dest>/encoding.json` records the settings (resolution, width, the caption index, the VAE's fingerprint) and, per
+source image by its path relative to `--source` (or to the caption index's folder), its item number and content
+(size, mtime, sha256). A rerun refuses other settings (another width or caption index too), encodes only new or
+changed images, and drops the items of deleted ones (or of rows taken out of the index), so every item keeps the
+label or caption of its own source; captions are written afresh from the index on every run, so an edited caption
+needs no encoding.
 Every file is written atomically and the record after every batch, so a stopped run (Ctrl-C too) resumes where it
 stopped. A source that cannot be read is skipped with one line naming it, counted, and retried on the next run.
 """
@@ -27,16 +38,18 @@ import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from sprint_mm.data.latents import IMAGES_TREE, LABELS_FILE, LATENTS_TREE, image_member, latent_member
+from sprint_mm.data.captions import check_caption_records, read_caption_index
+from sprint_mm.data.latents import CAPTIONS_ENTRY, IMAGES_TREE, LABELS_FILE, LATENTS_TREE, image_member, latent_member
 from sprint_mm.data.transforms import resize_center_crop
 from sprint_mm.errors import report_mistakes
+from sprint_mm.families.folders import pipeline_component
 from sprint_mm.latents import WEIGHT_FILES, VAECodec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -78,6 +91,56 @@ def list_class_folder(root: str | os.PathLike, extensions: Sequence[str], unlabe
     return items
 
 
+class Source(NamedTuple):
+    """A source file: `name` keys its item in the record (its path relative to `--source` or to the caption index's
+    folder), `tag` is its class id or its caption."""
+
+    name: str
+    path: Path
+    tag: int | str
+
+
+def list_sources(src: str | os.PathLike | None, captions: str | os.PathLike | None, unlabeled: bool,
+                 extensions: Sequence[str]) -> list[Source]:
+    """The sources of the class folder `src` (tagged with class ids) or of the caption index `captions` (tagged with
+    their captions), in listing order."""
+    if (src is None) == (captions is None):
+        raise ValueError("give --source (a class folder) or --captions (a caption index)"
+                         + ("" if src is None else ", not both"))
+    if captions is not None:
+        if unlabeled:
+            raise ValueError("--unlabeled gives every file under --source class 0; the images of a caption index are "
+                             "unlabeled already: leave it out")
+        return caption_sources(Path(captions))
+    return [Source(path.relative_to(src).as_posix(), path, label)
+            for path, label in list_class_folder(src, extensions, unlabeled)]
+
+
+def caption_sources(index: Path) -> list[Source]:
+    """The files of a caption index, named by their path relative to its folder. Refused at start: a missing file,
+    captions that are all empty, a file outside the index's folder (it has no such name) or listed twice (an item
+    holds one caption)."""
+    records = read_caption_index(index)
+    check_caption_records(index, records)
+    if len(records) > MAX_ITEMS:
+        raise ValueError(f"{str(index)!r} lists {len(records)} files; the layout's 8-digit names allow {MAX_ITEMS}")
+    root = Path(os.path.abspath(index.parent))
+    sources, first_row = [], {}
+    for record in records:
+        path = Path(os.path.abspath(record.path))  # lexically normalised: "a/../b.png" is b.png
+        if not path.is_relative_to(root):
+            raise ValueError(f"{record.where}: {str(record.path)!r} lies outside the caption index's folder "
+                             f"{str(root)!r}; items are named by their path relative to it: put the index in a folder "
+                             "above its files")
+        name = path.relative_to(root).as_posix()
+        if name in first_row:
+            raise ValueError(f"{record.where} lists {name!r} again (first at {first_row[name]}): an item holds one "
+                             "caption; keep one row per file")
+        first_row[name] = record.where
+        sources.append(Source(name, record.path, record.caption))
+    return sources
+
+
 def write_atomically(path: Path, payload: bytes) -> None:
     """Write beside `path` and rename into place: `path` is either absent or complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,14 +149,20 @@ def write_atomically(path: Path, payload: bytes) -> None:
     os.replace(partial, path)
 
 
-def center_crop_adm(image: Image.Image, resolution: int) -> np.ndarray:
-    """ADM's centre crop: box-halve while the short side is >= 2x `resolution`, bicubic-resize the
-    short side to `resolution`, cut the central square. Returns (resolution, resolution, 3) uint8."""
+def center_crop_adm(image: Image.Image, resolution: int, width: int | None = None) -> np.ndarray:
+    """ADM's centre crop: box-halve while the image is at least twice the target on both sides, bicubic-resize it
+    to cover `resolution` x `width` (default: a square), cut the centre. Returns (resolution, width, 3) uint8."""
     image = image.convert("RGB")
-    while min(image.size) >= 2 * resolution:
+    height, width = resolution, width or resolution
+    while image.size[0] >= 2 * width and image.size[1] >= 2 * height:
         image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
     rgb = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
-    return resize_center_crop(rgb, resolution, Image.Resampling.BICUBIC).permute(1, 2, 0).numpy()
+    return resize_center_crop(rgb, (height, width), Image.Resampling.BICUBIC).permute(1, 2, 0).numpy()
+
+
+def check_pixels(option: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{option} must be a positive number of pixels, got {value}")
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
@@ -108,8 +177,10 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_labels(tree: Path, members: list[str], labels: list[int]) -> None:
-    content = {"labels": [[member, label] for member, label in zip(members, labels)]}
+def _write_labels(tree: Path, members: list[str], labels: Optional[list[int]], captions: Optional[list[str]]) -> None:
+    content: dict[str, Any] = {"labels": None if labels is None else [list(pair) for pair in zip(members, labels)]}
+    if captions is not None:
+        content[CAPTIONS_ENTRY] = [list(pair) for pair in zip(members, captions)]
     write_atomically(tree / LABELS_FILE, json.dumps(content).encode())
 
 
@@ -140,7 +211,9 @@ def file_sha256(path: Path) -> str:
 
 
 def vae_fingerprint(folder: str | os.PathLike) -> str:
-    """sha256 over the VAE folder's config.json and weight files: the same VAE in another folder has the same one."""
+    """sha256 over the VAE folder's config.json and weight files (a pipeline folder's vae/): the same VAE in another
+    folder has the same one."""
+    folder = pipeline_component(folder, "vae", "VAE")
     digest = hashlib.sha256()
     for name in ("config.json", *WEIGHT_FILES):
         if (Path(folder) / name).is_file():
@@ -176,12 +249,27 @@ def read_record(out: Path, trees: Sequence[str] = ()) -> Optional[dict[str, Any]
     return None
 
 
+def shape_and_index_settings(resolution: int, width: Optional[int], captions: str | os.PathLike | None
+                             ) -> dict[str, Any]:
+    """The settings `--width` and `--captions` add to the record: a width other than the resolution, and the caption
+    index (by its absolute path). Each is present only when given, so a record written before they existed matches a
+    run without them."""
+    settings: dict[str, Any] = {}
+    if width is not None and width != resolution:
+        settings["width"] = width
+    if captions is not None:
+        settings["captions"] = os.path.abspath(captions)
+    return settings
+
+
 def check_settings(out: Path, record: Optional[dict[str, Any]], settings: dict[str, Any]) -> None:
-    """Refuse to add to an encoding made with other settings (items of two sizes or two VAEs in one dataset)."""
+    """Refuse to add to an encoding made with other settings (items of two sizes or two VAEs in one dataset, labels
+    and captions mixed)."""
     if record is None or record["settings"] == settings:
         return
-    differ = [f"{key} {record['settings'].get(key)!r} then, {value!r} now" for key, value in settings.items()
-              if record["settings"].get(key) != value]
+    then = record["settings"]
+    differ = [f"{key} {then.get(key)!r} then, {settings.get(key)!r} now" for key in {**then, **settings}
+              if then.get(key) != settings.get(key)]
     raise ValueError(f"{out} was encoded with other settings ({'; '.join(differ)}): a rerun adds only to an encoding "
                      "of the same settings; use them, or encode into a new --dest")
 
@@ -200,7 +288,7 @@ def say_skipped(name: str, error: BaseException) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def plan_images(items: list[tuple[Path, int]], src: Path, known: dict[str, dict[str, Any]], out: Path
+def plan_images(sources: list[Source], known: dict[str, dict[str, Any]], out: Path
                 ) -> tuple[dict[str, dict[str, Any]], list[tuple[str, Path, dict[str, Any]]], list[str]]:
     """(the record of every listed source, the (name, path, state) of those to encode, the names of deleted sources).
 
@@ -208,7 +296,7 @@ def plan_images(items: list[tuple[Path, int]], src: Path, known: dict[str, dict[
     encode (new, changed, or its files missing) is recorded with sha256 None until its files are written, so an
     interrupted run encodes it again under the same number."""
     images_dir, latents_dir = out / IMAGES_TREE, out / LATENTS_TREE
-    listed = {path.relative_to(src).as_posix(): path for path, _ in items}
+    listed = {source.name: source.path for source in sources}
     deleted = [name for name in known if name not in listed]
     next_index = max((entry["index"] for entry in known.values()), default=-1) + 1
     records, todo = {}, []
@@ -232,14 +320,14 @@ def remove_item(out: Path, index: int) -> None:
 
 
 def encode_batch(codec: VAECodec, batch: list[tuple[str, Path, dict[str, Any]]], records: dict[str, dict[str, Any]],
-                 out: Path, resolution: int) -> int:
+                 out: Path, resolution: int, width: Optional[int] = None) -> int:
     """Encode and write one batch, recording each item's source state; a source that cannot be read is skipped with
     one line, its item removed. Returns how many were encoded."""
     pixels, done = [], []
     for name, path, state in batch:
         try:
             with Image.open(path) as image:
-                pixels.append(center_crop_adm(image, resolution))
+                pixels.append(center_crop_adm(image, resolution, width))
             done.append((name, state))
         except UNREADABLE as error:
             say_skipped(name, error)
@@ -257,7 +345,7 @@ def encode_batch(codec: VAECodec, batch: list[tuple[str, Path, dict[str, Any]]],
 
 
 def encode_image_folder(
-    src: str | os.PathLike,
+    src: str | os.PathLike | None,
     out: str | os.PathLike,
     vae_path: str,
     resolution: int = 256,
@@ -265,56 +353,65 @@ def encode_image_folder(
     zip_output: bool = False,
     unlabeled: bool = False,
     device: str = "cpu",
+    width: Optional[int] = None,
+    captions: str | os.PathLike | None = None,
 ) -> int:
-    """Encode `src` into the layout under `out`; returns how many items this call encoded (0 if all were done).
+    """Encode `src` (or the images of the caption index `captions`) into the layout under `out`, crops of
+    `resolution` x `width` (default: square); returns how many items this call encoded (0 if all were done).
     Sources that cannot be read are skipped with one line each (`say_skipped`) and left out of the labels."""
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
-        raise ValueError(f"--resolution must be a positive number of pixels, got {resolution}")
+    check_pixels("--resolution", resolution)
+    if width is not None:
+        check_pixels("--width", width)
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    src, out = Path(src), Path(out)
-    items = list_class_folder(src, IMAGE_EXTENSIONS, unlabeled)
+    out = Path(out)
+    sources = list_sources(src, captions, unlabeled, IMAGE_EXTENSIONS)
     codec = VAECodec(vae_path, batch_size=batch_size).to(device)  # a missing VAE is refused here, in one line
-    settings = {"resolution": resolution, "vae": vae_fingerprint(vae_path), "unlabeled": unlabeled}
+    settings = {"resolution": resolution, "vae": vae_fingerprint(vae_path), "unlabeled": unlabeled,
+                **shape_and_index_settings(resolution, width, captions)}
     record = read_record(out, (IMAGES_TREE, LATENTS_TREE))
     check_settings(out, record, settings)
     known = {} if record is None else record["items"]
-    records, todo, deleted = plan_images(items, src, known, out)
+    records, todo, deleted = plan_images(sources, known, out)
     for name in deleted:
         remove_item(out, known[name]["index"])
     write_record(out, settings, records)
     encoded, saved = 0, time.monotonic()
     try:
-        with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="encoding images") as progress:
+        with tqdm(total=len(sources), initial=len(sources) - len(todo), unit="img", desc="encoding images") as progress:
             for start in range(0, len(todo), batch_size):
-                encoded += encode_batch(codec, todo[start : start + batch_size], records, out, resolution)
+                encoded += encode_batch(codec, todo[start : start + batch_size], records, out, resolution, width)
                 progress.update(len(todo[start : start + batch_size]))
                 if time.monotonic() - saved > RECORD_EVERY_S:
                     write_record(out, settings, records)
                     saved = time.monotonic()
     finally:  # also on Ctrl-C: what was written is recorded
         write_record(out, settings, records)
-    write_labels(out, items, src, records)
+    write_labels(out, sources, records, captioned=captions is not None)
     if zip_output:
         pack_tree(out / IMAGES_TREE)
         pack_tree(out / LATENTS_TREE)
     return encoded
 
 
-def write_labels(out: Path, items: list[tuple[Path, int]], src: Path, records: dict[str, dict[str, Any]]) -> None:
-    """Both trees' dataset.json: every encoded item with the label of its own source (class folders as listed now)."""
-    labelled = sorted((records[name]["index"], label) for name, label in
-                      ((path.relative_to(src).as_posix(), label) for path, label in items) if name in records)
-    _write_labels(out / IMAGES_TREE, [image_member(i) for i, _ in labelled], [label for _, label in labelled])
-    _write_labels(out / LATENTS_TREE, [latent_member(i) for i, _ in labelled], [label for _, label in labelled])
+def write_labels(out: Path, sources: list[Source], records: dict[str, dict[str, Any]], captioned: bool) -> None:
+    """Both trees' dataset.json: every encoded item with the label (or, `captioned`, the caption and no label) of its
+    own source, as listed now."""
+    tagged = sorted((records[source.name]["index"], source.tag) for source in sources if source.name in records)
+    tags = [tag for _, tag in tagged]
+    for tree, member in ((IMAGES_TREE, image_member), (LATENTS_TREE, latent_member)):
+        _write_labels(out / tree, [member(index) for index, _ in tagged], None if captioned else tags,
+                      tags if captioned else None)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, help="image folder: <source>/<class>/<image>")
+    parser.add_argument("--source", help="image folder: <source>/<class>/<image>")
+    parser.add_argument("--captions", help="a caption index (JSONL/CSV: path, caption) instead of --source")
     parser.add_argument("--dest", required=True, help="output folder (resumes what is already there)")
-    parser.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder")
-    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder, or a pipeline folder")
+    parser.add_argument("--resolution", type=int, default=256, help="height (and width, unless --width) in pixels")
+    parser.add_argument("--width", type=int, help="width in pixels (default: --resolution)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--zip", action="store_true", help="pack each tree into a .zip archive at the end")
     parser.add_argument("--unlabeled", action="store_true", help="take every image under --source, all class 0")
@@ -324,14 +421,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def encode_command(args: argparse.Namespace) -> None:
     encoded = encode_image_folder(
-        args.source, args.dest, args.vae, args.resolution, args.batch_size, args.zip, args.unlabeled, args.device
+        args.source, args.dest, args.vae, args.resolution, args.batch_size, args.zip, args.unlabeled, args.device,
+        args.width, args.captions,
     )
     print(f"encoded {encoded} new image(s) into {args.dest}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """0 done; 2 and one `error:` line for a mistake (a missing source or VAE, --resolution 0, other settings than
-    the destination's); 130 and one line on Ctrl-C."""
+    """0 done; 2 and one `error:` line for a mistake (a missing source, caption index or VAE, --resolution 0, other
+    settings than the destination's); 130 and one line on Ctrl-C."""
     return report_mistakes(encode_command, parse_args(argv), interrupted=KEPT)
 
 

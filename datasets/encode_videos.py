@@ -1,4 +1,5 @@
-"""Encode a class-folder video dataset into per-video latent files that `VideoLatentDataset` reads.
+"""Encode a class-folder video dataset, or the videos of a caption index, into per-video latent files that
+`VideoLatentDataset` reads.
 
     python datasets/encode_videos.py --source ucf101 --dest data/ucf101-latents \
         --vae weights/sd-vae-ft-mse --resolution 256 --num-frames 16 --frame-stride 2
@@ -6,8 +7,16 @@
     python datasets/encode_videos.py --vae-kind video --source ucf101 --dest data/ucf101-wan-latents \
         --vae weights/wan2.1-vae --resolution 256 --num-frames 17 [--shard 0 --num-shards 4]
 
+    python datasets/encode_videos.py --vae-kind video --captions data/clips.jsonl --dest data/wan-latents \
+        --vae weights/Wan2.1-T2V-1.3B-Diffusers --resolution 480 --width 832 --num-frames 81
+
 Each `<source>/<class>/<name>` becomes `<dest>/<class>/<name>.safetensors` holding `mean` and `std` (C, T, h, w)
 of the VAE posterior of ADM centre crops; `<dest>/index.jsonl` lists `{"path", "label"}` per video in source order.
+With `--captions INDEX` (a JSONL or CSV caption index, `path, caption`, as `CaptionDataset` reads it) the videos are
+the index's (paths relative to its folder keep their layout under `<dest>`; the index must list every file once,
+inside its own folder) and the rows are `{"path", "caption"}`: captioned clips for the text-to-video families.
+`--width W` crops `--resolution` x W frames instead of squares. `--vae` is a VAE folder or a diffusers pipeline folder
+(its vae/).
 
 `--vae-kind image` (default): a diffusers AutoencoderKL, frame by frame (T = --num-frames), moments of the raw
 latent z; train with `VideoLatentDataset.scale = <the VAE's scaling_factor>` (0.18215 for SD).
@@ -20,8 +29,10 @@ per-channel `(z - shift) * scale`: mean' = (mean - shift) * scale, std' = std * 
 
 Finished files are skipped on a rerun and every file is written atomically, so a stopped run (Ctrl-C too) resumes where
 it stopped. Each file's metadata records its source's size, mtime and sha256: a source changed since is encoded
-again. `<dest>/encoding.json` records the settings (resolution, frames, stride, the VAE's kind and fingerprint); a
-rerun with other settings is refused, so one index never mixes latent sizes. Videos that cannot be decoded, or that
+again. `<dest>/encoding.json` records the settings (resolution, width, frames, stride, the caption index, the VAE's
+kind and fingerprint); a rerun with other settings (another width or caption index too) is refused, so one index never
+mixes latent sizes, or labels and captions. The index is written afresh from the listing on every run: an edited
+caption needs no encoding, a row taken out of the caption index leaves it. Videos that cannot be decoded, or that
 have fewer than `--num-frames` frames, are skipped with one line each and counted.
 
 Sharding: `--shard i --num-shards n` encodes the videos at positions i, i + n, i + 2n, ... of the sorted source
@@ -42,8 +53,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from encode_images import (KEPT, center_crop_adm, check_settings, list_class_folder, read_record,  # a sibling script
-                           say_skipped, source_state, vae_fingerprint, write_atomically, write_record)
+from encode_images import (KEPT, center_crop_adm, check_pixels, check_settings, list_sources,  # a sibling script
+                           read_record, say_skipped, shape_and_index_settings, source_state, vae_fingerprint,
+                           write_atomically, write_record)
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
@@ -57,15 +69,17 @@ VAE_KINDS = ("image", "video")
 SOURCE_KEYS = ("size", "mtime_ns", "sha256")  # of the source, in each latent file's metadata as source_<key>
 
 
-def read_frames(path: Path, resolution: int, num_frames: int | None = None, frame_stride: int = 1) -> np.ndarray:
-    """Every `frame_stride`-th frame (the first `num_frames` of them), centre-cropped: (T, res, res, 3) uint8."""
+def read_frames(path: Path, resolution: int, num_frames: int | None = None, frame_stride: int = 1,
+                width: int | None = None) -> np.ndarray:
+    """Every `frame_stride`-th frame (the first `num_frames` of them), centre-cropped: (T, resolution, width or
+    resolution, 3) uint8."""
     import av  # optional dependency: the "video" extra
 
     frames = []
     with av.open(str(path)) as container:
         for number, frame in enumerate(container.decode(video=0)):
             if number % frame_stride == 0:
-                frames.append(center_crop_adm(frame.to_image(), resolution))
+                frames.append(center_crop_adm(frame.to_image(), resolution, width))
             if num_frames is not None and len(frames) == num_frames:
                 break
     if not frames or (num_frames is not None and len(frames) < num_frames):
@@ -88,8 +102,13 @@ def merge_shard_indexes(out: str | os.PathLike, num_shards: int) -> bool:
     items = [row["item"] for row in rows]
     if len(set(items)) != len(items):
         raise ValueError(f"the shard indexes under {str(out)!r} list a video twice; rerun the shards from one listing")
-    write_atomically(out / VIDEO_INDEX, _jsonl({"path": row["path"], "label": row["label"]} for row in rows))
+    write_atomically(out / VIDEO_INDEX, _jsonl(index_rows(rows)))
     return True
+
+
+def index_rows(rows: Iterable[dict]) -> Iterable[dict]:
+    """The rows of index.jsonl: a video's path and its label or caption (the shard bookkeeping `item` left out)."""
+    return ({key: value for key, value in row.items() if key != "item"} for row in rows)
 
 
 def _jsonl(rows: Iterable[dict]) -> bytes:
@@ -109,7 +128,7 @@ def _build_codec(vae_kind: str, vae_path: str, batch_size: int, num_frames: int 
 
 
 def encode_video_folder(
-    src: str | os.PathLike,
+    src: str | os.PathLike | None,
     out: str | os.PathLike,
     vae_path: str,
     resolution: int = 256,
@@ -121,8 +140,11 @@ def encode_video_folder(
     vae_kind: str = "image",
     shard: int = 0,
     num_shards: int = 1,
+    width: int | None = None,
+    captions: str | os.PathLike | None = None,
 ) -> int:
-    """Encode this shard's videos under `src` into `out`; returns how many videos this call encoded."""
+    """Encode this shard's videos under `src` (or of the caption index `captions`) into `out`, frames of
+    `resolution` x `width` (default: square); returns how many videos this call encoded."""
     import av
 
     if resolution < 1 or frame_stride < 1 or (num_frames is not None and num_frames < 1):
@@ -130,29 +152,33 @@ def encode_video_folder(
             "resolution, frame_stride and num_frames must be positive, "
             f"got {resolution}, {frame_stride}, {num_frames}"
         )
+    if width is not None:
+        check_pixels("--width", width)
     if vae_kind not in VAE_KINDS:
         raise ValueError(f"vae_kind {vae_kind!r} is not one of {', '.join(VAE_KINDS)}")
     if not (num_shards >= 1 and 0 <= shard < num_shards):
         raise ValueError(f"shard {shard} of {num_shards}: need num_shards >= 1 and 0 <= shard < num_shards")
-    items = list(enumerate(list_class_folder(src, VIDEO_EXTENSIONS, unlabeled)))[shard::num_shards]
-    src, out = Path(src), Path(out)
+    items = list(enumerate(list_sources(src, captions, unlabeled, VIDEO_EXTENSIONS)))[shard::num_shards]
+    out, tag_key = Path(out), "label" if captions is None else "caption"
     codec = _build_codec(vae_kind, vae_path, batch_size, num_frames).to(device)
     settings = {"resolution": resolution, "num_frames": num_frames, "frame_stride": frame_stride,
-                "vae_kind": vae_kind, "vae": vae_fingerprint(vae_path), "unlabeled": unlabeled}
+                "vae_kind": vae_kind, "vae": vae_fingerprint(vae_path), "unlabeled": unlabeled,
+                **shape_and_index_settings(resolution, width, captions)}
     check_settings(out, read_record(out), settings)  # files of earlier versions hold no source record: encoded again
     write_record(out, settings, {})  # the settings only: the files' metadata say where each comes from
     video_vae = isinstance(codec, VideoVAECodec)
     metadata = {"vae": codec.vae_class if video_vae else "AutoencoderKL", "normalised": str(video_vae).lower(),
                 "resolution": str(resolution)}
     index, skipped, encoded = [], 0, 0
-    for item, (path, label) in tqdm(items, unit="video", desc=f"encoding videos (shard {shard} of {num_shards})"):
-        member = path.relative_to(src).as_posix() + ".safetensors"
+    progress = tqdm(items, unit="video", desc=f"encoding videos (shard {shard} of {num_shards})")
+    for item, (name, path, tag) in progress:
+        member = name + ".safetensors"
         state = source_state(path, encoded_source(out / member))
         if encoded_source(out / member) != state:
             try:
-                frames = read_frames(path, resolution, num_frames, frame_stride)
+                frames = read_frames(path, resolution, num_frames, frame_stride, width)
             except (av.error.FFmpegError, ValueError) as error:
-                say_skipped(path.relative_to(src).as_posix(), error)
+                say_skipped(name, error)
                 skipped += 1
                 continue
             x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W)
@@ -161,9 +187,9 @@ def encode_video_folder(
             source = {f"source_{key}": str(state[key]) for key in SOURCE_KEYS}
             write_atomically(out / member, safetensors_bytes(payload, metadata={**metadata, **source}))
             encoded += 1
-        index.append({"item": item, "path": member, "label": label})
+        index.append({"item": item, "path": member, tag_key: tag})
     if num_shards == 1:
-        write_atomically(out / VIDEO_INDEX, _jsonl({"path": row["path"], "label": row["label"]} for row in index))
+        write_atomically(out / VIDEO_INDEX, _jsonl(index_rows(index)))
     else:
         write_atomically(out / shard_index_name(shard, num_shards), _jsonl(index))
         merge_shard_indexes(out, num_shards)
@@ -190,15 +216,18 @@ def encoded_source(path: Path) -> Optional[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """0 done; 2 and one `error:` line for a mistake (a missing source or VAE, an image VAE given as --vae-kind video,
-    other settings than the destination's); 130 and one line on Ctrl-C."""
+    """0 done; 2 and one `error:` line for a mistake (a missing source, caption index or VAE, an image VAE given as
+    --vae-kind video, other settings than the destination's); 130 and one line on Ctrl-C."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, help="video folder: <source>/<class>/<video>")
+    parser.add_argument("--source", help="video folder: <source>/<class>/<video>")
+    parser.add_argument("--captions", help="a caption index (JSONL/CSV: path, caption) instead of --source")
     parser.add_argument("--dest", required=True, help="output folder (resumes what is already there)")
-    parser.add_argument("--vae", required=True, help="local diffusers VAE folder (config.json + weights)")
+    parser.add_argument("--vae", required=True,
+                        help="local diffusers VAE folder (config.json + weights), or a pipeline folder")
     parser.add_argument("--vae-kind", choices=VAE_KINDS, default="image",
                         help="image: AutoencoderKL frame by frame; video: a causal video VAE (Wan, CogVideoX, LTX)")
-    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--resolution", type=int, default=256, help="frame height (and width, unless --width)")
+    parser.add_argument("--width", type=int, help="frame width in pixels (default: --resolution)")
     parser.add_argument("--num-frames", type=int, default=None,
                         help="frames per video (default: all; --vae-kind video: required, 1 + r*k)")
     parser.add_argument("--frame-stride", type=int, default=1)
@@ -213,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def encode_command(args: argparse.Namespace) -> None:
     encoded = encode_video_folder(
         args.source, args.dest, args.vae, args.resolution, args.num_frames, args.frame_stride,
-        args.batch_size, args.unlabeled, args.device, args.vae_kind, args.shard, args.num_shards,
+        args.batch_size, args.unlabeled, args.device, args.vae_kind, args.shard, args.num_shards, args.width,
+        args.captions,
     )
     print(f"encoded {encoded} new video(s) into {args.dest}")
     if args.num_shards > 1:

@@ -453,6 +453,151 @@ def test_ctrl_c_keeps_what_was_encoded(image_source, vae_dir, tmp_path, capsys, 
     assert labels_by_source(out, image_source) == dict(zip([f"{c}/{n}" for c, n, *_ in SOURCE_IMAGES], LABELS))
 
 
+# ---------------------------------------------------------------------------------------- caption indexes and --width
+
+
+def write_caption_index(path: Path, captions: dict[str, str]) -> Path:
+    path.write_text("".join(json.dumps({"path": name, "caption": text}) + "\n" for name, text in captions.items()))
+    return path
+
+
+def test_center_crop_adm_with_a_width_box_halves_while_twice_the_target_on_both_sides():
+    pixels = np.random.default_rng(6).integers(0, 256, (40, 96, 3), dtype=np.uint8)  # H 40, W 96
+    crop = encode_images.center_crop_adm(Image.fromarray(pixels), 16, 24)
+    # 96 >= 2 * 24 and 40 >= 2 * 16: halved once to 48 x 20; 20 < 32 stops it. Covering 16 x 24: scale
+    # max(16 / 20, 24 / 48) = 0.8 gives 38 x 16, whose centre 24 columns start at (38 - 24) // 2 = 7.
+    by_hand = Image.fromarray(pixels).resize((48, 20), Image.BOX).resize((38, 16), Image.Resampling.BICUBIC)
+    assert crop.shape == (16, 24, 3) and np.array_equal(crop, np.array(by_hand)[:, 7:31])
+    square = encode_images.center_crop_adm(Image.fromarray(pixels), 16)
+    assert np.array_equal(square, encode_images.center_crop_adm(Image.fromarray(pixels), 16, 16))
+
+
+def captions_by_source(out: Path) -> dict[str, str]:
+    """Each encoded item's caption, keyed by the source its record names."""
+    record = json.loads((out / "encoding.json").read_text())["items"]
+    content = json.loads((out / "vae-sd" / "dataset.json").read_text())
+    assert content["labels"] is None
+    captions = dict(content["captions"])
+    assert len(captions) == len(record)
+    return {name: captions[latent_member(entry["index"])] for name, entry in record.items()}
+
+
+def test_a_caption_index_at_a_width_is_keyed_by_path_and_content_and_reruns_follow_it(vae_dir, tmp_path, capsys):
+    rng = np.random.default_rng(7)
+    photos = tmp_path / "data" / "photos"
+    photos.mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)).save(photos / name)
+    index = write_caption_index(tmp_path / "data" / "photos.jsonl",
+                                {"photos/a.png": "a cat", "photos/b.png": "a dog", "photos/c.png": "a cow"})
+    out = tmp_path / "out"
+    argv = ["--captions", str(index), "--dest", str(out), "--vae", vae_dir, "--resolution", str(RESOLUTION),
+            "--batch-size", "2", "--device", "cpu"]
+    assert encode_images.main([*argv, "--width", "24"]) == 0
+    assert captions_by_source(out) == {"photos/a.png": "a cat", "photos/b.png": "a dog", "photos/c.png": "a cow"}
+    record = json.loads((out / "encoding.json").read_text())
+    assert record["settings"]["width"] == 24 and record["settings"]["captions"] == str(index)
+    b_index = record["items"]["photos/b.png"]["index"]
+    stored = np.array(Image.open(out / "images" / image_member(b_index)))
+    with Image.open(photos / "b.png") as image:
+        assert np.array_equal(stored, encode_images.center_crop_adm(image, RESOLUTION, 24))
+    first = {name: np.load(out / "vae-sd" / latent_member(entry["index"])) for name, entry in record["items"].items()}
+    assert first["photos/a.png"].shape == (8, 8, 12)  # [mean; std] of 4 channels, 16 x 24 px halved
+
+    # An edited caption needs no encoding, a dropped row drops its item, a new row and a changed image are encoded.
+    Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(photos / "d.png")
+    Image.fromarray(rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)).save(photos / "c.png")
+    write_caption_index(index, {"photos/a.png": "a black cat", "photos/c.png": "a cow", "photos/d.png": "an owl"})
+    assert encode_images.encode_image_folder(None, out, vae_dir, RESOLUTION, batch_size=2, width=24,
+                                             captions=str(index)) == 2  # c changed, d new
+    assert captions_by_source(out) == {"photos/a.png": "a black cat", "photos/c.png": "a cow", "photos/d.png": "an owl"}
+    record = json.loads((out / "encoding.json").read_text())["items"]
+    assert not (out / "vae-sd" / latent_member(b_index)).exists()
+    assert np.array_equal(np.load(out / "vae-sd" / latent_member(record["photos/a.png"]["index"])),
+                          first["photos/a.png"])
+    assert not np.allclose(np.load(out / "vae-sd" / latent_member(record["photos/c.png"]["index"])),
+                           first["photos/c.png"])
+    dataset = LatentDataset(str(out))
+    assert sorted(dataset[i]["caption"] for i in range(len(dataset))) == ["a black cat", "a cow", "an owl"]
+    capsys.readouterr()
+
+    # Another width, another caption index, or a class folder into the same destination: refused in one line.
+    other = write_caption_index(tmp_path / "data" / "other.jsonl", {"photos/a.png": "a cat"})
+    for extra, expected in [(["--captions", str(index)], "width 24 then, None now"),
+                            (["--captions", str(index), "--width", "32"], "width 24 then, 32 now"),
+                            (["--captions", str(other), "--width", "24"], f"captions {str(index)!r} then"),
+                            (["--source", str(photos.parent), "--unlabeled", "--width", "24"], "captions")]:
+        code, err = run_encoder([*argv[2:], *extra], capsys)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert encode_images.encode_image_folder(None, out, vae_dir, RESOLUTION, width=24, captions=str(index)) == 0
+
+
+def test_caption_index_mistakes_are_one_line(vae_dir, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "outside.png")
+    Image.new("RGB", (16, 16)).save(tmp_path / "data" / "a.png")
+    common = ["--dest", str(tmp_path / "out"), "--vae", vae_dir, "--device", "cpu"]
+    cases = [
+        ({"../outside.png": "x"}, [], "lies outside the caption index's folder"),
+        ({"a.png": "x", "./a.png": "y"}, [], "lists 'a.png' again (first at"),
+        ({"a.png": "x", "missing.png": "y"}, [], "lists 1 of 2 media file(s) that do not exist"),
+        ({"a.png": "x"}, ["--source", str(tmp_path)], "give --source (a class folder) or --captions"),
+        ({"a.png": "x"}, ["--unlabeled"], "--unlabeled"),
+        ({"a.png": "x"}, ["--width", "0"], "--width must be a positive number of pixels, got 0"),
+    ]
+    for captions, extra, expected in cases:
+        index = write_caption_index(tmp_path / "data" / "index.jsonl", captions)
+        code, err = run_encoder(["--captions", str(index), *common, *extra], capsys)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+        assert not (tmp_path / "out" / "encoding.json").exists()
+
+
+def test_a_pipeline_folder_has_the_fingerprint_of_its_vae(vae_dir, tmp_path):
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(vae_dir, pipeline / "vae")
+    (pipeline / "model_index.json").write_text("{}")
+    other = tmp_path / "other"
+    shutil.copytree(vae_dir, other / "vae")
+    (other / "model_index.json").write_text("{}")
+    config = json.loads((other / "vae" / "config.json").read_text())
+    (other / "vae" / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
+    assert encode_images.vae_fingerprint(pipeline) == encode_images.vae_fingerprint(vae_dir)
+    assert encode_images.vae_fingerprint(other) != encode_images.vae_fingerprint(pipeline)
+
+
+def test_captioned_clips_at_a_width_keep_their_layout_and_reruns_rewrite_the_captions(vae_dir, tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    for name in ("clips/a.mp4", "clips/more/b.mp4"):
+        write_test_video(tmp_path / name, rng.integers(0, 256, (4, 20, 40, 3), dtype=np.uint8))
+    index = write_caption_index(tmp_path / "clips.jsonl", {"clips/a.mp4": "waves", "clips/more/b.mp4": "rain"})
+    out = tmp_path / "latents"
+    for shard in (0, 1):  # two shards merge their rows, captions included
+        assert encode_videos.encode_video_folder(None, out, vae_dir, RESOLUTION, num_frames=4, width=24,
+                                                 captions=str(index), shard=shard, num_shards=2) == 1
+    rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert rows == [{"path": "clips/a.mp4.safetensors", "caption": "waves"},
+                    {"path": "clips/more/b.mp4.safetensors", "caption": "rain"}]
+    frames = encode_videos.read_frames(tmp_path / "clips/more/b.mp4", RESOLUTION, 4, width=24)
+    mean, _ = VAECodec(vae_dir).moments(_to_pixels(frames[2]))
+    stored = load_file(out / "clips/more/b.mp4.safetensors")
+    assert frames.shape == (4, RESOLUTION, 24, 3) and stored["mean"].shape == (4, 4, 8, 12)
+    torch.testing.assert_close(stored["mean"][:, 2], mean[0], atol=1e-5, rtol=1e-4)
+    item = VideoLatentDataset(str(out), scale=0.5)[1]
+    assert item["caption"] == "rain" and "label" not in item
+
+    write_caption_index(index, {"clips/more/b.mp4": "heavy rain"})  # an edited caption, a dropped row
+    assert encode_videos.encode_video_folder(None, out, vae_dir, RESOLUTION, num_frames=4, width=24,
+                                             captions=str(index)) == 0
+    assert (out / "index.jsonl").read_text() == json.dumps({"path": "clips/more/b.mp4.safetensors",
+                                                             "caption": "heavy rain"}) + "\n"
+    capsys.readouterr()
+    argv = ["--captions", str(index), "--dest", str(out), "--vae", vae_dir, "--num-frames", "4", "--device", "cpu",
+            "--resolution", str(RESOLUTION)]
+    assert encode_videos.main([*argv, "--width", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "width 24 then, 32 now" in err
+
+
 def test_video_encoder_reruns_check_the_settings_and_follow_changed_sources(vae_dir, tmp_path, capsys, monkeypatch):
     rng = np.random.default_rng(5)
     source, out = tmp_path / "videos", tmp_path / "latents"
