@@ -40,6 +40,7 @@ from benchmarks.train_speed import DROP_RATIO, TrainingStep, build_pair, compile
 from registry import BACKBONES
 from sprint_mm.flops import forward_flops, guidance_flops
 from sprint_mm.masking import TokenMasker
+from sprint_mm.optimization import frozen_copy
 from sprint_mm.parallelize import ensure_process_group, precision_policy, shard
 from sprint_mm.sprint import Sprint
 
@@ -144,9 +145,11 @@ def family_rows(name: str, device: torch.device, precision: str, repeats: int, w
             model = BACKBONES.build(settings["family"], config=settings["config"], **settings["sample"])
         model.gradient_checkpointing = True
         model = Sprint(model, 2 if not tiny else 1, 2 if not tiny else 1) if variant == "sprint" else model
+        ema = frozen_copy(model)  # as the trainer does: copied before sharding, then sharded like the model
         shard(model, device, precision_policy("bf16" if precision == "bf16" else "no"), False)
+        shard(ema, device, precision_policy("no"), False)
         x, cond = family_inputs(model.backbone, settings["batch"], device)
-        step = TrainingStep(model, x, cond)
+        step = TrainingStep(model, x, cond, ema)
         grid = model.backbone.token_grid(tuple(x.shape))
         tokens = math.prod(grid)
         kept = TokenMasker("structured", DROP_RATIO)(1, grid, generator=torch.Generator()).num_kept
@@ -155,7 +158,7 @@ def family_rows(name: str, device: torch.device, precision: str, repeats: int, w
         row = time_rows({variant: step}, "training step", flops, repeats, warmup, device, peak_tflops)[0]
         rows.append({"model": name, "tokens": tokens, "batch": settings["batch"],
                      "parameters": sum(p.numel() for p in model.parameters()), **row})
-        del model, step
+        del model, ema, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

@@ -102,12 +102,15 @@ class TrainingStep:
     """One step of `model` on a fixed batch as the trainer takes it: the loss, backward, gradient-norm clipping, AdamW
     (`Optimization.build`, fused where the trainer fuses it: always on a single process), the EMA update."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, ema: Optional[nn.Module] = None
+                 ) -> None:
+        """`ema`: the EMA model when `model` is sharded (a sharded module cannot be copied; the trainer copies before
+        sharding and shards both); None: a copy of `model`."""
         self.model = model.train()
         self.objective = objective_for(model)
         self.optimization = Optimization()
         self.optimizer, _ = self.optimization.build(model.parameters(), fused=True)
-        self.ema = frozen_copy(model)
+        self.ema = frozen_copy(model) if ema is None else ema
         self.x, self.labels = x, labels
 
     def loss(self) -> torch.Tensor:

@@ -240,10 +240,11 @@ def read_prompts(path: str) -> list[str]:
 
 
 def say_cut_prompts(conditioning: Any, prompts: Sequence[str]) -> None:
-    """A note for every prompt longer than the text encoder reads (its `max_length` tokens): the rest is cut."""
+    """A note for every prompt longer than the text encoder reads (its `max_length` tokens): the rest is cut. Encoders
+    of several lengths (SD3's CLIP and T5) count none, and get no note."""
     encoder = getattr(getattr(conditioning, "conditioner", None), "encoder", None)
     distinct = list(dict.fromkeys(prompts))
-    if encoder is None or not distinct:
+    if not hasattr(encoder, "token_counts") or not distinct:
         return
     for prompt, count in zip(distinct, encoder.token_counts(distinct)):
         if count > encoder.max_length:
@@ -353,20 +354,20 @@ def write_samples(args: argparse.Namespace) -> Path:
     check_writable_folder(out.parent, "the folder of --out" if args.out else "the run's samples folder")
     lock = lock_for_all(accelerator, out.with_name(f".{out.name}.lock"), f"sample output {str(out)!r}")
     try:
-        sample_into(out, run, args, guidance, (labels, prompts), shape, accelerator, layout)
+        sample_into(out, run, args, (guidance, density), (labels, prompts), shape, accelerator, layout)
     finally:
         lock.release()
     return out
 
 
-def sample_into(out: Path, run: TrainedRun, args: argparse.Namespace, guidance: Guidance,
+def sample_into(out: Path, run: TrainedRun, args: argparse.Namespace, sampler: tuple[Guidance, MiddleDensity],
                 requested: tuple[list, list], shape: tuple[int, ...], accelerator: Any,
                 layout: ProcessLayout) -> None:
     """Sample in shards of --batch-size: shard s gets noise seeded by (seed, s) and is written atomically, data groups
     (single processes, or the processes that spread a sample's tokens and the guidance branches) take shards
     round-robin, and a restarted command skips finished shards; the main process then packs the output. The run's
     own path and time shift (`TrainedRun.sampling`) drive the sampler."""
-    labels, prompts = requested
+    (guidance, density), (labels, prompts) = sampler, requested
     total = len(labels or prompts)
     check_sample_size(run.model, shape, min(args.batch_size, total) * (1 if args.guidance == "none" else 2), args.force)
     shards = out.with_name(f".{out.name}.shards")

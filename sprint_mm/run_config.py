@@ -24,11 +24,13 @@ from gin import config_parser
 from sprint_mm.configs import IMPORT_HINT, ConfigError, parse_gin
 from sprint_mm.models import load_backbone_plugins, model_factory
 
-# Bindings that change how long a run trains and how it reports, not what a step computes: a resume may change them.
+# Bindings that change how long a run trains, how it reports or how it spreads over devices, not what a step computes
+# (beyond reduction order): a resume may change them.
 FREE_ON_RESUME = frozenset({
     "Trainer.max_steps", "Trainer.time_budget_minutes", "Trainer.clock", "Trainer.checkpoint_every",
     "Trainer.keep_checkpoints", "Trainer.log_every", "Trainer.preview_every", "Trainer.progress",
     "Trainer.num_threads", "Trainer.num_workers", "Trainer.max_bad_steps", "Trainer.stop_signals", "Trainer.run_dir",
+    "Trainer.context_parallel", "Trainer.activation_checkpointing", "Trainer.fsdp_cpu_offload", "Trainer.compile",
 })
 FREE_CONFIGURABLES = frozenset({"Previewer"})  # previews only
 DYNAMIC_REGISTRATION = "__gin__"

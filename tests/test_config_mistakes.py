@@ -99,7 +99,7 @@ MISTAKES = [
      r"batch_size 8 must be divisible by processes \(1\) x grad_accum \(3\)"),
     ("train", train("Trainer.init_from = '{tmp}/no_stage1'"), r"'[^']*no_stage1' is neither a run folder"),
     ("train", train("sit.hidden_size = 64", "Trainer.init_from = '{run}'", gin_file=STAGE2),
-     r"stage-1 weights .* does not fit the model: shape mismatches \(\d+\): backbone\.\S+: checkpoint \(.*\) vs model"),
+     r"init_from weights .* does not fit the model: shape mismatches \(\d+\): backbone\.\S+: checkpoint \(.*\) vs model"),
     # gin files and bindings
     ("train", ["--gin_file", "gin/image/digits_stage9.gin"],
      r"gin file 'gin/image/digits_stage9\.gin' not found\. Did you mean .*digits_stage1\.gin"),

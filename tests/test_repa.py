@@ -190,8 +190,9 @@ TINY = [
 ]
 
 
-def train(run: Path, steps: int, *extra: str, gin_file: str = "gin/image/digits_stage1.gin") -> int:
-    argv = ["--gin_file", gin_file, "--run_dir", str(run)]
+def train(run: Path, steps: int, *extra: str, gin_file: str = "gin/image/digits_stage1.gin",
+          allow_config_change: bool = False) -> int:
+    argv = ["--gin_file", gin_file, "--run_dir", str(run)] + ["--allow-config-change"] * allow_config_change
     for param in TINY + [f"Trainer.max_steps = {steps}", *extra]:
         argv += ["--gin_param", param]
     return train_main(argv)
@@ -215,8 +216,11 @@ def test_training_logs_three_losses_resumes_and_samples_without_the_encoder(tmp_
     for m in metrics:
         assert m["loss"] == pytest.approx(m["denoise_loss"] + 0.5 * m["repa_loss"], rel=1e-5)
         assert -1.0 <= m["repa_loss"] <= 1.0
-    # Resuming a REPA run without alignment is refused; sampling needs neither the projector nor the encoder.
+    # Resuming a REPA run without alignment is refused (as another configuration, and with the change allowed, by the
+    # checkpoint's projector); sampling needs neither the projector nor the encoder.
     assert train(tmp_path / "straight", 3) == 2
+    assert "Trainer.alignment" in capsys.readouterr().err
+    assert train(tmp_path / "straight", 3, allow_config_change=True) == 2
     assert "trained with REPA alignment" in capsys.readouterr().err
     shutil.rmtree(encoder)
     out = tmp_path / "s.npz"

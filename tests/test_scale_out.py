@@ -81,10 +81,11 @@ def test_trainer_compile_option_compiles_every_block_and_keeps_keys(tmp_path):
 
     options = ["sit.hidden_size = 32", "sit.depth = 3", "sit.num_heads = 2", "sit.input_size = 8",
                "DigitsDataset.resolution = 8", "Trainer.batch_size = 4", "Sprint.encoder_depth = 1",
-               "Sprint.decoder_depth = 1", f"Trainer.run_dir = '{tmp_path}'"]
+               "Sprint.decoder_depth = 1"]
     models = {}
-    for compiled in (False, True):
-        parse_gin(["gin/image/digits_stage1.gin"], options + [f"Trainer.compile = {compiled}"])
+    for compiled in (False, True):  # each in its own run folder: a set-up trainer holds its folder's lock
+        parse_gin(["gin/image/digits_stage1.gin"], options + [f"Trainer.compile = {compiled}",
+                                                             f"Trainer.run_dir = '{tmp_path / str(compiled)}'"])
         trainer = Trainer()
         trainer._setup()
         models[compiled] = trainer.parts.model

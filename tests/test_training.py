@@ -35,9 +35,9 @@ STAGE1 = "gin/image/digits_stage1.gin"
 STAGE2 = "gin/image/digits_stage2.gin"
 
 
-def train(run_dir: Path, steps: int, *extra: str, gin_file: str = STAGE1) -> int:
+def train(run_dir: Path, steps: int, *extra: str, gin_file: str = STAGE1, allow_config_change: bool = False) -> int:
     params = TINY + [f"Trainer.max_steps = {steps}"] + list(extra)
-    argv = ["--gin_file", gin_file, "--run_dir", str(run_dir)]
+    argv = ["--gin_file", gin_file, "--run_dir", str(run_dir)] + ["--allow-config-change"] * allow_config_change
     for p in params:
         argv += ["--gin_param", p]
     return train_main(argv)
