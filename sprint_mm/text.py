@@ -169,7 +169,25 @@ def parse_layer(layer: str, num_layers: int) -> int | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 @gin.configurable
-class TextEncoder(torch.nn.Module):
+class FrozenTextEncoder(torch.nn.Module):
+    """A text encoder that never trains: it ignores requests for training mode (which would switch dropout on).
+    `identity` (set as `_identity` by the subclass) names everything that decides its embeddings, for caches."""
+
+    _identity: str
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def train(self, mode: bool = True) -> FrozenTextEncoder:
+        return super().train(False)
+
+
+class TextEncoder(FrozenTextEncoder):
     """Any transformers text encoder loaded from a local folder (T5 encoder, CLIP text model, BERT-like encoders).
 
     The model is frozen and stays in eval mode even inside a module that is put in training mode.
@@ -203,18 +221,6 @@ class TextEncoder(torch.nn.Module):
                           + ("" if attention_mask else "-unmasked"))
         self.eval()
 
-    @property
-    def identity(self) -> str:
-        """A stable name of everything that decides the embeddings (folder, config, max_length, layer, normalize)."""
-        return self._identity
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def train(self, mode: bool = True) -> TextEncoder:
-        """The encoder is frozen: it ignores requests for training mode (which would switch dropout on)."""
-        return super().train(False)
 
     def token_counts(self, captions: list[str]) -> list[int]:
         """How many tokens each caption has before the cut at `max_length` (special tokens included)."""

@@ -15,14 +15,14 @@ from torch import nn
 
 from sprint_mm.dtypes import parse_dtype
 from sprint_mm.families.folders import is_pipeline_folder
-from sprint_mm.text import check_captions, config_hash, load_encoder, resolve_encoder_path
+from sprint_mm.text import FrozenTextEncoder, check_captions, config_hash, load_encoder, resolve_encoder_path
 
 CLIP_COMPONENTS = ("text_encoder", "text_encoder_2")
 T5_COMPONENT = "text_encoder_3"
 
 
 @gin.configurable
-class SD3TextEncoder(nn.Module):
+class SD3TextEncoder(FrozenTextEncoder):
     """SD3's text condition from a local pipeline folder: {"text_tokens": (B, clip_length + t5_length, T5 width),
     "text_mask": all True, "pooled": (B, CLIP-L + CLIP-G projection widths)}. Frozen, always in eval mode."""
 
@@ -49,19 +49,6 @@ class SD3TextEncoder(nn.Module):
         self.width = self.t5.config.d_model if self.t5 is not None else sum(m.config.hidden_size for m in self.clips)
         self._identity = f"sd3-{'-'.join(identities)}-clip{clip_length}-t5{t5_length}"
         self.eval()
-
-    @property
-    def identity(self) -> str:
-        """A stable name of everything that decides the embeddings (the three encoders' configs, the lengths)."""
-        return self._identity
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.clips.parameters()).device
-
-    def train(self, mode: bool = True) -> SD3TextEncoder:
-        """The encoders are frozen: training mode is ignored."""
-        return super().train(False)
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> dict[str, torch.Tensor]:
