@@ -49,8 +49,8 @@ from sprint_mm.data.captions import check_caption_records, read_caption_index
 from sprint_mm.data.latents import CAPTIONS_ENTRY, IMAGES_TREE, LABELS_FILE, LATENTS_TREE, image_member, latent_member
 from sprint_mm.data.transforms import resize_center_crop
 from sprint_mm.errors import report_mistakes
-from sprint_mm.families.folders import pipeline_component
 from sprint_mm.latents import WEIGHT_FILES, VAECodec
+from sprint_mm.pipeline_folders import pipeline_component
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MAX_ITEMS = 10**8  # names carry an 8-digit index

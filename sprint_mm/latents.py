@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sprint_mm.dtypes import parse_dtype
-from sprint_mm.families.folders import pipeline_component
+from sprint_mm.pipeline_folders import pipeline_component
 
 Tensors = tuple[torch.Tensor, ...]
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")

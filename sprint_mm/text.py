@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sprint_mm.dtypes import parse_dtype
-from sprint_mm.families.folders import pipeline_component
+from sprint_mm.pipeline_folders import pipeline_component
 
 TEXT_KEYS = ("text_tokens", "text_mask")
 POOLED = "pooled"  # the optional whole-caption vector of a text condition
@@ -168,7 +168,6 @@ def parse_layer(layer: str, num_layers: int) -> int | None:
 # The encoder
 # ----------------------------------------------------------------------------------------------------------------
 
-@gin.configurable
 class FrozenTextEncoder(torch.nn.Module):
     """A text encoder that never trains: it ignores requests for training mode (which would switch dropout on).
     `identity` (set as `_identity` by the subclass) names everything that decides its embeddings, for caches."""
@@ -187,6 +186,7 @@ class FrozenTextEncoder(torch.nn.Module):
         return super().train(False)
 
 
+@gin.configurable
 class TextEncoder(FrozenTextEncoder):
     """Any transformers text encoder loaded from a local folder (T5 encoder, CLIP text model, BERT-like encoders).
 

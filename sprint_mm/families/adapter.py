@@ -26,9 +26,9 @@ from torch import nn
 
 from sprint_mm.backbone import Backbone, Embedded
 from sprint_mm.conditions import CaptionCondition
-from sprint_mm.families.folders import component_config, pipeline_component
 from sprint_mm.flops import TransformerShape
 from sprint_mm.masking import Grid
+from sprint_mm.pipeline_folders import component_config, pipeline_component
 from sprint_mm.tokens import TokenPositions
 
 TIME_SCALE = 1000.0  # diffusers' timestep of a flow-matching sigma

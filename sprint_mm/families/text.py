@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sprint_mm.dtypes import parse_dtype
-from sprint_mm.families.folders import is_pipeline_folder
+from sprint_mm.pipeline_folders import is_pipeline_folder
 from sprint_mm.text import FrozenTextEncoder, check_captions, config_hash, load_encoder, resolve_encoder_path
 
 CLIP_COMPONENTS = ("text_encoder", "text_encoder_2")
