@@ -11,6 +11,7 @@ benchmarks/results/bucket_demo_accuracy.json.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Optional, Sequence
 
 from benchmarks.demo_accuracy import guided_accuracy, judge_for
@@ -40,7 +41,7 @@ def judge_buckets(run_dir: str | Path, run: TrainedRun, scale: float = BUCKET_SC
     size (clips count when a strict majority of their frames read right)."""
     channels = run.model.backbone.sample_shape[0]
     buckets = []
-    for frames, height, width in bucket_shapes([str(Path(run_dir) / "config.gin")]):
+    for frames, height, width in run_bucket_shapes(run_dir):
         shape = (channels, frames, height, width)
         judge = judge_for(run, DIGIT_FRACTION if frames > 1 else None, shape)  # stills: the digit fills the frame
         (row,) = guided_accuracy(run, judge, [Guidance("pdg", scale)], per_class, steps, solver, seed, shape=shape)
