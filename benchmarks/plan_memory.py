@@ -37,6 +37,7 @@ from typing import Optional, Sequence
 import torch
 
 from benchmarks.harness import RESULTS, markdown_table, write_result
+from benchmarks.train_speed import saved_activation_bytes
 from sprint_mm.layers import DiTBlock, RotaryEmbedding, grid_coordinates
 from sprint_mm.masking import TokenMasker
 from sprint_mm.sequence_split import choose
@@ -141,19 +142,12 @@ def saved_bytes(d: int, f: int, h: int, n: int, length: int, precision: str, mlp
     cos, sin = RotaryEmbedding(d // h, (0, 0, d // h))(coords)
     x = torch.randn(1, n, d, requires_grad=True)
     context = (torch.randn(1, length, d), torch.ones(1, length, dtype=torch.bool)) if length else None
-    parameters = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    kept: dict[int, int] = {}
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    def forward() -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            block(x, torch.randn(1, d), TokenPositions(coords[None], cos, sin), context)
-    return sum(kept.values())
+            return block(x, torch.randn(1, d), TokenPositions(coords[None], cos, sin), context)
+
+    return saved_activation_bytes(forward, block.parameters())
 
 
 @functools.lru_cache(maxsize=None)
