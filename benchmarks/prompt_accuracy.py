@@ -25,7 +25,7 @@ from sprint_mm.cli import sample_main
 from sprint_mm.data.captioned_digits import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, prompts_for
 from sprint_mm.sampling import GUIDANCES
 
-HEADERS = {"none": "unguided", "cfg": "CFG", "pdg": "PDG"}
+HEADERS = {"none": "unguided", "cfg": "CFG", "pdg": "PDG", "sparse": "sparse guidance"}  # a column per sampling.GUIDANCES
 TARGET = 0.70  # PDG accuracy over all prompts, held-out phrasings included
 
 

@@ -12,7 +12,7 @@ import torch
 from benchmarks import (
     curve_plots, data_speed, demo_accuracy, digits_classifier, equal_wallclock, fault_drill, gpu_suite,
     guidance_pareto, guidance_speed,
-    harness, quality_curves, train_speed, video_demo_variants,
+    harness, prompt_accuracy, quality_curves, train_speed, video_demo_variants,
 )
 from sprint_mm.data.moving_digits import digit_side, moving_digit_videos, write_moving_digits
 from sprint_mm.flops import TransformerShape
@@ -548,3 +548,10 @@ def test_data_speed_reads_every_source_and_measures_the_index(tmp_path):
     index = result["index"]
     assert (index["items"], index["shards"]) == (30, 1) and index["index_bytes"] > 30 * 44
     assert json.loads((tmp_path / "r.json").read_text())["index"] == index
+
+
+def test_prompt_accuracy_has_a_column_for_every_guidance_the_sampler_offers():
+    # its table walks sampling.GUIDANCES: a guidance without a header ended the command after all its sampling
+    from sprint_mm.sampling import GUIDANCES
+
+    assert set(prompt_accuracy.HEADERS) == set(GUIDANCES)
