@@ -2,6 +2,7 @@
 import sys
 
 from sprint_mm.cli import sample_main
+from sprint_mm.parallelize import end_processes
 
 if __name__ == "__main__":
-    sys.exit(sample_main())
+    sys.exit(end_processes(sample_main()))

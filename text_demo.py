@@ -5,6 +5,7 @@ The demo lives in `demos/text.py`.
 import sys
 
 from demos.text import text_demo_main
+from sprint_mm.parallelize import end_processes
 
 if __name__ == "__main__":
-    sys.exit(text_demo_main())
+    sys.exit(end_processes(text_demo_main()))

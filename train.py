@@ -9,6 +9,7 @@ from typing import Sequence
 
 from demos.digits import digits_demo_main
 from sprint_mm.cli import train_main
+from sprint_mm.parallelize import end_processes
 
 
 def main(argv: Sequence[str]) -> int:
@@ -17,4 +18,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(end_processes(main(sys.argv[1:])))

@@ -5,6 +5,7 @@ stage 2) and writes class-conditional PDG videos to runs/moving_digits/samples_p
 import sys
 
 from demos.video import video_demo_main
+from sprint_mm.parallelize import end_processes
 
 if __name__ == "__main__":
-    sys.exit(video_demo_main())
+    sys.exit(end_processes(video_demo_main()))

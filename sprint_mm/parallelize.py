@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from sprint_mm.backbone import compile_blocks
 from sprint_mm.errors import check_number
 from sprint_mm.layers import Attention
+from sprint_mm.preemption import EXIT_PREEMPTED
 
 PRECISIONS = ("no", "fp16", "bf16")
 STRATEGIES = ("ddp", "fsdp")
@@ -165,6 +166,16 @@ def spread_model(model: nn.Module, group: Any, option: str) -> None:
                 raise ValueError(f"{option} = {size} must divide the number of attention heads ({module.num_heads} "
                                  f"in {name}): each process attends with heads / {size} of them")
     backbone.context_group = group
+
+
+def end_processes(status: int) -> int:
+    """A command's exit status, after destroying the process group when its processes ended together (status 0, or
+    EXIT_PREEMPTED: every process agreed to stop). Left to the interpreter's exit, gloo's worker threads can outlive
+    the group and abort the process ("terminate called without an active exception", status 134 instead of the
+    command's own). Not after a failure: another process may still wait in a collective."""
+    if status in (0, EXIT_PREEMPTED) and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return status
 
 
 def ensure_process_group(device: torch.device) -> None:

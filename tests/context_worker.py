@@ -22,7 +22,7 @@ import torch.distributed as dist
 from sprint_mm.cli import sample_main
 from sprint_mm.masking import TokenMasker
 from sprint_mm.models import build_backbone
-from sprint_mm.parallelize import process_layout, spread_model
+from sprint_mm.parallelize import end_processes, process_layout, spread_model
 from sprint_mm.sampling import Guidance, guided_velocity
 from sprint_mm.sprint import Sprint
 from sprint_mm.testing import randomize
@@ -167,3 +167,4 @@ def main(root: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    end_processes(0)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from sprint_mm.configs import parse_gin
 from sprint_mm.flow import FlowMatching, mean_squared_error
+from sprint_mm.parallelize import end_processes
 from sprint_mm.training import Trainer
 from tests.test_training import STAGE1, TINY
 
@@ -66,3 +67,4 @@ def one_process(root: Path) -> None:
 
 if __name__ == "__main__":
     {"two": two_processes, "one": one_process}[sys.argv[1]](Path(sys.argv[2]))
+    end_processes(0)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sprint_mm.configs import parse_gin
 from sprint_mm.data.stream import DataStream
+from sprint_mm.parallelize import end_processes
 from sprint_mm.training import Trainer
 from tests.test_training import STAGE1, TINY
 
@@ -51,3 +52,4 @@ if __name__ == "__main__":
     RECORDING["prefix"] = ROOT / "two"
     DataStream.next_batch = recording_next_batch(DataStream.next_batch)
     train_on_shards(ROOT, "resumed", 4)
+    end_processes(0)

@@ -18,6 +18,7 @@ from sprint_mm.checkpoints import load_strict
 from sprint_mm.cli import sample_main
 from sprint_mm.configs import parse_gin
 from sprint_mm.models import build_model
+from sprint_mm.preemption import EXIT_PREEMPTED
 from sprint_mm.runs import checkpoint_problems, list_checkpoints, newest_intact_checkpoint
 from sprint_mm.sharded import read_sharded_weights
 from sprint_mm.training import Trainer
@@ -204,3 +205,14 @@ def test_a_sharded_model_gives_the_gradients_of_the_unsharded_one_without_the_vi
             assert gradients[name] is None or not gradients[name].any(), name
         else:
             torch.testing.assert_close(gradients[name], p.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("status, ends", [(0, True), (EXIT_PREEMPTED, True), (1, False), (2, False)])
+def test_a_command_ends_its_process_group_only_when_its_processes_ended_together(status, ends):
+    # Left to the interpreter's exit, gloo's threads aborted a stopped launch worker (status 134 instead of 75).
+    from sprint_mm.parallelize import end_processes, ensure_process_group
+
+    with own_process_group():
+        ensure_process_group(torch.device("cpu"))
+        assert end_processes(status) == status
+        assert torch.distributed.is_initialized() is not ends
