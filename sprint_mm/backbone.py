@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sprint_mm.context_parallel import SequenceShard, shard_for
 from sprint_mm.flops import TransformerShape
+from sprint_mm.layers import Attention
 from sprint_mm.masking import Grid
 from sprint_mm.tokens import TokenPositions, batch_size_of, device_of, gather_tokens, select_rows
 
@@ -137,7 +138,7 @@ class Backbone(nn.Module):
     updates_context: bool = False  # blocks return (x, context): every block updates the context (a text stream)
     gradient_checkpointing: bool = False  # set by build_model; read by the dense forward and by Sprint
     # Whether the backbone can run a box of its token grid (context parallelism): its blocks take any subset of the
-    # tokens with their positions (self-attention through sprint_mm.layers.Attention), and `unembed` of a box gives
+    # tokens with their positions (self-attention over the group's whole sequence, `attention_heads`), and `unembed` of a box gives
     # that box's region of the output (B, C, [T,] H, W). A backbone that cannot leaves it False.
     shards_sequence: bool = False
     context_group: Any = None  # set by `sprint_mm.parallelize.spread_model`: spread each sample over this group
@@ -146,6 +147,11 @@ class Backbone(nn.Module):
     def backbone(self) -> Backbone:
         """Itself: every model (a backbone, or a wrapper around one) names its backbone `.backbone`."""
         return self
+
+    def attention_heads(self) -> dict[str, int]:
+        """The heads of every self-attention that context parallelism spreads, by module name (each process attends
+        with heads / p of them): every `sprint_mm.layers.Attention`, unless a backbone attends otherwise."""
+        return {name: module.num_heads for name, module in self.named_modules() if isinstance(module, Attention)}
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> Embedded:
         raise NotImplementedError

@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from sprint_mm.masking import Grid
 from sprint_mm.sequence_split import SequenceSplit, choose
@@ -110,6 +111,14 @@ def tokens_to_heads(x: torch.Tensor, group: Any) -> torch.Tensor:
     chunks = x.reshape(b, hp, p, pn // p, d).permute(2, 0, 1, 3, 4)  # (p, B, h/p, n, d): tokens of process j
     received = AllToAll.apply(chunks, group)  # (p, B, h/p, n, d): heads of process i
     return received.transpose(0, 1).reshape(b, p * hp, pn // p, d)
+
+
+def attend_spread(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group: Any) -> torch.Tensor:
+    """Self-attention over the whole sequence that the processes of `group` share, from this process's tokens:
+    q, k, v (B, n, h, d) -> (B, n, h, d), every token of h / p heads in between (the layout of diffusers' processors;
+    `sprint_mm.layers.Attention` does the same in its own layout)."""
+    q, k, v = (heads_to_tokens(z.transpose(1, 2), group) for z in (query, key, value))
+    return tokens_to_heads(F.scaled_dot_product_attention(q, k, v), group).transpose(1, 2)
 
 
 def gather_tokens_of(values: torch.Tensor, group: Any) -> torch.Tensor:

@@ -17,7 +17,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sprint_mm.backbone import compile_blocks
 from sprint_mm.errors import check_number
-from sprint_mm.layers import Attention
 from sprint_mm.preemption import EXIT_PREEMPTED
 
 PRECISIONS = ("no", "fp16", "bf16")
@@ -161,10 +160,10 @@ def spread_model(model: nn.Module, group: Any, option: str) -> None:
                 f"{option} = {size} needs a backbone that can split its token sequence over processes; "
                 f"{type(backbone).__name__} cannot (it does not declare `shards_sequence = True`, which promises that "
                 "its blocks take any share of the tokens with their positions and its unembed a box of the grid)")
-        for name, module in backbone.named_modules():
-            if isinstance(module, Attention) and module.num_heads % size:
-                raise ValueError(f"{option} = {size} must divide the number of attention heads ({module.num_heads} "
-                                 f"in {name}): each process attends with heads / {size} of them")
+        for name, heads in backbone.attention_heads().items():
+            if heads % size:
+                raise ValueError(f"{option} = {size} must divide the number of attention heads ({heads} in {name}): "
+                                 f"each process attends with heads / {size} of them")
     backbone.context_group = group
 
 

@@ -27,6 +27,7 @@ from sprint_mm.sampling import Guidance, guided_velocity
 from sprint_mm.sprint import Sprint
 from sprint_mm.testing import randomize
 from tests import my_dit
+from tests.families import CONFIGS as FAMILY_CONFIGS, SAMPLES as FAMILY_SAMPLES
 
 BATCH = 3
 TEXT = dict(conditioning="text", text_dim=16, text_length=5)
@@ -50,13 +51,18 @@ CASES: dict[str, dict[str, Any]] = {  # name -> backbone, its options, SPRINT sp
                                            attention="factorised"), split=(1, 1), mask="tube"),
     "U-ViT SPRINT (long skips)": dict(backbone="uvit", options=dict(input_size=8, patch_size=2, num_classes=10, depth=5),
                                       split=(2, 2), mask="structured"),
+    # diffusers families: their own blocks, self-attention through `families.adapter.SpreadSelfAttention`
+    **{f"{family} SPRINT": dict(backbone=family, options=dict(config=FAMILY_CONFIGS[family], **FAMILY_SAMPLES[family]),
+                                split=(1, 1), mask="structured", family=True) for family in ("wan", "ltx_video")},
+    "wan dense": dict(backbone="wan", options=dict(config=FAMILY_CONFIGS["wan"], **FAMILY_SAMPLES["wan"]), split=None,
+                      mask=None, family=True),
 }
 TINY = dict(hidden_size=32, depth=3, num_heads=2, in_channels=1)
 
 
 def build(case: dict[str, Any]) -> torch.nn.Module:
     torch.manual_seed(0)
-    backbone = build_backbone(case["backbone"], **{**TINY, **case["options"]})
+    backbone = build_backbone(case["backbone"], **{**({} if case.get("family") else TINY), **case["options"]})
     backbone.gradient_checkpointing = case.get("checkpointing", False)
     model = backbone if case["split"] is None else Sprint(backbone, *case["split"])
     return randomize(model)

@@ -307,3 +307,47 @@ def test_bad_folders_and_inputs_get_one_line_each(folders, tmp_path):
     with pytest.raises(ValueError, match=r"1 \+ 4k") as err:
         codec.encode(torch.zeros(1, 3, 6, 16, 16))
     one_line(err)
+
+
+@pytest.mark.parametrize("family", ["wan", "ltx_video"])
+def test_the_spread_self_attention_computes_the_family_processor_on_a_one_process_group(family, folders):
+    # Context parallelism swaps each block's self-attention processor for `SpreadSelfAttention` (the family's
+    # projections, norms and RoPE written again around the Ulysses exchange); over a group of one the exchange is the
+    # identity, so the prediction and every gradient must be the diffusers processor's, with and without SPRINT.
+    import torch.distributed as dist
+
+    from sprint_mm.families import adapter
+    from sprint_mm.parallelize import ensure_process_group, spread_model
+    from tests.test_fsdp import own_process_group
+
+    model = Sprint(backbone(family, folders), 1, 1)
+    x, t, cond = inputs(model)
+    mask = random_mask(3, model.backbone.token_grid(tuple(x.shape)), 0.5, generator=torch.Generator().manual_seed(3))
+    calls = []
+    spread_call = adapter.SpreadSelfAttention.__call__
+
+    def counted(self, *args):
+        calls.append(self.group)
+        return spread_call(self, *args)
+
+    def run(group, **extra) -> tuple[torch.Tensor, dict]:
+        model.zero_grad(set_to_none=True)
+        spread_model(model, group, "context parallel")
+        out = model(x, t, cond, **extra)
+        out.square().mean().backward()
+        return out.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    with own_process_group(), pytest.MonkeyPatch.context() as patch:
+        ensure_process_group(torch.device("cpu"))
+        patch.setattr(adapter.SpreadSelfAttention, "__call__", counted)
+        for extra in ({}, {"mask": mask}):
+            own, own_grads = run(None, **extra)
+            assert not calls
+            spread, spread_grads = run(dist.group.WORLD, **extra)
+            assert len(calls) == len(model.backbone.blocks) and not any(group is None for group in calls)
+            calls.clear()
+            assert deviation(spread, own) <= EXACT
+            assert spread_grads.keys() == own_grads.keys() and len(own_grads) > 20
+            for name, grad in own_grads.items():
+                assert deviation(spread_grads[name], grad) <= EXACT, name
+    assert all(type(block.attn1.processor).__name__ != "SpreadSelfAttention" for block in model.backbone.blocks)

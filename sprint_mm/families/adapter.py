@@ -19,13 +19,15 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from sprint_mm.backbone import Backbone, Embedded
 from sprint_mm.conditions import CaptionCondition
+from sprint_mm.context_parallel import attend_spread
 from sprint_mm.flops import TransformerShape
 from sprint_mm.masking import Grid
 from sprint_mm.pipeline_folders import component_config, pipeline_component
@@ -60,6 +62,48 @@ class SeamBlock(nn.Module):
 
     def seam_forward(self, x: torch.Tensor, c: torch.Tensor, positions: TokenPositions, context: Any) -> Any:
         raise NotImplementedError
+
+
+Rotation = Callable[[torch.Tensor, Any], torch.Tensor]  # a family's RoPE on q or k (B, n, heads, head_dim)
+
+
+class SpreadSelfAttention:
+    """The processor of a family's self-attention while its tokens are spread over the processes of `group`
+    (context parallelism): the projections, q/k norms and rotation (`rotate`) of the family's own processor on this
+    process's tokens, then attention over the whole sequence (`context_parallel.attend_spread`: Ulysses), then the
+    output projection. Wan's and LTX-Video's processors compute the same on the whole sequence (no mask, no fused
+    projections in their self-attention)."""
+
+    def __init__(self, group: Any, rotate: Rotation) -> None:
+        self.group, self.rotate = group, rotate
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
+                 attention_mask: Any = None, rotary_emb: Any = None) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None or getattr(attn, "fused_projections",
+                                                                                      False):
+            raise ValueError("a spread self-attention takes the block's own tokens, without a mask or fused "
+                             "projections")
+        query, key = attn.norm_q(attn.to_q(hidden_states)), attn.norm_k(attn.to_k(hidden_states))
+        query, key, value = (z.unflatten(2, (attn.heads, -1)) for z in (query, key, attn.to_v(hidden_states)))
+        if rotary_emb is not None:
+            query, key = self.rotate(query, rotary_emb), self.rotate(key, rotary_emb)
+        out = attend_spread(query, key, value, self.group).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@contextmanager
+def spread_attention(attention: nn.Module, group: Any, rotate: Rotation) -> Iterator[None]:
+    """While entered, the diffusers self-attention `attention` attends over the sequence the processes of `group`
+    share (`SpreadSelfAttention`); with no group its own processor runs, untouched."""
+    if group is None:
+        yield
+        return
+    own = attention.processor
+    attention.processor = SpreadSelfAttention(group, rotate)
+    try:
+        yield
+    finally:
+        attention.processor = own
 
 
 @functools.cache
@@ -147,6 +191,11 @@ class DiffusersBackbone(Backbone):
     def blocks(self) -> nn.ModuleList:
         """The diffusers model's own blocks (they answer the seam's call)."""
         return getattr(self.transformer, self.blocks_attribute)
+
+    def attention_heads(self) -> dict[str, int]:
+        """Each block's self-attention (`attn1`, which `spread_attention` spreads over a context group)."""
+        return {f"transformer.{self.blocks_attribute}.{index}.attn1": block.attn1.heads
+                for index, block in enumerate(self.blocks)}
 
     @property
     def patch(self) -> tuple[int, int, int]:

@@ -11,7 +11,8 @@ LTX-Video's conventions, as its diffusers model and `LTXPipeline` have them:
 - positions: 3D RoPE over the whole inner width (cos and sin (1, N, D) per token), of the token's (t, h, w) scaled by
   `rope_interpolation_scale` = (VAE temporal factor / frame rate, VAE spatial factor, VAE spatial factor), as the
   pipeline passes it: `frame_rate` is part of the condition (25 by default, as LTXPipeline's). Gathered with the
-  tokens, so a kept token keeps its rotation.
+  tokens, so a kept token keeps its rotation;
+- context parallelism: as Wan's (`adapter.spread_attention`), the text bias read whole by every process.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 
 from sprint_mm.backbone import Embedded
 from sprint_mm.errors import check_number
-from sprint_mm.families.adapter import DiffusersBackbone, SeamBlock, video_output
+from sprint_mm.families.adapter import DiffusersBackbone, SeamBlock, spread_attention, video_output
 from sprint_mm.layers import grid_coordinates
 from sprint_mm.tokens import TokenPositions
 
@@ -34,7 +35,16 @@ class LTXVideoSeam(SeamBlock):
     its attention bias."""
 
     def seam_forward(self, x: torch.Tensor, c: torch.Tensor, positions: TokenPositions, context: Any) -> torch.Tensor:
-        return self.diffusers_forward(x, context["text"], c, positions.rope, context["bias"])
+        with spread_attention(self.attn1, positions.group, rotate_inner):
+            return self.diffusers_forward(x, context["text"], c, positions.rope, context["bias"])
+
+
+def rotate_inner(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """LTX-Video's RoPE (diffusers' `apply_rotary_emb` over the whole inner width, cos/sin (1, n, D)) on q or k
+    (B, n, heads, head_dim)."""
+    from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+    return apply_rotary_emb(x.flatten(2), rope).unflatten(2, x.shape[2:])
 
 
 class LTXVideo(DiffusersBackbone):
@@ -47,6 +57,7 @@ class LTXVideo(DiffusersBackbone):
     blocks_attribute = "transformer_blocks"
     seam = LTXVideoSeam
     text_dim_key = "caption_channels"
+    shards_sequence = True  # per-token layers, self-attention spread by `spread_attention`; unembed unpacks a box
 
     def __init__(self, path: Optional[str] = None, config: Optional[dict] = None,
                  input_size: Any = LTX_121_FRAMES_768x512, text_length: int = 128, frame_rate: float = 25.0,

@@ -10,7 +10,9 @@ Wan's conventions, as its diffusers model and `WanPipeline` have them:
   blocks' cross-attention reads all 512 tokens: the adapter zeroes the positions `text_mask` marks as padding and
   ignores the mask otherwise;
 - positions: 3D RoPE (`WanRotaryPosEmbed`: a head's channels split t / h / w), cos and sin (1, N, 1, head_dim) per
-  token: gathered with the tokens, so a kept token keeps its rotation.
+  token: gathered with the tokens, so a kept token keeps its rotation;
+- context parallelism: each process runs a box of the token grid; self-attention trades heads for tokens with the
+  others (`adapter.spread_attention`), cross-attention reads the whole caption every process holds.
 Image-to-video Wan (an image encoder's tokens beside the text) and Wan 2.2 (two experts split by noise level,
 per-token timesteps) are not adapted.
 """
@@ -21,7 +23,8 @@ from typing import Any, Optional
 import torch
 
 from sprint_mm.backbone import Embedded
-from sprint_mm.families.adapter import DiffusersBackbone, SeamBlock, unpatchify_channels_last, video_output
+from sprint_mm.families.adapter import (DiffusersBackbone, SeamBlock, spread_attention, unpatchify_channels_last,
+                                        video_output)
 from sprint_mm.layers import grid_coordinates
 from sprint_mm.tokens import TokenPositions
 
@@ -32,7 +35,16 @@ class WanSeam(SeamBlock):
     """A `WanTransformerBlock` on the seam: c is its (B, 6, D) adaLN input, context["text"] the projected caption."""
 
     def seam_forward(self, x: torch.Tensor, c: torch.Tensor, positions: TokenPositions, context: Any) -> torch.Tensor:
-        return self.diffusers_forward(x, context["text"], c, positions.rope)
+        with spread_attention(self.attn1, positions.group, rotate_pairs):
+            return self.diffusers_forward(x, context["text"], c, positions.rope)
+
+
+def rotate_pairs(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Wan's RoPE on q or k (B, n, heads, head_dim): channels (2i, 2i + 1) turn by the angle of cos/sin (1, n, 1,
+    head_dim), whose entries repeat in pairs (the arithmetic of `WanAttnProcessor`)."""
+    cos, sin = rope[0][..., 0::2], rope[1][..., 1::2]
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).type_as(x)
 
 
 class Wan(DiffusersBackbone):
@@ -44,6 +56,7 @@ class Wan(DiffusersBackbone):
     blocks_attribute = "blocks"
     seam = WanSeam
     text_dim_key = "text_dim"
+    shards_sequence = True  # per-token layers, self-attention spread by `spread_attention`; unembed unpatchifies a box
 
     def __init__(self, path: Optional[str] = None, config: Optional[dict] = None,
                  input_size: Any = WAN_480P_81_FRAMES, text_length: int = 512) -> None:
