@@ -51,9 +51,9 @@ CASES: dict[str, dict[str, Any]] = {  # name -> backbone, its options, SPRINT sp
                                            attention="factorised"), split=(1, 1), mask="tube"),
     "U-ViT SPRINT (long skips)": dict(backbone="uvit", options=dict(input_size=8, patch_size=2, num_classes=10, depth=5),
                                       split=(2, 2), mask="structured"),
-    # diffusers families: their own blocks, self-attention through `families.adapter.SpreadSelfAttention`
+    # diffusers families: their own blocks, attention through `SpreadSelfAttention` (SD3: `SpreadJointAttention`)
     **{f"{family} SPRINT": dict(backbone=family, options=dict(config=FAMILY_CONFIGS[family], **FAMILY_SAMPLES[family]),
-                                split=(1, 1), mask="structured", family=True) for family in ("wan", "ltx_video")},
+                                split=(1, 1), mask="structured", family=True) for family in ("wan", "ltx_video", "sd3")},
     "wan dense": dict(backbone="wan", options=dict(config=FAMILY_CONFIGS["wan"], **FAMILY_SAMPLES["wan"]), split=None,
                       mask=None, family=True),
 }
@@ -79,6 +79,8 @@ def inputs(model: torch.nn.Module, case: dict[str, Any]) -> tuple[torch.Tensor, 
     else:
         cond = {"text_tokens": torch.randn(BATCH, spec.text_length, spec.text_dim, generator=g),
                 "text_mask": torch.arange(spec.text_length)[None] < torch.tensor([[2], [5], [1]])}
+        if spec.pooled_dim:
+            cond["pooled"] = torch.randn(BATCH, spec.pooled_dim, generator=g)
     extra = {}
     if case["mask"] is not None:
         grid = backbone.token_grid(tuple(x.shape))

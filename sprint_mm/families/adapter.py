@@ -63,6 +63,28 @@ class SeamBlock(nn.Module):
     def seam_forward(self, x: torch.Tensor, c: torch.Tensor, positions: TokenPositions, context: Any) -> Any:
         raise NotImplementedError
 
+    def self_attentions(self) -> dict[str, nn.Module]:
+        """The block's attentions over its own tokens, by attribute name: what context parallelism spreads."""
+        return {"attn1": self.attn1}
+
+    @contextmanager
+    def attending_over(self, group: Any, processor: Callable[[Any], Any]) -> Iterator[None]:
+        """While entered, the block's self-attentions attend over the sequence the processes of `group` share,
+        through `processor(group)` (one written for the family's arithmetic); with no group their own processors run,
+        untouched."""
+        if group is None:
+            yield
+            return
+        attentions = list(self.self_attentions().values())
+        own = [attention.processor for attention in attentions]
+        for attention in attentions:
+            attention.processor = processor(group)
+        try:
+            yield
+        finally:
+            for attention, kept in zip(attentions, own):
+                attention.processor = kept
+
 
 Rotation = Callable[[torch.Tensor, Any], torch.Tensor]  # a family's RoPE on q or k (B, n, heads, head_dim)
 
@@ -89,21 +111,6 @@ class SpreadSelfAttention:
             query, key = self.rotate(query, rotary_emb), self.rotate(key, rotary_emb)
         out = attend_spread(query, key, value, self.group).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
-
-
-@contextmanager
-def spread_attention(attention: nn.Module, group: Any, rotate: Rotation) -> Iterator[None]:
-    """While entered, the diffusers self-attention `attention` attends over the sequence the processes of `group`
-    share (`SpreadSelfAttention`); with no group its own processor runs, untouched."""
-    if group is None:
-        yield
-        return
-    own = attention.processor
-    attention.processor = SpreadSelfAttention(group, rotate)
-    try:
-        yield
-    finally:
-        attention.processor = own
 
 
 @functools.cache
@@ -193,9 +200,9 @@ class DiffusersBackbone(Backbone):
         return getattr(self.transformer, self.blocks_attribute)
 
     def attention_heads(self) -> dict[str, int]:
-        """Each block's self-attention (`attn1`, which `spread_attention` spreads over a context group)."""
-        return {f"transformer.{self.blocks_attribute}.{index}.attn1": block.attn1.heads
-                for index, block in enumerate(self.blocks)}
+        """The self-attentions of every block (`SeamBlock.self_attentions`, which context parallelism spreads)."""
+        return {f"transformer.{self.blocks_attribute}.{index}.{name}": attention.heads
+                for index, block in enumerate(self.blocks) for name, attention in block.self_attentions().items()}
 
     @property
     def patch(self) -> tuple[int, int, int]:

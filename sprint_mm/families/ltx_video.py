@@ -12,17 +12,18 @@ LTX-Video's conventions, as its diffusers model and `LTXPipeline` have them:
   `rope_interpolation_scale` = (VAE temporal factor / frame rate, VAE spatial factor, VAE spatial factor), as the
   pipeline passes it: `frame_rate` is part of the condition (25 by default, as LTXPipeline's). Gathered with the
   tokens, so a kept token keeps its rotation;
-- context parallelism: as Wan's (`adapter.spread_attention`), the text bias read whole by every process.
+- context parallelism: as Wan's (`SeamBlock.attending_over`), the text bias read whole by every process.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
 
 from sprint_mm.backbone import Embedded
 from sprint_mm.errors import check_number
-from sprint_mm.families.adapter import DiffusersBackbone, SeamBlock, spread_attention, video_output
+from sprint_mm.families.adapter import DiffusersBackbone, SeamBlock, SpreadSelfAttention, video_output
 from sprint_mm.layers import grid_coordinates
 from sprint_mm.tokens import TokenPositions
 
@@ -35,7 +36,7 @@ class LTXVideoSeam(SeamBlock):
     its attention bias."""
 
     def seam_forward(self, x: torch.Tensor, c: torch.Tensor, positions: TokenPositions, context: Any) -> torch.Tensor:
-        with spread_attention(self.attn1, positions.group, rotate_inner):
+        with self.attending_over(positions.group, functools.partial(SpreadSelfAttention, rotate=rotate_inner)):
             return self.diffusers_forward(x, context["text"], c, positions.rope, context["bias"])
 
 
@@ -57,7 +58,7 @@ class LTXVideo(DiffusersBackbone):
     blocks_attribute = "transformer_blocks"
     seam = LTXVideoSeam
     text_dim_key = "caption_channels"
-    shards_sequence = True  # per-token layers, self-attention spread by `spread_attention`; unembed unpacks a box
+    shards_sequence = True  # per-token layers, self-attention through `SpreadSelfAttention`; unembed of a box
 
     def __init__(self, path: Optional[str] = None, config: Optional[dict] = None,
                  input_size: Any = LTX_121_FRAMES_768x512, text_length: int = 128, frame_rate: float = 25.0,

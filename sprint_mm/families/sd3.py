@@ -15,14 +15,20 @@ so the backbone `updates_context`. Under SPRINT it is a per-sample state, never 
 updates it for every sample; the middle updates it, attending to the kept image tokens only, for the samples that run
 the middle; a sample that skips the middle (path drop, PDG's weak half) carries the encoder's text stream into the
 decoder. The fusion mixes image tokens only. The last block updates no text (`context_pre_only`).
+
+Context parallelism: each process runs a box of the image tokens and holds the whole text stream; the joint attention
+(`SpreadJointAttention`) attends over every image token and the text, and every process gets the same text back.
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from sprint_mm.backbone import Embedded
+from sprint_mm.context_parallel import GatherParts, group_rank, group_size, heads_to_tokens, tokens_to_heads
 from sprint_mm.families.adapter import DiffusersBackbone, SeamBlock, unpatchify_channels_last
 from sprint_mm.layers import grid_coordinates
 from sprint_mm.masking import Grid
@@ -39,8 +45,59 @@ class SD3Seam(SeamBlock):
 
     def seam_forward(self, x: torch.Tensor, c: torch.Tensor, positions: TokenPositions,
                      context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        text, x = self.diffusers_forward(x, context, c, None)
+        with self.attending_over(positions.group, SpreadJointAttention):
+            text, x = self.diffusers_forward(x, context, c, None)
         return x, context if text is None else text  # the last block returns no text: nothing reads it after
+
+    def self_attentions(self) -> dict[str, nn.Module]:
+        """The joint attention and, in SD3.5's dual-attention blocks, the image-only second one."""
+        return {name: module for name in ("attn", "attn2") if (module := getattr(self, name)) is not None}
+
+
+class SpreadJointAttention:
+    """SD3's attention (`JointAttnProcessor2_0`'s arithmetic) with the image tokens spread over the processes of
+    `group`: the image tokens' q, k, v trade heads for tokens (Ulysses); the text stream, which every process holds
+    whole, gives the q, k, v of this process's heads itself; attention runs over every image token and the text for
+    those heads; the image output trades back, and the text output of all heads is gathered from the group (its
+    adjoint sums each head's gradient over the processes that read it). Without text (SD3.5's second attention) it is
+    a plain spread self-attention."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
+                 attention_mask: Any = None) -> Any:
+        if attention_mask is not None:
+            raise ValueError("SD3's spread attention takes no mask (SD3 attends to every caption token)")
+        image = [heads_to_tokens(self.heads(attn, project(hidden_states), norm), self.group)
+                 for project, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k), (attn.to_v, None))]
+        if encoder_hidden_states is None:
+            out = tokens_to_heads(F.scaled_dot_product_attention(*image), self.group)
+            return attn.to_out[1](attn.to_out[0](self.merge(out)))
+        share = attn.heads // group_size(self.group)
+        mine = slice(group_rank(self.group) * share, (group_rank(self.group) + 1) * share)
+        text = [self.heads(attn, project(encoder_hidden_states), norm)[:, mine]
+                for project, norm in ((attn.add_q_proj, attn.norm_added_q), (attn.add_k_proj, attn.norm_added_k),
+                                      (attn.add_v_proj, None))]
+        joint = F.scaled_dot_product_attention(*(torch.cat(pair, dim=2) for pair in zip(image, text)))
+        tokens = image[0].shape[2]
+        out = tokens_to_heads(joint[:, :, :tokens], self.group)  # (B, h, n, d)
+        text_out = GatherParts.apply(joint[:, :, tokens:].contiguous(), self.group)  # (p, B, h / p, L, d)
+        text_out = text_out.transpose(0, 1).flatten(1, 2)  # (B, h, L, d), heads in process order
+        image_out = attn.to_out[1](attn.to_out[0](self.merge(out)))
+        text_out = self.merge(text_out)
+        return image_out, text_out if attn.context_pre_only else attn.to_add_out(text_out)
+
+    @staticmethod
+    def heads(attn: nn.Module, projected: torch.Tensor, norm: Optional[nn.Module]) -> torch.Tensor:
+        """(B, n, h d) -> (B, h, n, d), then the per-head norm where the model has one."""
+        split = projected.unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        return split if norm is None else norm(split)
+
+    @staticmethod
+    def merge(out: torch.Tensor) -> torch.Tensor:
+        """(B, h, n, d) -> (B, n, h d)."""
+        return out.transpose(1, 2).flatten(2)
 
 
 class SD3(DiffusersBackbone):
@@ -55,6 +112,7 @@ class SD3(DiffusersBackbone):
     pooled_dim_key = "pooled_projection_dim"
     video = False
     updates_context = True
+    shards_sequence = True  # per-token layers, attention through `SpreadJointAttention`; unembed of a box
 
     def __init__(self, path: Optional[str] = None, config: Optional[dict] = None, input_size: Any = SD3_1024PX,
                  text_length: int = SD3_TEXT_TOKENS) -> None:

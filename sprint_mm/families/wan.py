@@ -12,18 +12,19 @@ Wan's conventions, as its diffusers model and `WanPipeline` have them:
 - positions: 3D RoPE (`WanRotaryPosEmbed`: a head's channels split t / h / w), cos and sin (1, N, 1, head_dim) per
   token: gathered with the tokens, so a kept token keeps its rotation;
 - context parallelism: each process runs a box of the token grid; self-attention trades heads for tokens with the
-  others (`adapter.spread_attention`), cross-attention reads the whole caption every process holds.
+  others (`SeamBlock.attending_over`), cross-attention reads the whole caption every process holds.
 Image-to-video Wan (an image encoder's tokens beside the text) and Wan 2.2 (two experts split by noise level,
 per-token timesteps) are not adapted.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
 
 from sprint_mm.backbone import Embedded
-from sprint_mm.families.adapter import (DiffusersBackbone, SeamBlock, spread_attention, unpatchify_channels_last,
+from sprint_mm.families.adapter import (DiffusersBackbone, SeamBlock, SpreadSelfAttention, unpatchify_channels_last,
                                         video_output)
 from sprint_mm.layers import grid_coordinates
 from sprint_mm.tokens import TokenPositions
@@ -35,7 +36,7 @@ class WanSeam(SeamBlock):
     """A `WanTransformerBlock` on the seam: c is its (B, 6, D) adaLN input, context["text"] the projected caption."""
 
     def seam_forward(self, x: torch.Tensor, c: torch.Tensor, positions: TokenPositions, context: Any) -> torch.Tensor:
-        with spread_attention(self.attn1, positions.group, rotate_pairs):
+        with self.attending_over(positions.group, functools.partial(SpreadSelfAttention, rotate=rotate_pairs)):
             return self.diffusers_forward(x, context["text"], c, positions.rope)
 
 
@@ -56,7 +57,7 @@ class Wan(DiffusersBackbone):
     blocks_attribute = "blocks"
     seam = WanSeam
     text_dim_key = "text_dim"
-    shards_sequence = True  # per-token layers, self-attention spread by `spread_attention`; unembed unpatchifies a box
+    shards_sequence = True  # per-token layers, self-attention through `SpreadSelfAttention`; unembed of a box
 
     def __init__(self, path: Optional[str] = None, config: Optional[dict] = None,
                  input_size: Any = WAN_480P_81_FRAMES, text_length: int = 512) -> None:
