@@ -47,7 +47,9 @@ class SD3Seam(SeamBlock):
                      context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.attending_over(positions.group, SpreadJointAttention):
             text, x = self.diffusers_forward(x, context, c, None)
-        return x, context if text is None else text  # the last block returns no text: nothing reads it after
+        # the last block returns no text and nothing reads the stream after it: its input goes on, cut from the graph
+        # (returned as it came, a view of another tensor would be a module output FSDP2 warns about)
+        return x, context.detach() if text is None else text
 
     def self_attentions(self) -> dict[str, nn.Module]:
         """The joint attention and, in SD3.5's dual-attention blocks, the image-only second one."""
