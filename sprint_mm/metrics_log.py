@@ -1,5 +1,6 @@
 """What a run reports: a progress bar with loss, rates and the FLOPs SPRINT saves, and every `log_every` steps the
-window's mean losses and rates as one line of `metrics.jsonl` and TensorBoard scalars (main process only)."""
+window's mean losses and rates as one line of `metrics.jsonl` and scalars of its trackers (TensorBoard, wandb: main
+process only)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from sprint_mm.data.faults import BadDataLedger
 from sprint_mm.flops import sprint_step_ratio
 from sprint_mm.sprint import Sprint
+from sprint_mm.trackers import open_trackers
 
 
 @dataclass
@@ -127,27 +129,27 @@ def flops_saved(model: nn.Module, objective: Any) -> Optional[float]:
 
 
 class MetricsLog:
-    """The lines a run says to its user (`say`), its progress bar, `metrics.jsonl` and TensorBoard (main process)."""
+    """The lines a run says to its user (`say`), its progress bar, `metrics.jsonl` and its trackers (`trackers`,
+    names from `sprint_mm.trackers.TRACKERS`; main process)."""
 
     def __init__(self, run_dir: Path, accelerator: Accelerator, max_steps: int, log_every: int, progress: bool,
-                 ledger: BadDataLedger) -> None:
+                 ledger: BadDataLedger, trackers: Sequence[str] = ("tensorboard",)) -> None:
         self.run_dir, self.accelerator, self.log_every, self.max_steps = Path(run_dir), accelerator, log_every, max_steps
         self.main, self.progress, self.window, self.saving = accelerator.is_main_process, progress, Window(), None
         self.ledger, self.reported_bad = ledger, bad_counts(ledger)
-        self.bar, self.writer = None, None
+        self.bar, self.tracker_names, self.trackers = None, tuple(trackers), []
         self.watch = SlowdownWatch()
 
-    def open(self, step: int, saving: Optional[float]) -> None:
+    def open(self, step: int, saving: Optional[float], config: dict[str, Any]) -> None:
         """Start logging at `step` (a resumed run drops the lines of `metrics.jsonl` after it: those steps train
-        again); `saving` is the fraction of FLOPs SPRINT saves (None: dense), shown on the progress bar."""
+        again); `saving` is the fraction of FLOPs SPRINT saves (None: dense), shown on the progress bar; `config`
+        the run's description, which trackers keep beside the scalars."""
         self.saving, self.reported_bad = saving, bad_counts(self.ledger)
         self.bar = tqdm(total=self.max_steps, initial=step, disable=not (self.progress and self.main),
                         desc=self.run_dir.name, dynamic_ncols=True)
         if self.main:
-            from torch.utils.tensorboard import SummaryWriter
-
             self._forget_after(step)
-            self.writer = SummaryWriter(str(self.run_dir / "logs"))
+            self.trackers = open_trackers(self.tracker_names, self.run_dir, config)
 
     def _forget_after(self, step: int) -> None:
         path = self.run_dir / "metrics.jsonl"
@@ -184,12 +186,13 @@ class MetricsLog:
         if self.main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            for key, value in metrics.items():
-                if key != "step":
-                    self.writer.add_scalar(f"train/{key}", value, step)
+            scalars = {key: value for key, value in metrics.items() if key != "step"}
+            for tracker in self.trackers:
+                tracker.log(scalars, step)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []

@@ -31,6 +31,7 @@ FREE_ON_RESUME = frozenset({
     "Trainer.keep_checkpoints", "Trainer.log_every", "Trainer.preview_every", "Trainer.progress",
     "Trainer.num_threads", "Trainer.num_workers", "Trainer.max_bad_steps", "Trainer.stop_signals", "Trainer.run_dir",
     "Trainer.context_parallel", "Trainer.activation_checkpointing", "Trainer.fsdp_cpu_offload", "Trainer.compile",
+    "Trainer.trackers",
 })
 FREE_CONFIGURABLES = frozenset({"Previewer"})  # previews only
 DYNAMIC_REGISTRATION = "__gin__"

@@ -32,6 +32,7 @@ from sprint_mm.latents import build_codec
 from sprint_mm.locks import FolderLock, lock_for_all
 from sprint_mm.lora import adapter_parts, lora_of
 from sprint_mm.metrics_log import MetricsLog, StepResult, flops_saved
+from sprint_mm.trackers import check_trackers
 from sprint_mm.models import build_model
 from sprint_mm.optimization import Optimization, frozen_copy, update_ema
 from sprint_mm.parallelize import Parallelism, agreed, fused_optimizer, parallelize, process_layout, start_processes
@@ -98,7 +99,7 @@ class Trainer:
         strategy: str = "ddp", fsdp_cpu_offload: bool = False, buckets: Optional[BucketTable] = None,
         clock: str = "wall", activation_checkpointing: bool = False, model: Callable[[], torch.nn.Module] = build_model,
         conditioning: Callable[[], Any] = build_conditioning, codec: Callable[[], Any] = build_codec, stage: int = 1,
-        context_parallel: int = 1,
+        context_parallel: int = 1, trackers: Sequence[str] = ("tensorboard",),
     ) -> None:
         if dataset is None:
             raise ValueError("Trainer.dataset is not bound: bind it in a .gin file, e.g. `Trainer.dataset = @DigitsDataset()`")
@@ -111,7 +112,7 @@ class Trainer:
                                        activation_checkpointing, context_parallel)
         self.schedule = Schedule(max_steps, time_budget_minutes, checkpoint_every, keep_checkpoints, log_every,
                                  preview_every, max_bad_steps, clock, tuple(stop_signals))
-        self.progress = progress
+        self.progress, self.trackers = progress, check_trackers(trackers)
         self.parallelism.refuse_with_fsdp(alignment is not None, "Trainer.alignment (REPA)")
         self.parallelism.refuse_with_fsdp(preview_every > 0, "Trainer.preview_every > 0 (previews from a sharded "
                                                              "EMA; set it to 0 and sample from the checkpoints)")
@@ -152,25 +153,26 @@ class Trainer:
         check_writable_folder(self.run_dir, "Trainer.run_dir")
         changes = self._claim_run_folder(allow_config_change)
         self.log = MetricsLog(self.run_dir, acc, self.schedule.max_steps, self.schedule.log_every, self.progress,
-                              data.ledger)
+                              data.ledger, self.trackers)
         self.checkpointer = Checkpointer(self.run_dir, self.parts, acc, self.parallelism.sharded,
                                          self.schedule.keep_checkpoints, self.log.say, layout.context_size)
         self.checkpointer.resume(self.init_from, self.batching.seed)
         data.start(self.parts.progress.step)
+        described = {
+            "model": type(model).__name__, "backbone": type(model.backbone).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()), **data.describe(),
+            "processes": acc.num_processes, "context_parallel": layout.context_size,
+            "max_steps": self.schedule.max_steps, "lr": self.optimization.lr,
+            "precision": self.parallelism.precision, "objective": {k: repr(v) for k, v in vars(self.flow).items()}}
         if acc.is_main_process:
             if changes and self.parts.progress.step > 0:
                 kept = archive_config(self.run_dir, self.parts.progress.step)
                 self.log.say(f"resuming with changed bindings ({'; '.join(changes)}); the earlier config.gin is kept "
                              f"as {kept}")
-            write_run_configs(self.run_dir, {
-                "model": type(model).__name__, "backbone": type(model.backbone).__name__,
-                "parameters": sum(p.numel() for p in model.parameters()), **data.describe(),
-                "processes": acc.num_processes, "context_parallel": layout.context_size,
-                "max_steps": self.schedule.max_steps, "lr": self.optimization.lr,
-                "precision": self.parallelism.precision, "objective": {k: repr(v) for k, v in vars(self.flow).items()}})
+            write_run_configs(self.run_dir, described)
             codec = self.build_codec() if self.schedule.preview_every else None  # only previews decode
             self.previewer = Previewer(self.run_dir / "samples", self.conditioning, codec, self.dataset)
-        self.log.open(self.parts.progress.step, flops_saved(model, self.objective))
+        self.log.open(self.parts.progress.step, flops_saved(model, self.objective), described)
 
     def _check_precision(self, model: torch.nn.Module) -> None:
         """A LoRA base held in bf16 computes only under bf16 autocast."""
