@@ -23,7 +23,8 @@ import torch
 
 from sprint_mm.backbone import Embedded
 from sprint_mm.errors import check_number
-from sprint_mm.families.adapter import DiffusersBackbone, SeamBlock, SpreadSelfAttention, video_output
+from sprint_mm.families.adapter import (DiffusersBackbone, SeamBlock, SpreadSelfAttention, video_output,
+                                        pack_channels_first as pack, unpack_channels_first as unpack)
 from sprint_mm.layers import grid_coordinates
 from sprint_mm.tokens import TokenPositions
 
@@ -94,18 +95,3 @@ class LTXVideo(DiffusersBackbone):
         out = model.proj_out(model.norm_out(tokens) * (1 + scale) + shift)  # (B, N, C * pt * ph * pw)
         return video_output(unpack(out, embedded.grid, self.patch), embedded)
 
-
-def pack(clip: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
-    """(B, C, T, H, W) -> (B, N, C * pt * ph * pw): LTXPipeline's packing (features (C, pt, ph, pw))."""
-    b, c, t, h, w = clip.shape
-    pt, ph, pw = patch
-    x = clip.reshape(b, c, t // pt, pt, h // ph, ph, w // pw, pw)
-    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
-
-
-def unpack(tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> torch.Tensor:
-    """The inverse of `pack` over a (T, H, W) token grid."""
-    b = tokens.shape[0]
-    (t, h, w), (pt, ph, pw) = grid, patch
-    x = tokens.reshape(b, t, h, w, -1, pt, ph, pw)
-    return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, -1, t * pt, h * ph, w * pw)
