@@ -222,8 +222,8 @@ class DiffusersBackbone(Backbone):
         if len(input_shape) not in ((4, 5) if self.video else (4,)):
             raise ValueError(f"{self.family} takes {allowed}; got shape {tuple(input_shape)}")
         if input_shape[1] != self.in_channels:
-            raise ValueError(f"{self.family} takes {self.in_channels} latent channels (its config's in_channels); got "
-                             f"shape {tuple(input_shape)}")
+            raise ValueError(f"{self.family} takes {self.in_channels} latent channels (from its config's in_channels); "
+                             f"got shape {tuple(input_shape)}")
         size = (1, *input_shape[2:]) if len(input_shape) == 4 else tuple(input_shape[2:])
         if any(s % p for s, p in zip(size, self.patch)):
             raise ValueError(f"{self.family}'s patch {self.patch} (T, H, W) does not divide the input's (T, H, W) "
