@@ -63,10 +63,17 @@ class FluxSeam(SeamBlock):
                      for text, image in ((context["cos"], positions.cos), (context["sin"], positions.sin)))
         with processed_by(self.attn, RowRotaryAttention()):
             text, x = self.diffusers_forward(x, context["text"], c, rope)
-        return x, dict(context, text=text)
+        # a single-stream block returns both streams as views of its joint sequence: tensors of their own, as block
+        # outputs that FSDP2 hooks must be (it warns of views)
+        return own_tensor(x), dict(context, text=own_tensor(text))
 
     def self_attentions(self) -> dict[str, nn.Module]:
         return {"attn": self.attn}
+
+
+def own_tensor(x: torch.Tensor) -> torch.Tensor:
+    """`x`, copied when it is a view of another tensor."""
+    return x.clone() if x._base is not None else x
 
 
 @contextmanager
