@@ -34,7 +34,7 @@ TINY = {
     **{family: {"tiny": dict(config=CONFIGS[family], **SAMPLES[family])} for family in CONFIGS},
 }
 IMAGE_ONLY = {"my_dit", "sd3", "flux"}  # backbones that do not take one-frame videos
-WHOLE_SEQUENCE = {"my_dit", "flux"}  # backbones that do not declare shards_sequence (no context parallelism)
+WHOLE_SEQUENCE = {"my_dit"}  # backbones that do not declare shards_sequence (no context parallelism)
 
 
 def variants() -> list:

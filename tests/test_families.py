@@ -28,7 +28,6 @@ pytest.importorskip("transformers")
 FAMILIES = ("wan", "ltx_video", "sd3", "flux")
 VIDEO = ("wan", "ltx_video")  # the families that take clips (and images as one-frame clips)
 CONTEXT_STREAM = ("sd3", "flux")  # the families whose blocks update a text stream
-SPREAD = ("wan", "ltx_video", "sd3")  # the families that spread a sample over processes (context parallelism)
 LTX_ROPE_SCALE = (8 / 25, 32, 32)  # LTXPipeline's at its default frame rate, 25
 EXACT = 1e-5  # largest deviation relative to the largest value
 
@@ -371,15 +370,17 @@ def test_bad_folders_and_inputs_get_one_line_each(folders, tmp_path):
     one_line(err)
 
 
-@pytest.mark.parametrize("family", SPREAD)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_the_spread_attention_computes_the_family_processor_on_a_one_process_group(family, folders):
     # Context parallelism swaps each block's self-attention processor for one written around the Ulysses exchange
     # (`SpreadSelfAttention`: the family's projections, norms and RoPE; SD3's `SpreadJointAttention`: its joint
-    # attention with the text stream); over a group of one the exchange is the identity, so the prediction and every
-    # gradient must be the diffusers processor's, with and without SPRINT.
+    # attention with the text stream; Flux's `JointRotaryAttention`, which runs every seam call, with the group or
+    # without); over a group of one the exchange is the identity, so the prediction and every gradient must be the
+    # diffusers processor's, with and without SPRINT.
     import torch.distributed as dist
 
     from sprint_mm.families.adapter import SpreadSelfAttention
+    from sprint_mm.families.flux import JointRotaryAttention
     from sprint_mm.families.sd3 import SpreadJointAttention
     from sprint_mm.parallelize import ensure_process_group, spread_model
     from tests.test_fsdp import own_process_group
@@ -388,7 +389,7 @@ def test_the_spread_attention_computes_the_family_processor_on_a_one_process_gro
     x, t, cond = inputs(model)
     mask = random_mask(3, model.backbone.token_grid(tuple(x.shape)), 0.5, generator=torch.Generator().manual_seed(3))
     calls = []
-    processor = SpreadJointAttention if family == "sd3" else SpreadSelfAttention
+    processor = {"sd3": SpreadJointAttention, "flux": JointRotaryAttention}.get(family, SpreadSelfAttention)
     spread_call = processor.__call__
 
     def counted(self, *args, **kwargs):
@@ -407,7 +408,8 @@ def test_the_spread_attention_computes_the_family_processor_on_a_one_process_gro
         patch.setattr(processor, "__call__", counted)
         for extra in ({}, {"mask": mask}):
             own, own_grads = run(None, **extra)
-            assert not calls
+            assert all(group is None for group in calls)
+            calls.clear()
             spread, spread_grads = run(dist.group.WORLD, **extra)
             assert len(calls) == len(model.backbone.blocks) and not any(group is None for group in calls)
             calls.clear()

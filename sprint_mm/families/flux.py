@@ -22,8 +22,10 @@ both streams updated (diffusers 0.42: `(text, image)` from either kind), so the 
 the text stream is never dropped, the middle updates it from the kept image tokens for the rows that run the middle,
 and a row that skips the middle carries the encoder's text stream into the decoder.
 
-A block on the seam swaps its attention's processor for `RowRotaryAttention` while it runs: `FluxAttnProcessor`'s
-arithmetic with a rotary table per row (kept tokens differ by row; diffusers' processor takes one table for the batch).
+A block on the seam swaps its attention's processor for `JointRotaryAttention` while it runs: `FluxAttnProcessor`'s
+arithmetic with a rotary table per row (kept tokens differ by row; diffusers' processor takes one table for the
+batch), which also spreads the image tokens over a process group (context parallelism, as SD3's
+`SpreadJointAttention`: each process runs a box of the image tokens and holds the whole text stream).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sprint_mm.backbone import Embedded
+from sprint_mm.context_parallel import GatherParts, group_rank, group_size, heads_to_tokens, tokens_to_heads
 from sprint_mm.errors import check_number
 from sprint_mm.families.adapter import DiffusersBackbone, SeamBlock, pack_channels_first, unpack_channels_first
 from sprint_mm.layers import apply_rope, grid_coordinates
@@ -55,13 +58,10 @@ class FluxSeam(SeamBlock):
 
     def seam_forward(self, x: torch.Tensor, c: torch.Tensor, positions: TokenPositions,
                      context: dict) -> tuple[torch.Tensor, dict]:
-        if positions.group is not None:
-            raise ValueError("flux does not spread a sample over processes (context parallelism): train it without "
-                             "Trainer.context_parallel")
-        rows = context["text"].shape[0]
+        rows, length = context["text"].shape[:2]
         rope = tuple(torch.cat([text, image.expand(rows, -1, -1)], dim=1)
                      for text, image in ((context["cos"], positions.cos), (context["sin"], positions.sin)))
-        with processed_by(self.attn, RowRotaryAttention()):
+        with processed_by(self.attn, JointRotaryAttention(positions.group, length)):
             text, x = self.diffusers_forward(x, context["text"], c, rope)
         # a single-stream block returns both streams as views of its joint sequence: tensors of their own, as block
         # outputs that FSDP2 hooks must be (it warns of views)
@@ -87,33 +87,73 @@ def processed_by(attention: nn.Module, processor: Any) -> Iterator[None]:
         attention.processor = own
 
 
-class RowRotaryAttention:
-    """`FluxAttnProcessor`'s arithmetic (projections, per-head RMS norms, text first in the joint sequence, RoPE with
-    interleaved pairs computed in float32, attention, output projections) with a rotary table (cos, sin) of shape
-    (1 or B, L + N, head_dim): one per row."""
+class JointRotaryAttention:
+    """Flux's attention (`FluxAttnProcessor`'s arithmetic: projections, per-head RMS norms, [text; image] as one
+    sequence, RoPE with interleaved pairs computed in float32, attention, output projections) with a rotary table
+    (cos, sin) of shape (1 or B, L + n, head_dim), one per row, whose first `text_length` rows are the text's. A
+    dual-stream block gives the text as `encoder_hidden_states` (its own projections); a single-stream block gives
+    [text; image] as one sequence (the same projections for both) and gets the joint output back.
+
+    With a `group`, the image tokens are spread over its processes (context parallelism): their q, k, v trade heads
+    for tokens (Ulysses); the text, which every process holds whole, gives the q, k, v of this process's heads itself;
+    attention runs over every image token and the text for those heads; the image output trades back, and the text
+    output of all heads is gathered from the group (its adjoint sums each head's gradient over the processes that
+    read it), so every process gets the same text back."""
+
+    def __init__(self, group: Any, text_length: int) -> None:
+        self.group, self.text_length = group, text_length
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Any = None, image_rotary_emb: Any = None) -> Any:
         if attention_mask is not None or getattr(attn, "fused_projections", False):
             raise ValueError("flux's seam attention takes no mask and no fused projections (unfuse_qkv_projections)")
-        q, k, v = self.heads(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
-        if encoder_hidden_states is not None:
-            text = self.heads(attn, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
-                              attn.norm_added_q, attn.norm_added_k)
-            q, k, v = (torch.cat(pair, dim=2) for pair in zip(text, (q, k, v)))
-        q, k = (apply_rope(z.float(), image_rotary_emb).to(z.dtype) for z in (q, k))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2).to(q.dtype)  # (B, L + N, h d)
+        length, (cos, sin) = self.text_length, image_rotary_emb
+        own = (attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
+        if encoder_hidden_states is None:  # single-stream: [text; image], one set of projections
+            text_states, image_states, added = hidden_states[:, :length], hidden_states[:, length:], own
+        else:
+            text_states, image_states = encoder_hidden_states, hidden_states
+            added = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q, attn.norm_added_k)
+        image = [self.spread(z) for z in self.heads(attn, image_states, own, (cos[:, length:], sin[:, length:]))]
+        text = self.heads(attn, text_states, added, (cos[:, :length], sin[:, :length]), self.my_heads(attn.heads))
+        joint = F.scaled_dot_product_attention(*(torch.cat(pair, dim=2) for pair in zip(text, image)))
+        text_out, image_out = self.all_heads(joint[:, :, :length]), self.gather(joint[:, :, length:])
+        text_out, image_out = (z.transpose(1, 2).flatten(2).to(image[0].dtype) for z in (text_out, image_out))
         if encoder_hidden_states is None:
-            return out
-        text_out, out = out.split([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
-        return attn.to_out[1](attn.to_out[0](out.contiguous())), attn.to_add_out(text_out.contiguous())
+            return torch.cat([text_out, image_out], dim=1)
+        return attn.to_out[1](attn.to_out[0](image_out)), attn.to_add_out(text_out)
 
     @staticmethod
-    def heads(attn: nn.Module, states: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
-        """q, k, v (B, heads, n, head_dim) of `states` through the projections and q/k norms `layers`."""
+    def heads(attn: nn.Module, states: torch.Tensor, layers: tuple[nn.Module, ...], rope: tuple[torch.Tensor, ...],
+              chosen: slice = slice(None)) -> list[torch.Tensor]:
+        """q, k, v (B, heads, n, head_dim) of `states` through the projections and q/k norms `layers`, q and k rotated
+        by `rope` (cos, sin (1 or B, n, head_dim)); only the heads `chosen`."""
         to_q, to_k, to_v, norm_q, norm_k = layers
         q, k, v = (project(states).unflatten(-1, (-1, attn.head_dim)) for project in (to_q, to_k, to_v))
-        return tuple(z.transpose(1, 2) for z in (norm_q(q), norm_k(k), v))
+        q, k, v = (z.transpose(1, 2)[:, chosen] for z in (norm_q(q), norm_k(k), v))
+        return [apply_rope(q.float(), rope).to(q.dtype), apply_rope(k.float(), rope).to(k.dtype), v]
+
+    def my_heads(self, heads: int) -> slice:
+        """The heads this process attends with: all of them without a group."""
+        if self.group is None:
+            return slice(None)
+        share = heads // group_size(self.group)
+        return slice(group_rank(self.group) * share, (group_rank(self.group) + 1) * share)
+
+    def spread(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, n, d) of this process's image tokens -> (B, h / p, p n, d): every image token of its heads."""
+        return x if self.group is None else heads_to_tokens(x, self.group)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `spread`."""
+        return x if self.group is None else tokens_to_heads(x, self.group)
+
+    def all_heads(self, text: torch.Tensor) -> torch.Tensor:
+        """The text output (B, h / p, L, d) of this process's heads -> (B, h, L, d) of all heads, heads in process
+        order."""
+        if self.group is None:
+            return text
+        return GatherParts.apply(text.contiguous(), self.group).transpose(0, 1).flatten(1, 2)
 
 
 class Flux(DiffusersBackbone):
@@ -129,6 +169,7 @@ class Flux(DiffusersBackbone):
     pooled_dim_key = "pooled_projection_dim"
     video = False
     updates_context = True
+    shards_sequence = True  # per-token layers, attention through `JointRotaryAttention` over a group; unembed of a box
 
     def __init__(self, path: Optional[str] = None, config: Optional[dict] = None, input_size: Any = FLUX_1024PX,
                  text_length: int = FLUX_DEV_TEXT_TOKENS, guidance: Optional[float] = None) -> None:
