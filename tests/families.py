@@ -20,7 +20,8 @@ PUBLISHED = {entry["family"]: entry["config"] for entry in TABLE.values()}
 TINY = {entry["family"]: entry["tiny"] for entry in TABLE.values()}
 CONFIGS = {family: tiny["config"] for family, tiny in TINY.items()}
 # family -> the tiny sample options (input_size, text_length and, for flux, its fixed guidance)
-SAMPLES = {family: dict(tiny["sample"], input_size=tuple(tiny["sample"]["input_size"])) for family, tiny in TINY.items()}
+SAMPLES = {family: dict(tiny["sample"], input_size=tuple(tiny["sample"]["input_size"]))
+           for family, tiny in TINY.items()}
 CLASSES = {"wan": "WanTransformer3DModel", "ltx_video": "LTXVideoTransformer3DModel", "sd3": "SD3Transformer2DModel",
            "flux": "FluxTransformer2DModel"}
 SD3_CLIP_LENGTH, SD3_T5_LENGTH = 77, 6

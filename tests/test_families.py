@@ -1,7 +1,7 @@
-"""The diffusers families (wan, ltx_video, sd3, flux) against diffusers itself, on tiny random pipelines saved to folders:
-the dense forward equals the diffusers model's forward, SPRINT with an identity fusion equals it too, kept tokens run
-the diffusers blocks at their true positions (the rotary rows of the diffusers model sliced at the kept tokens), and
-the text encoders and time shifts give what the pipelines give."""
+"""The diffusers families (wan, ltx_video, sd3, flux) against diffusers itself, on tiny random pipelines saved to
+folders: the dense forward equals the diffusers model's forward, SPRINT with an identity fusion equals it too, kept
+tokens run the diffusers blocks at their true positions (the rotary rows of the diffusers model sliced at the kept
+tokens), and the text encoders and time shifts give what the pipelines give."""
 from __future__ import annotations
 
 import math

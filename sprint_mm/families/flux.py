@@ -103,8 +103,9 @@ class JointRotaryAttention:
     def __init__(self, group: Any, text_length: int) -> None:
         self.group, self.text_length = group, text_length
 
-    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
-                 attention_mask: Any = None, image_rotary_emb: Any = None) -> Any:
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor,
+                 encoder_hidden_states: Optional[torch.Tensor] = None, attention_mask: Any = None,
+                 image_rotary_emb: Any = None) -> Any:
         if attention_mask is not None or getattr(attn, "fused_projections", False):
             raise ValueError("flux's seam attention takes no mask and no fused projections (unfuse_qkv_projections)")
         length, (cos, sin) = self.text_length, image_rotary_emb
