@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import math
 
+import gin
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from registry import BACKBONES
+from sprint_mm.configs import parse_gin
 from sprint_mm.errors import mistake_message
 from sprint_mm.families.text import FluxTextEncoder, SD3TextEncoder
 from sprint_mm.flow import ConstantShift, SequenceShift
@@ -201,6 +203,8 @@ def test_a_family_loads_its_pipeline_folder_or_its_transformer_folder_strictly(f
 
 
 def test_time_shifts_are_the_diffusers_schedulers():
+    """SD3's constant shift, LTX-Video's dynamic shift, and the Flux recipe's: FluxPipeline's `calculate_shift` of the
+    image tokens, through the scheduler of a Flux pipeline folder."""
     sigmas = torch.linspace(1.0, 1 / 1000, 20, dtype=torch.float64)  # unshifted; the schedulers shift the ones given
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(sigmas=sigmas.tolist())
@@ -214,6 +218,18 @@ def test_time_shifts_are_the_diffusers_schedulers():
         ltx.set_timesteps(sigmas=sigmas.tolist(), mu=mu)
         torch.testing.assert_close(SequenceShift()(sigmas, tokens), ltx.sigmas[:-1].double(), rtol=1e-5, atol=1e-6)
         assert math.isclose(SequenceShift().factor(tokens), math.exp(mu))
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    flux = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                     base_image_seq_len=256, max_image_seq_len=4096)
+    parse_gin(["gin/base/flux.gin"], [])
+    try:
+        recipe = SequenceShift()  # as gin/base/flux.gin binds it
+    finally:
+        gin.clear_config()
+    for tokens in (256, 1024, 4096):  # 512, 1024 and 2048 px
+        flux.set_timesteps(sigmas=sigmas.tolist(), mu=calculate_shift(tokens))
+        torch.testing.assert_close(recipe(sigmas, tokens), flux.sigmas[:-1].double(), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,7 +289,8 @@ def diffusers_lora(family: str, folders: dict, folder) -> tuple:
     model = reference(family, folders)
     torch.manual_seed(5)
     model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False))
-    pipeline = {"wan": diffusers.WanPipeline, "ltx_video": diffusers.LTXPipeline}[family]
+    pipelines = {"wan": diffusers.WanPipeline, "ltx_video": diffusers.LTXPipeline, "flux": diffusers.FluxPipeline}
+    pipeline = pipelines[family]
     pipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model))
     return model.eval(), folder / "pytorch_lora_weights.safetensors"
 
@@ -293,6 +310,19 @@ def test_a_diffusers_lora_of_the_family_applies_here_and_one_of_another_model_is
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=r"lora_A is \(4, 24\) there and \(8, 24\) here \(LoRA.rank 8\)"):
         LoRA(rank=8, alpha=8.0, targets=tuple(LORA_TARGETS), weights=str(file)).apply(backbone("wan", folders))
+
+
+@torch.no_grad()
+def test_a_diffusers_flux_lora_applies_to_both_kinds_of_blocks(folders, tmp_path):
+    adapted, file = diffusers_lora("flux", folders, tmp_path / "flux")
+    model = LoRA(rank=4, alpha=8.0, targets=tuple(LORA_TARGETS), weights=str(file)).apply(backbone("flux", folders))
+    adapters = {name.split(".lora_")[0] for name, _ in model.named_parameters() if ".lora_A." in name}
+    assert any(".transformer_blocks." in name for name in adapters)
+    assert any(".single_transformer_blocks." in name for name in adapters)
+    x, t, cond = inputs(model)
+    expected = diffusers_forward("flux", adapted, x, t, cond)
+    assert deviation(model.eval()(x, t, cond), expected) <= EXACT
+    assert deviation(diffusers_forward("flux", reference("flux", folders), x, t, cond), expected) > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------------
