@@ -210,7 +210,8 @@ class Flux(DiffusersBackbone):
         timestep = self.timestep(t.to(dtype))
         if self.guidance is None:
             return embed(timestep, pooled)
-        return embed(timestep, torch.full_like(timestep, self.guidance * GUIDANCE_SCALE), pooled)
+        guidance = torch.full(t.shape, self.guidance, device=t.device).to(dtype) * GUIDANCE_SCALE  # as FluxPipeline's
+        return embed(timestep, guidance, pooled)
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> Embedded:
         grid = self.token_grid(tuple(x.shape))
