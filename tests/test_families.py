@@ -386,6 +386,13 @@ def test_bad_folders_and_inputs_get_one_line_each(folders, tmp_path):
     one_line(err)
     with pytest.raises(ValueError, match=r"flux.guidance must be a number >= 0, got -1.0"):
         BACKBONES.build("flux", config=CONFIGS["flux"], **dict(SAMPLES["flux"], guidance=-1.0))
+    with pytest.raises(ValueError, match=r"FluxTextEncoder.path .* is a StableDiffusion3Pipeline folder .*not a Flux\* "
+                                         r"pipeline's") as err:
+        FluxTextEncoder(str(folders["sd3"]))
+    one_line(err)
+    with pytest.raises(ValueError, match=r"is a FluxPipeline folder .*not a StableDiffusion3\* pipeline's") as err:
+        SD3TextEncoder(str(folders["flux"]))
+    one_line(err)
     flux = backbone("flux", folders)
     with pytest.raises(ValueError, match=r"flux takes 3 latent channels .*got shape \(3, 12, 4, 4\)") as err:
         flux(torch.randn(3, 12, 4, 4), *inputs(flux)[1:])  # packed tokens' channels, not latents

@@ -17,6 +17,7 @@ Every token is real for both (no mask: padding tokens are attended too), so `tex
 """
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import gin
@@ -24,17 +25,17 @@ import torch
 from torch import nn
 
 from sprint_mm.dtypes import parse_dtype
-from sprint_mm.pipeline_folders import is_pipeline_folder
+from sprint_mm.pipeline_folders import PIPELINE_INDEX, is_pipeline_folder
 from sprint_mm.text import FrozenTextEncoder, check_captions, config_hash, load_encoder, resolve_encoder_path
 
 
 class ClipT5Encoders(FrozenTextEncoder):
-    """A pipeline folder's CLIP text models (`clip_components`, loaded as transformers' `clip_class`) and T5
-    (`t5_component`; absent from the folder only where `t5_optional`), frozen in `dtype`. `identities` are their
-    config hashes, for the subclass's cache identity."""
+    """The CLIP text models (`clip_components`, loaded as transformers' `clip_class`) and T5 (`t5_component`; absent
+    from the folder only where `t5_optional`) of a pipeline folder whose pipeline class starts with `pipeline`, frozen
+    in `dtype`. `identities` are their config hashes, for the subclass's cache identity."""
 
-    def __init__(self, name: str, path: str, clip_components: tuple[str, ...], clip_class: str, t5_component: str,
-                 clip_length: int, t5_length: int, dtype: str, t5_optional: bool = False) -> None:
+    def __init__(self, name: str, path: str, pipeline: str, clip_components: tuple[str, ...], clip_class: str,
+                 t5_component: str, clip_length: int, t5_length: int, dtype: str, t5_optional: bool = False) -> None:
         super().__init__()
         import transformers
 
@@ -42,6 +43,10 @@ class ClipT5Encoders(FrozenTextEncoder):
         if not is_pipeline_folder(folder):
             raise FileNotFoundError(f"{name}.path {path!r} is not a diffusers pipeline folder (model_index.json with "
                                     f"{', '.join(clip_components)}, {t5_component} and their tokenizers)")
+        found = json.loads((folder / PIPELINE_INDEX).read_text()).get("_class_name", "")
+        if not found.startswith(pipeline):
+            raise ValueError(f"{name}.path {path!r} is a {found or 'pipeline without _class_name'} folder (its "
+                             f"model_index.json), not a {pipeline}* pipeline's, whose text encoders {name} runs")
         self.dtype = parse_dtype(dtype)
         clips = [load_encoder(str(folder), component, clip_length, self.dtype, getattr(transformers, clip_class))
                  for component in clip_components]
@@ -85,8 +90,9 @@ class SD3TextEncoder(ClipT5Encoders):
     "text_mask": all True, "pooled": (B, CLIP-L + CLIP-G projection widths)}. Frozen, always in eval mode."""
 
     def __init__(self, path: str, clip_length: int = 77, t5_length: int = 256, dtype: str = "float32") -> None:
-        super().__init__("SD3TextEncoder", path, ("text_encoder", "text_encoder_2"), "CLIPTextModelWithProjection",
-                         "text_encoder_3", clip_length, t5_length, dtype, t5_optional=True)
+        super().__init__("SD3TextEncoder", path, "StableDiffusion3", ("text_encoder", "text_encoder_2"),
+                         "CLIPTextModelWithProjection", "text_encoder_3", clip_length, t5_length, dtype,
+                         t5_optional=True)
         self.width = self.t5.config.d_model if self.t5 is not None else sum(m.config.hidden_size for m in self.clips)
         self._identity = f"sd3-{'-'.join(self.identities)}-clip{clip_length}-t5{t5_length}"
         self.eval()
@@ -110,8 +116,8 @@ class FluxTextEncoder(ClipT5Encoders):
     mode."""
 
     def __init__(self, path: str, clip_length: int = 77, t5_length: int = 512, dtype: str = "float32") -> None:
-        super().__init__("FluxTextEncoder", path, ("text_encoder",), "CLIPTextModel", "text_encoder_2", clip_length,
-                         t5_length, dtype)
+        super().__init__("FluxTextEncoder", path, "Flux", ("text_encoder",), "CLIPTextModel", "text_encoder_2",
+                         clip_length, t5_length, dtype)
         self.width = self.t5.config.d_model
         self._identity = f"flux-{'-'.join(self.identities)}-clip{clip_length}-t5{t5_length}"
         self.eval()
