@@ -23,8 +23,8 @@ import torch
 
 from sprint_mm.backbone import Embedded
 from sprint_mm.errors import check_number
-from sprint_mm.families.adapter import (DiffusersBackbone, SeamBlock, SpreadSelfAttention, video_output,
-                                        pack_channels_first as pack, unpack_channels_first as unpack)
+from sprint_mm.families.adapter import (DiffusersBackbone, SeamBlock, SpreadSelfAttention, pack_channels_first,
+                                        unpack_channels_first, video_output)
 from sprint_mm.layers import grid_coordinates
 from sprint_mm.tokens import TokenPositions
 
@@ -78,7 +78,7 @@ class LTXVideo(DiffusersBackbone):
         grid = self.token_grid(tuple(x.shape))
         model, b = self.transformer, x.shape[0]
         tokens, mask = self.caption.check(cond)
-        h = model.proj_in(pack(self.as_clip(x), self.patch))  # (B, N, D)
+        h = model.proj_in(pack_channels_first(self.as_clip(x), self.patch))  # (B, N, D)
         temb, embedded_timestep = model.time_embed(self.timestep(t).flatten(), batch_size=b, hidden_dtype=h.dtype)
         text = model.caption_projection(tokens).view(b, -1, h.size(-1))  # (B, L, D)
         bias = ((1 - mask.to(h.dtype)) * -10000.0).unsqueeze(1)  # (B, 1, L), as the model turns its mask
@@ -93,5 +93,5 @@ class LTXVideo(DiffusersBackbone):
         values = model.scale_shift_table[None, None] + embedded.context["time"][:, :, None]
         shift, scale = values[:, :, 0], values[:, :, 1]
         out = model.proj_out(model.norm_out(tokens) * (1 + scale) + shift)  # (B, N, C * pt * ph * pw)
-        return video_output(unpack(out, embedded.grid, self.patch), embedded)
+        return video_output(unpack_channels_first(out, embedded.grid, self.patch), embedded)
 
