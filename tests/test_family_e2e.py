@@ -1,5 +1,5 @@
 """The families' gin recipes end to end through the command lines, each on a tiny random pipeline folder saved by
-diffusers: stage 1 (Wan and SD3 with LoRA, LTX-Video in full; FSDP2 and activation checkpointing as the recipes
+diffusers: stage 1 (Wan, SD3 and Flux with LoRA, LTX-Video in full; FSDP2 and activation checkpointing as the recipes
 train), stage 2 from its EMA, then PDG samples decoded by the family's own VAE (mp4 for video)."""
 from __future__ import annotations
 
@@ -28,17 +28,20 @@ RECIPES = {
     "wan": ("gin/video/wan_lora_stage1.gin", "gin/video/wan_lora_stage2.gin", "WAN"),
     "ltx_video": ("gin/video/ltx_full_stage1.gin", "gin/video/ltx_full_stage2.gin", "LTX"),
     "sd3": ("gin/image/sd3_lora_stage1.gin", "gin/image/sd3_lora_stage2.gin", "SD3"),
+    "flux": ("gin/image/flux_lora_stage1.gin", "gin/image/flux_lora_stage2.gin", "FLUX"),
 }
-DECODED = {"wan": (9, 32), "ltx_video": (17, 32), "sd3": (1, 16)}  # (frames, pixels) of a tiny sample
+IMAGES = ("sd3", "flux")
+DECODED = {"wan": (9, 32), "ltx_video": (17, 32), "sd3": (1, 16), "flux": (1, 16)}  # (frames, pixels) of a tiny sample
 PROMPTS = ["a handwritten seven", "the digit 2"]
 
 
 def tiny(family: str, folder: Path, cache: Path) -> list[str]:
     """The bindings that shrink a recipe to the tiny folder: its sample, caption length, split, data, precision."""
     size, length = SAMPLES[family]["input_size"], SAMPLES[family]["text_length"]
-    frames = [] if family == "sd3" else [f"CaptionedDigitsDataset.frames = {size[0]}"]
-    encoder = (["SD3TextEncoder.t5_length = 6", "SD3TextEncoder.dtype = 'float32'"] if family == "sd3" else
-               [f"TextEncoder.max_length = {length}", "TextEncoder.dtype = 'float32'"])
+    frames = [] if family in IMAGES else [f"CaptionedDigitsDataset.frames = {size[0]}"]
+    encoder = {"sd3": ["SD3TextEncoder.t5_length = 6", "SD3TextEncoder.dtype = 'float32'"],
+               "flux": [f"FluxTextEncoder.t5_length = {length}", "FluxTextEncoder.dtype = 'float32'"]}.get(
+        family, [f"TextEncoder.max_length = {length}", "TextEncoder.dtype = 'float32'"])
     return [f"{RECIPES[family][2]} = {str(folder)!r}", f"{family}.input_size = {tuple(size)}",
             f"{family}.text_length = {length}", *encoder, f"TextConditioner.cache_dir = {str(cache)!r}",
             "Sprint.encoder_depth = 1", "Sprint.decoder_depth = 1",
@@ -88,12 +91,12 @@ def test_a_family_trains_both_stages_from_its_folder_and_samples_with_pdg(family
     assert json.loads((stage2 / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
 
     frames, pixels = DECODED[family]
-    out = tmp_path / ("samples.png" if family == "sd3" else "samples.mp4")
+    out = tmp_path / ("samples.png" if family in IMAGES else "samples.mp4")
     argv = ["--run", str(stage2), "--steps", "2", "--guidance", "pdg", "--scale", "2.0", "--out", str(out)]
     for prompt in PROMPTS:
         argv += ["--prompt", prompt]
     assert sample_main(argv) == 0
-    if family == "sd3":
+    if family in IMAGES:
         assert Image.open(out).size == (2 * pixels + 3 * 2, pixels + 2 * 2)  # two samples in a grid, 2 px borders
         return
     with av.open(str(out)) as container:

@@ -168,7 +168,7 @@ class DiffusersBackbone(Backbone):
 
     family: str
     class_name: str
-    blocks_attribute: str
+    blocks_attribute: str | tuple[str, ...]  # a tuple: the blocks of each list in turn (Flux's dual, then single)
     seam: type
     text_dim_key: str
     pooled_dim_key: Optional[str] = None
@@ -188,7 +188,7 @@ class DiffusersBackbone(Backbone):
         for block in self.blocks:
             block.__class__ = seam_class(self.seam, type(block))
         settings = self.transformer.config
-        self.in_channels = settings.in_channels
+        self.in_channels, self.out_channels = settings.in_channels, settings.out_channels
         self.hidden_size = settings.num_attention_heads * settings.attention_head_dim
         pooled = settings[self.pooled_dim_key] if self.pooled_dim_key else 0
         self.caption = CaptionCondition(settings[self.text_dim_key], text_length, pooled)
@@ -196,13 +196,15 @@ class DiffusersBackbone(Backbone):
 
     @property
     def blocks(self) -> nn.ModuleList:
-        """The diffusers model's own blocks (they answer the seam's call)."""
-        return getattr(self.transformer, self.blocks_attribute)
+        """The diffusers model's own blocks (they answer the seam's call), of every list `blocks_attribute` names."""
+        if isinstance(self.blocks_attribute, str):
+            return getattr(self.transformer, self.blocks_attribute)
+        return nn.ModuleList([block for name in self.blocks_attribute for block in getattr(self.transformer, name)])
 
     def attention_heads(self) -> dict[str, int]:
         """The self-attentions of every block (`SeamBlock.self_attentions`, which context parallelism spreads)."""
-        return {f"transformer.{self.blocks_attribute}.{index}.{name}": attention.heads
-                for index, block in enumerate(self.blocks) for name, attention in block.self_attentions().items()}
+        return {f"transformer.{path}.{name}": attention.heads for path, block in self.transformer.named_modules()
+                if isinstance(block, SeamBlock) for name, attention in block.self_attentions().items()}
 
     @property
     def patch(self) -> tuple[int, int, int]:
@@ -220,8 +222,8 @@ class DiffusersBackbone(Backbone):
         if len(input_shape) not in ((4, 5) if self.video else (4,)):
             raise ValueError(f"{self.family} takes {allowed}; got shape {tuple(input_shape)}")
         if input_shape[1] != self.in_channels:
-            raise ValueError(f"{self.family} takes {self.in_channels} latent channels (its config's in_channels); got "
-                             f"shape {tuple(input_shape)}")
+            raise ValueError(f"{self.family} takes {self.in_channels} latent channels (from its config's in_channels); "
+                             f"got shape {tuple(input_shape)}")
         size = (1, *input_shape[2:]) if len(input_shape) == 4 else tuple(input_shape[2:])
         if any(s % p for s, p in zip(size, self.patch)):
             raise ValueError(f"{self.family}'s patch {self.patch} (T, H, W) does not divide the input's (T, H, W) "
@@ -250,10 +252,9 @@ class DiffusersBackbone(Backbone):
         return 4 * self.hidden_size
 
     def flop_shape(self) -> TransformerShape:
-        settings = self.transformer.config
         return TransformerShape(hidden=self.hidden_size, depth=(0, len(self.blocks), 0), mlp_hidden=self.mlp_hidden,
                                 patch_dim=self.in_channels * math.prod(self.patch),
-                                out_patch_dim=settings.out_channels * math.prod(self.patch),
+                                out_patch_dim=self.out_channels * math.prod(self.patch),
                                 **self.text_cost(), fusion=False)
 
     def text_cost(self) -> dict[str, int]:
@@ -268,6 +269,23 @@ def unpatchify_channels_last(tokens: torch.Tensor, grid: Grid, patch: tuple[int,
     (t, h, w), (pt, ph, pw) = grid, patch
     x = tokens.reshape(b, t, h, w, pt, ph, pw, -1)
     return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, -1, t * pt, h * ph, w * pw)
+
+
+def pack_channels_first(clip: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, N, C * pt * ph * pw): tokens in (t, h, w) raster order whose features are (C, pt, ph,
+    pw), as LTXPipeline and FluxPipeline pack latents."""
+    b, c, t, h, w = clip.shape
+    pt, ph, pw = patch
+    x = clip.reshape(b, c, t // pt, pt, h // ph, ph, w // pw, pw)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
+
+
+def unpack_channels_first(tokens: torch.Tensor, grid: Grid, patch: tuple[int, int, int]) -> torch.Tensor:
+    """The inverse of `pack_channels_first` over a (T, H, W) token grid."""
+    b = tokens.shape[0]
+    (t, h, w), (pt, ph, pw) = grid, patch
+    x = tokens.reshape(b, t, h, w, -1, pt, ph, pw)
+    return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, -1, t * pt, h * ph, w * pw)
 
 
 def video_output(video: torch.Tensor, embedded: Embedded) -> torch.Tensor:

@@ -23,7 +23,8 @@ import torch
 
 from sprint_mm.backbone import Embedded
 from sprint_mm.errors import check_number
-from sprint_mm.families.adapter import DiffusersBackbone, SeamBlock, SpreadSelfAttention, video_output
+from sprint_mm.families.adapter import (DiffusersBackbone, SeamBlock, SpreadSelfAttention, pack_channels_first,
+                                        unpack_channels_first, video_output)
 from sprint_mm.layers import grid_coordinates
 from sprint_mm.tokens import TokenPositions
 
@@ -77,7 +78,7 @@ class LTXVideo(DiffusersBackbone):
         grid = self.token_grid(tuple(x.shape))
         model, b = self.transformer, x.shape[0]
         tokens, mask = self.caption.check(cond)
-        h = model.proj_in(pack(self.as_clip(x), self.patch))  # (B, N, D)
+        h = model.proj_in(pack_channels_first(self.as_clip(x), self.patch))  # (B, N, D)
         temb, embedded_timestep = model.time_embed(self.timestep(t).flatten(), batch_size=b, hidden_dtype=h.dtype)
         text = model.caption_projection(tokens).view(b, -1, h.size(-1))  # (B, L, D)
         bias = ((1 - mask.to(h.dtype)) * -10000.0).unsqueeze(1)  # (B, 1, L), as the model turns its mask
@@ -92,20 +93,5 @@ class LTXVideo(DiffusersBackbone):
         values = model.scale_shift_table[None, None] + embedded.context["time"][:, :, None]
         shift, scale = values[:, :, 0], values[:, :, 1]
         out = model.proj_out(model.norm_out(tokens) * (1 + scale) + shift)  # (B, N, C * pt * ph * pw)
-        return video_output(unpack(out, embedded.grid, self.patch), embedded)
+        return video_output(unpack_channels_first(out, embedded.grid, self.patch), embedded)
 
-
-def pack(clip: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
-    """(B, C, T, H, W) -> (B, N, C * pt * ph * pw): LTXPipeline's packing (features (C, pt, ph, pw))."""
-    b, c, t, h, w = clip.shape
-    pt, ph, pw = patch
-    x = clip.reshape(b, c, t // pt, pt, h // ph, ph, w // pw, pw)
-    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
-
-
-def unpack(tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> torch.Tensor:
-    """The inverse of `pack` over a (T, H, W) token grid."""
-    b = tokens.shape[0]
-    (t, h, w), (pt, ph, pw) = grid, patch
-    x = tokens.reshape(b, t, h, w, -1, pt, ph, pw)
-    return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, -1, t * pt, h * ph, w * pw)
