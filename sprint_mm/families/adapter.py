@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -72,18 +72,21 @@ class SeamBlock(nn.Module):
         """While entered, the block's self-attentions attend over the sequence the processes of `group` share,
         through `processor(group)` (one written for the family's arithmetic); with no group their own processors run,
         untouched."""
-        if group is None:
+        with ExitStack() as swaps:
+            for attention in self.self_attentions().values() if group is not None else ():
+                swaps.enter_context(processed_by(attention, processor(group)))
             yield
-            return
-        attentions = list(self.self_attentions().values())
-        own = [attention.processor for attention in attentions]
-        for attention in attentions:
-            attention.processor = processor(group)
-        try:
-            yield
-        finally:
-            for attention, kept in zip(attentions, own):
-                attention.processor = kept
+
+
+@contextmanager
+def processed_by(attention: nn.Module, processor: Any) -> Iterator[None]:
+    """While entered, the diffusers attention `attention` runs through `processor`; its own processor afterwards."""
+    own = attention.processor
+    attention.processor = processor
+    try:
+        yield
+    finally:
+        attention.processor = own
 
 
 Rotation = Callable[[torch.Tensor, Any], torch.Tensor]  # a family's RoPE on q or k (B, n, heads, head_dim)

@@ -29,8 +29,7 @@ batch), which also spreads the image tokens over a process group (context parall
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +38,8 @@ from torch import nn
 from sprint_mm.backbone import Embedded
 from sprint_mm.context_parallel import GatherParts, group_rank, group_size, heads_to_tokens, tokens_to_heads
 from sprint_mm.errors import check_number
-from sprint_mm.families.adapter import DiffusersBackbone, SeamBlock, pack_channels_first, unpack_channels_first
+from sprint_mm.families.adapter import (DiffusersBackbone, SeamBlock, pack_channels_first, processed_by,
+                                        unpack_channels_first)
 from sprint_mm.layers import apply_rope, grid_coordinates
 from sprint_mm.tokens import TokenPositions
 
@@ -74,17 +74,6 @@ class FluxSeam(SeamBlock):
 def own_tensor(x: torch.Tensor) -> torch.Tensor:
     """`x`, copied when it is a view of another tensor."""
     return x.clone() if x._base is not None else x
-
-
-@contextmanager
-def processed_by(attention: nn.Module, processor: Any) -> Iterator[None]:
-    """While entered, `attention` runs through `processor`; its own processor afterwards."""
-    own = attention.processor
-    attention.processor = processor
-    try:
-        yield
-    finally:
-        attention.processor = own
 
 
 class JointRotaryAttention:
