@@ -140,7 +140,7 @@ class MetricsLog:
         self.bar, self.tracker_names, self.trackers = None, tuple(trackers), []
         self.watch = SlowdownWatch()
 
-    def open(self, step: int, saving: Optional[float], config: dict[str, Any]) -> None:
+    def open(self, step: int, saving: Optional[float], config: Optional[dict[str, Any]] = None) -> None:
         """Start logging at `step` (a resumed run drops the lines of `metrics.jsonl` after it: those steps train
         again); `saving` is the fraction of FLOPs SPRINT saves (None: dense), shown on the progress bar; `config`
         the run's description, which trackers keep beside the scalars."""
@@ -149,7 +149,7 @@ class MetricsLog:
                         desc=self.run_dir.name, dynamic_ncols=True)
         if self.main:
             self._forget_after(step)
-            self.trackers = open_trackers(self.tracker_names, self.run_dir, config)
+            self.trackers = open_trackers(self.tracker_names, self.run_dir, config or {})
 
     def _forget_after(self, step: int) -> None:
         path = self.run_dir / "metrics.jsonl"
