@@ -169,10 +169,13 @@ def spread_model(model: nn.Module, group: Any, option: str) -> None:
 
 def end_processes(status: int) -> int:
     """A command's exit status, after destroying the process group when its processes ended together (status 0, or
-    EXIT_PREEMPTED: every process agreed to stop). Left to the interpreter's exit, gloo's worker threads can outlive
-    the group and abort the process ("terminate called without an active exception", status 134 instead of the
-    command's own). Not after a failure: another process may still wait in a collective."""
-    if status in (0, EXIT_PREEMPTED) and dist.is_available() and dist.is_initialized():
+    EXIT_PREEMPTED: every process agreed to stop) or it is this process's alone. Left to the interpreter's exit,
+    gloo's worker threads can outlive the group and abort the process ("terminate called without an active
+    exception", status 134 instead of the command's own). Not after a failure among several processes: another one may
+    still wait in a collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return status
+    if status in (0, EXIT_PREEMPTED) or dist.get_world_size() == 1:
         dist.destroy_process_group()
     return status
 

@@ -207,12 +207,17 @@ def test_a_sharded_model_gives_the_gradients_of_the_unsharded_one_without_the_vi
             torch.testing.assert_close(gradients[name], p.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("status, ends", [(0, True), (EXIT_PREEMPTED, True), (1, False), (2, False)])
-def test_a_command_ends_its_process_group_only_when_its_processes_ended_together(status, ends):
+@pytest.mark.parametrize("processes, status, ends", [
+    (2, 0, True), (2, EXIT_PREEMPTED, True), (2, 1, False), (2, 2, False),  # a failure among several: left alone
+    (1, 1, True), (1, 2, True),  # a group of one: no other process can wait in a collective
+])
+def test_a_command_ends_its_process_group_when_no_other_process_can_still_need_it(processes, status, ends,
+                                                                                   monkeypatch):
     # Left to the interpreter's exit, gloo's threads aborted a stopped launch worker (status 134 instead of 75).
     from sprint_mm.parallelize import end_processes, ensure_process_group
 
     with own_process_group():
         ensure_process_group(torch.device("cpu"))
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: processes)
         assert end_processes(status) == status
         assert torch.distributed.is_initialized() is not ends
