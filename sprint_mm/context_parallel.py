@@ -22,7 +22,7 @@ gives the gradient of the mean loss over the data groups, as without context par
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -113,12 +113,47 @@ def tokens_to_heads(x: torch.Tensor, group: Any) -> torch.Tensor:
     return received.transpose(0, 1).reshape(b, p * hp, pn // p, d)
 
 
+def heads_of(group: Any, heads: int) -> slice:
+    """The heads this process attends with when a sequence is spread over `group` (all of them without a group)."""
+    if group is None:
+        return slice(None)
+    share = heads // group_size(group)
+    return slice(group_rank(group) * share, (group_rank(group) + 1) * share)
+
+
+def attend_joint(image: Sequence[torch.Tensor], text: Optional[Sequence[torch.Tensor]], group: Any,
+                 text_first: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Attention over image tokens and a text stream together (MMDiT: SD3, Flux), the image tokens spread over the
+    processes of `group` (None: not spread). `image`: q, k, v (B, h, n, d) of this process's image tokens; `text`:
+    q, k, v (B, h', L, d) of the whole text stream (every process holds it) for this process's heads (`heads_of`), or
+    None (image tokens alone); `text_first`: the joint sequence is [text; image], else [image; text], as the family
+    orders it. Returns the outputs (B, h, n, d) of this process's image tokens and (B, h, L, d) of the text (None
+    without text). Spread, the image tokens trade heads for tokens (Ulysses), attention runs over every image token
+    and the text for this process's heads, the image output trades back, and the text output of all heads is gathered
+    from the group (its adjoint sums each head's gradient over the processes that read it): every process gets the
+    same text back."""
+    spread = group is not None
+    if spread:
+        image = [heads_to_tokens(z, group) for z in image]
+    if text is None:
+        out = F.scaled_dot_product_attention(*image)
+        return (tokens_to_heads(out, group) if spread else out), None
+    tokens, length = image[0].shape[2], text[0].shape[2]
+    joint = F.scaled_dot_product_attention(*(torch.cat(pair, dim=2)
+                                             for pair in (zip(text, image) if text_first else zip(image, text))))
+    image_out, text_out = ((joint[:, :, length:], joint[:, :, :length]) if text_first
+                           else (joint[:, :, :tokens], joint[:, :, tokens:]))
+    if spread:
+        image_out = tokens_to_heads(image_out, group)
+        text_out = GatherParts.apply(text_out.contiguous(), group).transpose(0, 1).flatten(1, 2)
+    return image_out, text_out
+
+
 def attend_spread(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group: Any) -> torch.Tensor:
     """Self-attention over the whole sequence that the processes of `group` share, from this process's tokens:
-    q, k, v (B, n, h, d) -> (B, n, h, d), every token of h / p heads in between (the layout of diffusers' processors;
-    `sprint_mm.layers.Attention` does the same in its own layout)."""
-    q, k, v = (heads_to_tokens(z.transpose(1, 2), group) for z in (query, key, value))
-    return tokens_to_heads(F.scaled_dot_product_attention(q, k, v), group).transpose(1, 2)
+    q, k, v (B, n, h, d) -> (B, n, h, d), in the layout of diffusers' processors (`attend_joint` without text)."""
+    out, _ = attend_joint([z.transpose(1, 2) for z in (query, key, value)], None, group)
+    return out.transpose(1, 2)
 
 
 def gather_tokens_of(values: torch.Tensor, group: Any) -> torch.Tensor:

@@ -32,11 +32,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sprint_mm.backbone import Embedded
-from sprint_mm.context_parallel import GatherParts, group_rank, group_size, heads_to_tokens, tokens_to_heads
+from sprint_mm.context_parallel import attend_joint, heads_of
 from sprint_mm.errors import check_number
 from sprint_mm.families.adapter import (DiffusersBackbone, SeamBlock, pack_channels_first, processed_by,
                                         unpack_channels_first)
@@ -104,10 +103,10 @@ class JointRotaryAttention:
         else:
             text_states, image_states = encoder_hidden_states, hidden_states
             added = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q, attn.norm_added_k)
-        image = [self.spread(z) for z in self.heads(attn, image_states, own, (cos[:, length:], sin[:, length:]))]
-        text = self.heads(attn, text_states, added, (cos[:, :length], sin[:, :length]), self.my_heads(attn.heads))
-        joint = F.scaled_dot_product_attention(*(torch.cat(pair, dim=2) for pair in zip(text, image)))
-        text_out, image_out = self.all_heads(joint[:, :, :length]), self.gather(joint[:, :, length:])
+        image = self.heads(attn, image_states, own, (cos[:, length:], sin[:, length:]))
+        mine = heads_of(self.group, attn.heads)
+        text = self.heads(attn, text_states, added, (cos[:, :length], sin[:, :length]), mine)
+        image_out, text_out = attend_joint(image, text, self.group, text_first=True)
         text_out, image_out = (z.transpose(1, 2).flatten(2).to(image[0].dtype) for z in (text_out, image_out))
         if encoder_hidden_states is None:
             return torch.cat([text_out, image_out], dim=1)
@@ -122,28 +121,6 @@ class JointRotaryAttention:
         q, k, v = (project(states).unflatten(-1, (-1, attn.head_dim)) for project in (to_q, to_k, to_v))
         q, k, v = (z.transpose(1, 2)[:, chosen] for z in (norm_q(q), norm_k(k), v))
         return [apply_rope(q.float(), rope).to(q.dtype), apply_rope(k.float(), rope).to(k.dtype), v]
-
-    def my_heads(self, heads: int) -> slice:
-        """The heads this process attends with: all of them without a group."""
-        if self.group is None:
-            return slice(None)
-        share = heads // group_size(self.group)
-        return slice(group_rank(self.group) * share, (group_rank(self.group) + 1) * share)
-
-    def spread(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, h, n, d) of this process's image tokens -> (B, h / p, p n, d): every image token of its heads."""
-        return x if self.group is None else heads_to_tokens(x, self.group)
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """The inverse of `spread`."""
-        return x if self.group is None else tokens_to_heads(x, self.group)
-
-    def all_heads(self, text: torch.Tensor) -> torch.Tensor:
-        """The text output (B, h / p, L, d) of this process's heads -> (B, h, L, d) of all heads, heads in process
-        order."""
-        if self.group is None:
-            return text
-        return GatherParts.apply(text.contiguous(), self.group).transpose(0, 1).flatten(1, 2)
 
 
 class Flux(DiffusersBackbone):

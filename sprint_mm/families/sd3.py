@@ -24,11 +24,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sprint_mm.backbone import Embedded
-from sprint_mm.context_parallel import GatherParts, group_rank, group_size, heads_to_tokens, tokens_to_heads
+from sprint_mm.context_parallel import attend_joint, heads_of
 from sprint_mm.families.adapter import DiffusersBackbone, SeamBlock, unpatchify_channels_last
 from sprint_mm.layers import grid_coordinates
 from sprint_mm.masking import Grid
@@ -71,22 +70,17 @@ class SpreadJointAttention:
                  attention_mask: Any = None) -> Any:
         if attention_mask is not None:
             raise ValueError("SD3's spread attention takes no mask (SD3 attends to every caption token)")
-        image = [heads_to_tokens(self.heads(attn, project(hidden_states), norm), self.group)
+        image = [self.heads(attn, project(hidden_states), norm)
                  for project, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k), (attn.to_v, None))]
-        if encoder_hidden_states is None:
-            out = tokens_to_heads(F.scaled_dot_product_attention(*image), self.group)
-            return attn.to_out[1](attn.to_out[0](self.merge(out)))
-        share = attn.heads // group_size(self.group)
-        mine = slice(group_rank(self.group) * share, (group_rank(self.group) + 1) * share)
-        text = [self.heads(attn, project(encoder_hidden_states), norm)[:, mine]
-                for project, norm in ((attn.add_q_proj, attn.norm_added_q), (attn.add_k_proj, attn.norm_added_k),
-                                      (attn.add_v_proj, None))]
-        joint = F.scaled_dot_product_attention(*(torch.cat(pair, dim=2) for pair in zip(image, text)))
-        tokens = image[0].shape[2]
-        out = tokens_to_heads(joint[:, :, :tokens], self.group)  # (B, h, n, d)
-        text_out = GatherParts.apply(joint[:, :, tokens:].contiguous(), self.group)  # (p, B, h / p, L, d)
-        text_out = text_out.transpose(0, 1).flatten(1, 2)  # (B, h, L, d), heads in process order
-        image_out = attn.to_out[1](attn.to_out[0](self.merge(out)))
+        mine = heads_of(self.group, attn.heads)
+        text = None if encoder_hidden_states is None else [
+            self.heads(attn, project(encoder_hidden_states), norm)[:, mine]
+            for project, norm in ((attn.add_q_proj, attn.norm_added_q), (attn.add_k_proj, attn.norm_added_k),
+                                  (attn.add_v_proj, None))]
+        image_out, text_out = attend_joint(image, text, self.group)
+        image_out = attn.to_out[1](attn.to_out[0](self.merge(image_out)))
+        if text_out is None:
+            return image_out
         text_out = self.merge(text_out)
         return image_out, text_out if attn.context_pre_only else attn.to_add_out(text_out)
 
