@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-TRACKERS = ("tensorboard", "wandb")
 WANDB_ID_FILE = "wandb_id.txt"
 
 
@@ -75,7 +74,9 @@ class Wandb:
         self.run.finish()
 
 
+TRACKERS = {"tensorboard": TensorBoard, "wandb": Wandb}  # name -> the tracker it opens
+
+
 def open_trackers(names: Sequence[str], run_dir: Path, config: dict[str, Any]) -> list[Any]:
     """The trackers `names` (checked by `check_trackers`) opened on the run folder."""
-    kinds = {"tensorboard": TensorBoard, "wandb": Wandb}
-    return [kinds[name](Path(run_dir), config) for name in names]
+    return [TRACKERS[name](Path(run_dir), config) for name in names]

@@ -32,7 +32,6 @@ from sprint_mm.latents import build_codec
 from sprint_mm.locks import FolderLock, lock_for_all
 from sprint_mm.lora import adapter_parts, lora_of
 from sprint_mm.metrics_log import MetricsLog, StepResult, flops_saved
-from sprint_mm.trackers import check_trackers
 from sprint_mm.models import build_model
 from sprint_mm.optimization import Optimization, frozen_copy, update_ema
 from sprint_mm.parallelize import Parallelism, agreed, fused_optimizer, parallelize, process_layout, start_processes
@@ -41,6 +40,7 @@ from sprint_mm.repa import AlignedObjective, RepaAlignment
 from sprint_mm.run_config import check_resume_config, refuse_dynamic_registration
 from sprint_mm.runs import archive_config, list_checkpoints, write_run_configs
 from sprint_mm.schedule import Schedule
+from sprint_mm.trackers import check_trackers
 
 
 LOCK_FILE = ".lock"  # in the run folder: held while a process trains it (sprint_mm.locks)
