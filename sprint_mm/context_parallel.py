@@ -122,12 +122,14 @@ def heads_of(group: Any, heads: int) -> slice:
 
 
 def attend_joint(image: Sequence[torch.Tensor], text: Optional[Sequence[torch.Tensor]], group: Any,
-                 text_first: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Attention over image tokens and a text stream together (MMDiT: SD3, Flux), the image tokens spread over the
-    processes of `group` (None: not spread). `image`: q, k, v (B, h, n, d) of this process's image tokens; `text`:
-    q, k, v (B, h', L, d) of the whole text stream (every process holds it) for this process's heads (`heads_of`), or
-    None (image tokens alone); `text_first`: the joint sequence is [text; image], else [image; text], as the family
-    orders it. Returns the outputs (B, h, n, d) of this process's image tokens and (B, h, L, d) of the text (None
+                 text_first: bool = False,
+                 text_keys: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Attention over image tokens and a text stream together (MMDiT: SD3, Flux, HunyuanVideo), the image tokens spread
+    over the processes of `group` (None: not spread). `image`: q, k, v (B, h, n, d) of this process's image tokens;
+    `text`: q, k, v (B, h', L, d) of the whole text stream (every process holds it) for this process's heads
+    (`heads_of`), or None (image tokens alone); `text_first`: the joint sequence is [text; image], else [image; text],
+    as the family orders it; `text_keys`: (B, L) bool, the text tokens every query attends to (padding left out; every
+    image token is attended), or None for all of them. Returns the outputs (B, h, n, d) of this process's image tokens and (B, h, L, d) of the text (None
     without text). Spread, the image tokens trade heads for tokens (Ulysses), attention runs over every image token
     and the text for this process's heads, the image output trades back, and the text output of all heads is gathered
     from the group (its adjoint sums each head's gradient over the processes that read it): every process gets the
@@ -139,8 +141,13 @@ def attend_joint(image: Sequence[torch.Tensor], text: Optional[Sequence[torch.Te
         out = F.scaled_dot_product_attention(*image)
         return (tokens_to_heads(out, group) if spread else out), None
     tokens, length = image[0].shape[2], text[0].shape[2]
+    keys = None
+    if text_keys is not None:  # (B, 1, 1, n + L): every image token, the text tokens `text_keys` names
+        parts = (text_keys.bool(), text_keys.new_ones(text_keys.shape[0], tokens, dtype=torch.bool))
+        keys = torch.cat(parts if text_first else parts[::-1], dim=1)[:, None, None]
     joint = F.scaled_dot_product_attention(*(torch.cat(pair, dim=2)
-                                             for pair in (zip(text, image) if text_first else zip(image, text))))
+                                             for pair in (zip(text, image) if text_first else zip(image, text))),
+                                           attn_mask=keys)
     image_out, text_out = ((joint[:, :, length:], joint[:, :, :length]) if text_first
                            else (joint[:, :, :tokens], joint[:, :, tokens:]))
     if spread:

@@ -244,10 +244,24 @@ def _ltx_facts(vae: Any) -> VideoVAEFacts:
     )
 
 
+def _hunyuan_video_facts(vae: Any) -> VideoVAEFacts:
+    """HunyuanVideo: one `scaling_factor` (0.476986), no shift, latent = z * scaling_factor (HunyuanVideoPipeline
+    decodes latents / scaling_factor); 4x temporal and 8x spatial compression in the released VAE."""
+    channels = int(vae.config.latent_channels)
+    return VideoVAEFacts(
+        latent_channels=channels,
+        spatial=int(vae.spatial_compression_ratio),
+        temporal=int(vae.temporal_compression_ratio),
+        shift=torch.zeros(channels),
+        scale=torch.full((channels,), float(vae.config.scaling_factor)),
+    )
+
+
 VIDEO_VAES: dict[str, Callable[[Any], VideoVAEFacts]] = {
     "AutoencoderKLWan": _wan_facts,
     "AutoencoderKLCogVideoX": _cogvideox_facts,
     "AutoencoderKLLTXVideo": _ltx_facts,
+    "AutoencoderKLHunyuanVideo": _hunyuan_video_facts,
 }
 
 
@@ -269,13 +283,14 @@ def _video_vae_class(path: str, vae_class: str | None) -> str:
 
 @gin.configurable
 class VideoVAECodec(FrozenVAECodec):
-    """A frozen diffusers causal video VAE: `AutoencoderKLWan`, `AutoencoderKLCogVideoX` or `AutoencoderKLLTXVideo`.
+    """A frozen diffusers causal video VAE: `AutoencoderKLWan`, `AutoencoderKLCogVideoX`, `AutoencoderKLLTXVideo` or
+    `AutoencoderKLHunyuanVideo`.
 
     The first frame is encoded alone and every further r frames become one latent frame: a clip of 1 + r*k frames
-    gives 1 + k latent frames (r = `temporal_downsample`: 4 for Wan and CogVideoX, 8 for LTX-Video); a still image
-    `(B, C, H, W)` is a one-frame clip and comes back 4-D. The latent is normalised as each family's pipelines do
-    (see `VIDEO_VAES`). `batch_size` is clips per VAE call; `decode_timestep` is the decoder's timestep for LTX VAEs
-    with `timestep_conditioning` (0.9.1 and later) and unused otherwise.
+    gives 1 + k latent frames (r = `temporal_downsample`: 4 for Wan, CogVideoX and HunyuanVideo, 8 for LTX-Video); a
+    still image `(B, C, H, W)` is a one-frame clip and comes back 4-D. The latent is normalised as each family's
+    pipelines do (see `VIDEO_VAES`). `batch_size` is clips per VAE call; `decode_timestep` is the decoder's timestep
+    for LTX VAEs with `timestep_conditioning` (0.9.1 and later) and unused otherwise.
     """
 
     def __init__(

@@ -23,10 +23,12 @@ CONFIGS = {family: tiny["config"] for family, tiny in TINY.items()}
 SAMPLES = {family: dict(tiny["sample"], input_size=tuple(tiny["sample"]["input_size"]))
            for family, tiny in TINY.items()}
 CLASSES = {"wan": "WanTransformer3DModel", "ltx_video": "LTXVideoTransformer3DModel", "sd3": "SD3Transformer2DModel",
-           "flux": "FluxTransformer2DModel"}
+           "flux": "FluxTransformer2DModel", "hunyuan_video": "HunyuanVideoTransformer3DModel"}
 SD3_CLIP_LENGTH, SD3_T5_LENGTH = 77, 6
 FLUX_T5_LENGTH = 6
 FLUX_VAE_FACTORS = dict(scaling_factor=0.3611, shift_factor=0.1159)  # the FLUX.1 VAE's
+HUNYUAN_LLAMA_LENGTH = 6  # Llama tokens after the template's crop
+HUNYUAN_MARKS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")  # the template's
 
 
 def without_folder(gin_files: list[str]) -> list[str]:
@@ -56,14 +58,15 @@ def transformer(family: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def tokenizer(max_length: int, eos: str = "</s>", bos: str | None = None):
-    """A word-level fast tokenizer over WORDS that ends every caption with `eos` (and starts it with `bos`)."""
+def tokenizer(max_length: int, eos: str = "</s>", bos: str | None = None, marks: tuple[str, ...] = ()):
+    """A word-level fast tokenizer over WORDS that ends every caption with `eos` (and starts it with `bos`); `marks`
+    are further special tokens (a prompt template's), each one token wherever it appears."""
     import tokenizers
     import transformers
 
     model = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
     model.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    specials = ["<pad>", eos, "<unk>"] + ([bos] if bos else [])
+    specials = ["<pad>", eos, "<unk>"] + ([bos] if bos else []) + [mark for mark in marks if mark not in (bos, eos)]
     model.train_from_iterator([" ".join(WORDS)], tokenizers.trainers.WordLevelTrainer(special_tokens=specials))
     template = f"{bos} $A {eos}" if bos else f"$A {eos}"
     marks = [(mark, model.token_to_id(mark)) for mark in (bos, eos) if mark]
@@ -97,6 +100,18 @@ def clip_text_model(width: int, projection: int, vocab: int, eos_id: int,
     return model_class(config).eval()
 
 
+def llama(width: int, vocab: int) -> torch.nn.Module:
+    """A tiny Llama (HunyuanVideo's text encoder is a Llama 3 8B): 3 layers, so that the third hidden state from the
+    end, which the pipeline reads, is a block's output."""
+    import transformers
+
+    torch.manual_seed(4)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
+                                      num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                                      max_position_embeddings=256, pad_token_id=0)
+    return transformers.LlamaModel(config).eval()
+
+
 def vae(family: str) -> torch.nn.Module:
     """Tiny VAEs: Wan's (4x temporal, 4x spatial here), LTX's (8x, 8x), SD3's and Flux's image AutoencoderKL (2x
     here; Flux's without the quant convolutions, with its scaling and shift factors)."""
@@ -114,6 +129,11 @@ def vae(family: str) -> torch.nn.Module:
     image = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=3,
                  norm_num_groups=4)
+    if family == "hunyuan_video":  # 4x temporal, 4x spatial here (8x in the released VAE)
+        return diffusers.AutoencoderKLHunyuanVideo(
+            latent_channels=3, block_out_channels=(8, 8, 8), down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 3, layers_per_block=1, norm_num_groups=4,
+            spatial_compression_ratio=4, temporal_compression_ratio=4)
     if family == "flux":
         return diffusers.AutoencoderKL(**image, **FLUX_VAE_FACTORS, use_quant_conv=False, use_post_quant_conv=False)
     return diffusers.AutoencoderKL(**image, scaling_factor=1.5305, shift_factor=0.0609)
@@ -141,6 +161,14 @@ def write_pipeline(family: str, folder: Path) -> Path:
         pipeline = diffusers.FluxPipeline(
             tokenizer=words, text_encoder=clip_text_model(8, 4, len(words), eos, pooled_only=True),
             tokenizer_2=tokenizer(FLUX_T5_LENGTH), text_encoder_2=t5("t5", 24, len(words)), **parts)
+    elif family == "hunyuan_video":  # Llama's states with its mask (a template's tokens), CLIP-L's pooled output
+        words = tokenizer(SD3_CLIP_LENGTH, eos="<|endoftext|>", bos="<|startoftext|>")
+        eos = words.convert_tokens_to_ids("<|endoftext|>")
+        marked = tokenizer(256, eos="<|end_of_text|>", bos=HUNYUAN_MARKS[0], marks=HUNYUAN_MARKS)
+        parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0)
+        pipeline = diffusers.HunyuanVideoPipeline(
+            tokenizer=marked, text_encoder=llama(16, len(marked)), tokenizer_2=words,
+            text_encoder_2=clip_text_model(8, 8, len(words), eos, pooled_only=True), **parts)
     else:
         words = tokenizer(64)
         kind, width = ("umt5", 16) if family == "wan" else ("t5", 12)

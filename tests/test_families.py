@@ -1,4 +1,4 @@
-"""The diffusers families (wan, ltx_video, sd3, flux) against diffusers itself, on tiny random pipelines saved to
+"""The diffusers families (wan, ltx_video, sd3, flux, hunyuan_video) against diffusers itself, on tiny random pipelines saved to
 folders: the dense forward equals the diffusers model's forward, SPRINT with an identity fusion equals it too, kept
 tokens run the diffusers blocks at their true positions (the rotary rows of the diffusers model sliced at the kept
 tokens), and the text encoders and time shifts give what the pipelines give."""
@@ -27,9 +27,9 @@ from tests.families import CLASSES, CONFIGS, FLUX_T5_LENGTH, SAMPLES, SD3_T5_LEN
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-FAMILIES = ("wan", "ltx_video", "sd3", "flux")
-VIDEO = ("wan", "ltx_video")  # the families that take clips (and images as one-frame clips)
-CONTEXT_STREAM = ("sd3", "flux")  # the families whose blocks update a text stream
+FAMILIES = ("wan", "ltx_video", "sd3", "flux", "hunyuan_video")
+VIDEO = ("wan", "ltx_video", "hunyuan_video")  # the families that take clips (and images as one-frame clips)
+CONTEXT_STREAM = ("sd3", "flux", "hunyuan_video")  # the families whose blocks update a text stream
 LTX_ROPE_SCALE = (8 / 25, 32, 32)  # LTXPipeline's at its default frame rate, 25
 EXACT = 1e-5  # largest deviation relative to the largest value
 
@@ -81,6 +81,11 @@ def diffusers_forward(family: str, model, x: torch.Tensor, t: torch.Tensor, cond
                     pooled_projections=cond["pooled"], encoder_hidden_states=tokens, txt_ids=flux_ids(x, tokens)[0],
                     img_ids=flux_ids(x, tokens)[1], return_dict=False)[0]
         return diffusers.FluxPipeline._unpack_latents(out, 2 * height, 2 * width, 2)  # its VAE's factor: 2
+    if family == "hunyuan_video":  # HunyuanVideoPipeline: 1000 sigma, the mask in the model's dtype, 1000 x guidance
+        guidance = torch.full([x.shape[0]], SAMPLES["hunyuan_video"]["guidance"]) * 1000.0
+        return model(hidden_states=x, timestep=timestep, encoder_hidden_states=tokens,
+                     encoder_attention_mask=mask.float(), pooled_projections=cond["pooled"], guidance=guidance,
+                     return_dict=False)[0]
     return model(hidden_states=x, encoder_hidden_states=tokens, pooled_projections=cond["pooled"], timestep=timestep,
                  return_dict=False)[0]
 
@@ -117,8 +122,8 @@ def test_the_dense_forward_and_an_identity_sprint_model_equal_the_diffusers_mode
 def rotary(family: str, ref, x: torch.Tensor, cond: dict):
     """The diffusers model's own rotary embedding of the whole token grid (None: positions ride in the tokens; for
     flux, of the text tokens and then the grid)."""
-    if family == "wan":
-        return ref.rope(x)  # (1, N, 1, head_dim) each
+    if family in ("wan", "hunyuan_video"):
+        return ref.rope(x)  # (1, N, 1, head_dim) each for wan, (N, head_dim) for hunyuan_video
     if family == "ltx_video":
         frames, height, width = x.shape[2:]
         return ref.rope(ref.proj_in(diffusers.LTXPipeline._pack_latents(x[:1], 1, 1)), frames, height, width,
@@ -129,12 +134,14 @@ def rotary(family: str, ref, x: torch.Tensor, cond: dict):
 
 
 def text_stream(family: str, embedded):
-    """The text stream the encoder starts from (SD3's context is the stream; Flux's holds it beside its rotary rows)."""
-    return embedded.context["text"] if family == "flux" else embedded.context
+    """The text stream the encoder starts from (SD3's context is the stream; Flux's holds it beside its rotary rows,
+    HunyuanVideo's beside its text keys)."""
+    return embedded.context if family == "sd3" else embedded.context["text"]
 
 
-def run_reference_block(family, block, h, embedded, row, rope, ids, text):
-    """A diffusers block on one row's tokens h (1, M, D) with the rotary rows of the tokens `ids` (None: all)."""
+def run_reference_block(family, block, h, embedded, row, rope, ids, text, text_mask):
+    """A diffusers block on one row's tokens h (1, M, D) with the rotary rows of the tokens `ids` (None: all); for
+    hunyuan_video the attention mask diffusers builds for [M video tokens; text] from the row's `text_mask`."""
     if family == "sd3":
         text_out, h = block(h, text, embedded.c[row:row + 1], None)
         return h, text if text_out is None else text_out
@@ -144,6 +151,10 @@ def run_reference_block(family, block, h, embedded, row, rope, ids, text):
         table = tuple(torch.cat([part[:length], part[image]]) for part in rope)
         text, h = block(h, text, embedded.c[row:row + 1], table)
         return h, text
+    if family == "hunyuan_video":  # [video; text]: every video token, the first sum(mask) text tokens
+        table = rope if ids is None else (rope[0][ids], rope[1][ids])
+        keys = torch.arange(h.shape[1] + text.shape[1]) < h.shape[1] + text_mask[row].sum()
+        return block(h, text, embedded.c[row:row + 1], keys[None, None, None], table)
     cos, sin = rope if ids is None else (rope[0][:, ids], rope[1][:, ids])
     context, c = embedded.context, embedded.c[row:row + 1]
     if family == "wan":
@@ -173,16 +184,19 @@ def test_kept_tokens_run_the_diffusers_blocks_at_their_true_positions(family, fo
     rows = []
     for row in range(3):
         text = text_stream(family, embedded)[row:row + 1] if family in CONTEXT_STREAM else None
-        h, text = run_reference_block(family, blocks[0], embedded.tokens[row:row + 1], embedded, row, rope, None, text)
+        h, text = run_reference_block(family, blocks[0], embedded.tokens[row:row + 1], embedded, row, rope, None, text,
+                                      cond["text_mask"])
         middle = model.mask_token.expand_as(h).clone()
         if not skip[row]:
             ids = mask.ids_keep[row]
             kept = h[:, ids]
             for block in blocks[1:3]:
-                kept, text = run_reference_block(family, block, kept, embedded, row, rope, ids, text)
+                kept, text = run_reference_block(family, block, kept, embedded, row, rope, ids, text,
+                                                 cond["text_mask"])
             middle[:, ids] = kept
         fused = model.fusion(torch.cat([middle, h], dim=-1))
-        rows.append(run_reference_block(family, blocks[3], fused, embedded, row, rope, None, text)[0])
+        rows.append(run_reference_block(family, blocks[3], fused, embedded, row, rope, None, text,
+                                        cond["text_mask"])[0])
     expected = model.backbone.unembed(torch.cat(rows), embedded)
     assert deviation(model(x, t, cond, mask=mask, skip_middle=skip), expected) <= EXACT
 
@@ -411,13 +425,14 @@ def test_bad_folders_and_inputs_get_one_line_each(folders, tmp_path):
 def test_the_spread_attention_computes_the_family_processor_on_a_one_process_group(family, folders):
     # Context parallelism swaps each block's self-attention processor for one written around the Ulysses exchange
     # (`SpreadSelfAttention`: the family's projections, norms and RoPE; SD3's `SpreadJointAttention`: its joint
-    # attention with the text stream; Flux's `JointRotaryAttention`, which runs every seam call, with the group or
-    # without); over a group of one the exchange is the identity, so the prediction and every gradient must be the
+    # attention with the text stream; Flux's `JointRotaryAttention` and HunyuanVideo's `VideoTextAttention`, which run
+    # every seam call, with the group or without); over a group of one the exchange is the identity, so the prediction and every gradient must be the
     # diffusers processor's, with and without SPRINT.
     import torch.distributed as dist
 
     from sprint_mm.families.adapter import SpreadSelfAttention
     from sprint_mm.families.flux import JointRotaryAttention
+    from sprint_mm.families.hunyuan_video import VideoTextAttention
     from sprint_mm.families.sd3 import SpreadJointAttention
     from sprint_mm.parallelize import ensure_process_group, spread_model
     from tests.test_fsdp import own_process_group
@@ -426,7 +441,8 @@ def test_the_spread_attention_computes_the_family_processor_on_a_one_process_gro
     x, t, cond = inputs(model)
     mask = random_mask(3, model.backbone.token_grid(tuple(x.shape)), 0.5, generator=torch.Generator().manual_seed(3))
     calls = []
-    processor = {"sd3": SpreadJointAttention, "flux": JointRotaryAttention}.get(family, SpreadSelfAttention)
+    processor = {"sd3": SpreadJointAttention, "flux": JointRotaryAttention,
+                 "hunyuan_video": VideoTextAttention}.get(family, SpreadSelfAttention)
     spread_call = processor.__call__
 
     def counted(self, *args, **kwargs):

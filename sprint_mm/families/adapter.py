@@ -28,6 +28,7 @@ from torch import nn
 from sprint_mm.backbone import Backbone, Embedded
 from sprint_mm.conditions import CaptionCondition
 from sprint_mm.context_parallel import attend_spread
+from sprint_mm.errors import check_number
 from sprint_mm.flops import TransformerShape
 from sprint_mm.masking import Grid
 from sprint_mm.pipeline_folders import component_config, pipeline_component
@@ -161,6 +162,21 @@ def sample_size(family: str, value: Any, axes: tuple[int, ...]) -> tuple[int, ..
         shapes = " or ".join({2: "(H, W)", 3: "(T, H, W)"}[n] for n in axes)
         raise ValueError(f"{family}.input_size must be {shapes} in latent units, positive ints; got {value!r}")
     return size
+
+
+def distilled_guidance(family: str, guidance: Optional[float], embeds: bool, example: float) -> Optional[float]:
+    """The fixed guidance scale `guidance` of a family with a distilled-guidance embedding (FLUX.1-dev's and
+    HunyuanVideo's `guidance_embeds`) when it agrees with the config (a number >= 0 with the embedding, None without
+    it), else one line; `example` is the value the family's pipeline defaults to."""
+    if embeds and guidance is None:
+        raise ValueError(f"{family}.guidance is None, but this transformer embeds a distilled guidance scale "
+                         f"(guidance_embeds): give the fixed value it reads, e.g. {family}.guidance = {example}")
+    if not embeds and guidance is not None:
+        raise ValueError(f"{family}.guidance = {guidance!r}, but this transformer has no guidance embedding "
+                         f"(guidance_embeds false): set {family}.guidance = None")
+    if guidance is not None:
+        check_number(f"{family}.guidance", guidance, low=0.0)
+    return guidance
 
 
 class DiffusersBackbone(Backbone):

@@ -36,9 +36,8 @@ from torch import nn
 
 from sprint_mm.backbone import Embedded
 from sprint_mm.context_parallel import attend_joint, heads_of
-from sprint_mm.errors import check_number
-from sprint_mm.families.adapter import (DiffusersBackbone, SeamBlock, pack_channels_first, processed_by,
-                                        unpack_channels_first)
+from sprint_mm.families.adapter import (DiffusersBackbone, SeamBlock, distilled_guidance, pack_channels_first,
+                                        processed_by, unpack_channels_first)
 from sprint_mm.layers import apply_rope, grid_coordinates
 from sprint_mm.tokens import TokenPositions
 
@@ -113,13 +112,15 @@ class JointRotaryAttention:
         return attn.to_out[1](attn.to_out[0](image_out)), attn.to_add_out(text_out)
 
     @staticmethod
-    def heads(attn: nn.Module, states: torch.Tensor, layers: tuple[nn.Module, ...], rope: tuple[torch.Tensor, ...],
-              chosen: slice = slice(None)) -> list[torch.Tensor]:
+    def heads(attn: nn.Module, states: torch.Tensor, layers: tuple[nn.Module, ...],
+              rope: Optional[tuple[torch.Tensor, ...]], chosen: slice = slice(None)) -> list[torch.Tensor]:
         """q, k, v (B, heads, n, head_dim) of `states` through the projections and q/k norms `layers`, q and k rotated
-        by `rope` (cos, sin (1 or B, n, head_dim)); only the heads `chosen`."""
+        in float32 by `rope` (cos, sin (1 or B, n, head_dim); None: not rotated); only the heads `chosen`."""
         to_q, to_k, to_v, norm_q, norm_k = layers
-        q, k, v = (project(states).unflatten(-1, (-1, attn.head_dim)) for project in (to_q, to_k, to_v))
+        q, k, v = (project(states).unflatten(-1, (attn.heads, -1)) for project in (to_q, to_k, to_v))
         q, k, v = (z.transpose(1, 2)[:, chosen] for z in (norm_q(q), norm_k(k), v))
+        if rope is None:
+            return [q, k, v]
         return [apply_rope(q.float(), rope).to(q.dtype), apply_rope(k.float(), rope).to(k.dtype), v]
 
 
@@ -147,20 +148,7 @@ class Flux(DiffusersBackbone):
                              f"out_channels multiples of 4); this config has patch_size {settings.patch_size}, "
                              f"in_channels {packed}, out_channels {self.transformer.out_channels}")
         self.in_channels, self.out_channels = packed // 4, self.transformer.out_channels // 4
-        self.guidance = self.checked_guidance(guidance, settings.guidance_embeds)
-
-    @staticmethod
-    def checked_guidance(guidance: Optional[float], embeds: bool) -> Optional[float]:
-        """The guidance option when it agrees with the config's `guidance_embeds`, else one line."""
-        if embeds and guidance is None:
-            raise ValueError("flux.guidance is None, but this transformer embeds a distilled guidance scale "
-                             "(guidance_embeds: FLUX.1-dev): give the fixed value it reads, e.g. flux.guidance = 3.5")
-        if not embeds and guidance is not None:
-            raise ValueError(f"flux.guidance = {guidance!r}, but this transformer has no guidance embedding "
-                             "(guidance_embeds false: FLUX.1-schnell): set flux.guidance = None")
-        if guidance is not None:
-            check_number("flux.guidance", guidance, low=0.0)
-        return guidance
+        self.guidance = distilled_guidance(self.family, guidance, settings.guidance_embeds, example=3.5)
 
     @property
     def patch(self) -> tuple[int, int, int]:
