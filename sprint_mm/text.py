@@ -197,6 +197,9 @@ class TextEncoder(FrozenTextEncoder):
     `tokenizer` folder (Wan's umT5 and LTX-Video's T5 come this way, with their pipelines' `max_length`, 512 and 128,
     and padding zeroed as their pipelines pass it). `attention_mask` False runs the encoder without its attention mask,
     so real tokens also attend to the padding, as LTX-Video's and SD3's pipelines run T5 (Wan's passes it).
+    `template` wraps each caption (`template.format(caption)`) and the first `crop_start` tokens (the template's text
+    before the caption) are cut from the states and the mask, as HunyuanVideo's pipeline runs its Llama: the caption
+    then has `max_length` tokens after the crop.
     """
 
     def __init__(
@@ -208,31 +211,44 @@ class TextEncoder(FrozenTextEncoder):
         normalize: bool = False,
         component: str = "text_encoder",
         attention_mask: bool = True,
+        template: str = "{}",
+        crop_start: int = 0,
     ) -> None:
         super().__init__()
         torch_dtype = parse_dtype(dtype)
-        self.model, self.tokenizer, config, folder = load_encoder(path, component, max_length, torch_dtype)
+        if template.count("{}") != 1 or isinstance(crop_start, bool) or not isinstance(crop_start, int) \
+                or crop_start < 0:
+            raise ValueError(f"TextEncoder.template must hold the caption's place '{{}}' once and crop_start be an int "
+                             f">= 0; got template {template[:40]!r}... and crop_start {crop_start!r}")
+        self.template, self.crop_start = template, crop_start
+        self.model, self.tokenizer, config, folder = load_encoder(path, component, max_length + crop_start,
+                                                                  torch_dtype)
         self.hidden_index = parse_layer(layer, config.num_hidden_layers)
         self.max_length = max_length
         self.dtype = torch_dtype
         self.normalize = normalize
         self.attention_mask = attention_mask
+        templated = hashlib.sha256(template.encode()).hexdigest()[:12]
         self._identity = (f"{folder.name}-{config_hash(folder)}-len{max_length}-{layer}" + ("-l2" if normalize else "")
-                          + ("" if attention_mask else "-unmasked"))
+                          + ("" if attention_mask else "-unmasked")
+                          + ("" if (template, crop_start) == ("{}", 0) else f"-template{templated}-crop{crop_start}"))
         self.eval()
 
 
     def token_counts(self, captions: list[str]) -> list[int]:
-        """How many tokens each caption has before the cut at `max_length` (special tokens included)."""
+        """How many tokens each caption has before the cut at `max_length` (special tokens included; with a template,
+        after its crop)."""
         check_captions(captions)
-        return [len(ids) for ids in self.tokenizer(captions, truncation=False)["input_ids"]]
+        ids = self.tokenizer([self.template.format(caption) for caption in captions], truncation=False)["input_ids"]
+        return [len(row) - self.crop_start for row in ids]
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Encode `captions` into {"text_tokens": (B, L, Dt), "text_mask": (B, L) bool} with L = max_length."""
         check_captions(captions)
         tokens = self.tokenizer(
-            captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            [self.template.format(caption) for caption in captions], padding="max_length", truncation=True,
+            max_length=self.max_length + self.crop_start, return_tensors="pt"
         ).to(self.device)
         output = self.model(
             input_ids=tokens["input_ids"],
@@ -243,9 +259,9 @@ class TextEncoder(FrozenTextEncoder):
             hidden = output.last_hidden_state  # (B, L, Dt)
         else:
             hidden = output.hidden_states[self.hidden_index]  # (B, L, Dt)
+        hidden, mask = hidden[:, self.crop_start:], tokens["attention_mask"][:, self.crop_start:].bool()  # (B, L)
         if self.normalize:
             hidden = torch.nn.functional.normalize(hidden.float(), dim=-1)
-        mask = tokens["attention_mask"].bool()  # (B, L)
         hidden = hidden.masked_fill(~mask[..., None], 0.0)
         return {"text_tokens": hidden.to(self.dtype), "text_mask": mask}
 

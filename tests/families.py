@@ -76,6 +76,20 @@ def tokenizer(max_length: int, eos: str = "</s>", bos: str | None = None, marks:
                                                 **({"bos_token": bos} if bos else {}))
 
 
+def llama_tokenizer():
+    """HunyuanVideo's Llama tokenizer in small: words, the prompt template's marks as single tokens, a begin-of-text
+    token in front (and an end-of-text token behind)."""
+    return tokenizer(256, eos="<|end_of_text|>", bos=HUNYUAN_MARKS[0], marks=HUNYUAN_MARKS)
+
+
+def hunyuan_video_crop() -> int:
+    """The tokens of HunyuanVideoPipeline's prompt template before the caption (begin-of-text included) under the tiny
+    tokenizer: the crop of the tiny folder (95 under Llama 3's tokenizer)."""
+    from sprint_mm.families.text import HUNYUAN_VIDEO_TEMPLATE
+
+    return len(llama_tokenizer()(HUNYUAN_VIDEO_TEMPLATE.split("{}")[0]).input_ids) - 1  # without the end of text
+
+
 def t5(kind: str, width: int, vocab: int) -> torch.nn.Module:
     import transformers
 
@@ -164,7 +178,7 @@ def write_pipeline(family: str, folder: Path) -> Path:
     elif family == "hunyuan_video":  # Llama's states with its mask (a template's tokens), CLIP-L's pooled output
         words = tokenizer(SD3_CLIP_LENGTH, eos="<|endoftext|>", bos="<|startoftext|>")
         eos = words.convert_tokens_to_ids("<|endoftext|>")
-        marked = tokenizer(256, eos="<|end_of_text|>", bos=HUNYUAN_MARKS[0], marks=HUNYUAN_MARKS)
+        marked = llama_tokenizer()
         parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0)
         pipeline = diffusers.HunyuanVideoPipeline(
             tokenizer=marked, text_encoder=llama(16, len(marked)), tokenizer_2=words,

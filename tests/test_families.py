@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from registry import BACKBONES
 from sprint_mm.configs import parse_gin
 from sprint_mm.errors import mistake_message
-from sprint_mm.families.text import FluxTextEncoder, SD3TextEncoder
+from sprint_mm.families.text import (HUNYUAN_VIDEO_CROP, HUNYUAN_VIDEO_TEMPLATE, FluxTextEncoder,
+                                     HunyuanVideoTextEncoder, SD3TextEncoder)
 from sprint_mm.flow import ConstantShift, SequenceShift
 from sprint_mm.latents import VideoVAECodec
 from sprint_mm.lora import LoRA
@@ -22,7 +23,8 @@ from sprint_mm.masking import random_mask
 from sprint_mm.sprint import FILLS, Sprint
 from sprint_mm.testing import randomize
 from sprint_mm.text import TextEncoder
-from tests.families import CLASSES, CONFIGS, FLUX_T5_LENGTH, SAMPLES, SD3_T5_LENGTH, transformer, write_pipeline
+from tests.families import (CLASSES, CONFIGS, FLUX_T5_LENGTH, HUNYUAN_LLAMA_LENGTH, SAMPLES, SD3_T5_LENGTH,
+                            hunyuan_video_crop, transformer, write_pipeline)
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -268,6 +270,8 @@ def test_the_text_encoders_give_what_the_pipelines_give(family, folders):
         expected, mask = pipeline._get_t5_prompt_embeds(CAPTIONS, max_sequence_length=6, device="cpu")
         assert torch.equal(got["text_mask"], mask)
         torch.testing.assert_close(got["text_tokens"][mask], expected[mask], rtol=1e-5, atol=1e-6)
+    elif family == "hunyuan_video":  # Llama's states in the template, cropped, with their mask; CLIP-L's pooler output
+        hunyuan_video_text_encoder_gives_what_the_pipeline_gives(folders)
     elif family == "flux":  # T5's states, CLIP-L's pooler output
         pipeline = diffusers.FluxPipeline.from_pretrained(folder)
         got = FluxTextEncoder(folder, t5_length=FLUX_T5_LENGTH)(CAPTIONS)
@@ -285,6 +289,30 @@ def test_the_text_encoders_give_what_the_pipelines_give(family, folders):
         torch.testing.assert_close(got["text_tokens"], tokens, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["pooled"], pooled, rtol=1e-5, atol=1e-6)
         assert bool(got["text_mask"].all())
+
+
+def hunyuan_video_text_encoder_gives_what_the_pipeline_gives(folders: dict) -> None:
+    """The pipeline's template and crop are the encoder's defaults; on the tiny folder (whose word-level tokenizer
+    gives the template other tokens, so its crop is counted here) the encoder gives `encode_prompt`'s states at the
+    real tokens, its mask and CLIP's pooled vector, and the transformer predicts the same from both conditions (the
+    padding it zeroes is never read)."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    assert DEFAULT_PROMPT_TEMPLATE == {"template": HUNYUAN_VIDEO_TEMPLATE, "crop_start": HUNYUAN_VIDEO_CROP}
+    folder = str(folders["hunyuan_video"])
+    pipeline = diffusers.HunyuanVideoPipeline.from_pretrained(folder)
+    template = {"template": HUNYUAN_VIDEO_TEMPLATE, "crop_start": hunyuan_video_crop()}
+    got = HunyuanVideoTextEncoder(folder, max_length=HUNYUAN_LLAMA_LENGTH, crop_start=template["crop_start"])(CAPTIONS)
+    tokens, pooled, mask = pipeline.encode_prompt(CAPTIONS, prompt_template=template, device="cpu",
+                                                  max_sequence_length=HUNYUAN_LLAMA_LENGTH)
+    assert got["text_mask"].dtype == torch.bool and torch.equal(got["text_mask"], mask.bool())
+    assert got["text_mask"].sum(1).tolist() == [5, HUNYUAN_LLAMA_LENGTH, 2]  # words, <|eot_id|>, end of text; cut
+    torch.testing.assert_close(got["text_tokens"][mask.bool()], tokens[mask.bool()], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["pooled"], pooled, rtol=1e-5, atol=1e-6)
+    model = backbone("hunyuan_video", folders).eval()
+    x, t, _ = inputs(model)
+    expected = model(x, t, {"text_tokens": tokens, "text_mask": mask.bool(), "pooled": pooled})
+    assert deviation(model(x, t, got), expected) <= EXACT
 
 
 # ----------------------------------------------------------------------------------------------------------------

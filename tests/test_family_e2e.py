@@ -1,5 +1,5 @@
 """The families' gin recipes end to end through the command lines, each on a tiny random pipeline folder saved by
-diffusers: stage 1 (Wan, SD3 and Flux with LoRA, LTX-Video in full; FSDP2 and activation checkpointing as the recipes
+diffusers: stage 1 (Wan, SD3, Flux and HunyuanVideo with LoRA, LTX-Video in full; FSDP2 and activation checkpointing as the recipes
 train), stage 2 from its EMA, then PDG samples decoded by the family's own VAE (mp4 for video)."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from sprint_mm.configs import parse_gin
 from sprint_mm.lora import ADAPTER_CONFIG, LoRA
 from sprint_mm.runs import list_checkpoints
 from sprint_mm.sharded import read_weights
-from tests.families import SAMPLES, write_pipeline
+from tests.families import SAMPLES, hunyuan_video_crop, write_pipeline
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -29,9 +29,10 @@ RECIPES = {
     "ltx_video": ("gin/video/ltx_full_stage1.gin", "gin/video/ltx_full_stage2.gin", "LTX"),
     "sd3": ("gin/image/sd3_lora_stage1.gin", "gin/image/sd3_lora_stage2.gin", "SD3"),
     "flux": ("gin/image/flux_lora_stage1.gin", "gin/image/flux_lora_stage2.gin", "FLUX"),
+    "hunyuan_video": ("gin/video/hunyuan_video_lora_stage1.gin", "gin/video/hunyuan_video_lora_stage2.gin", "HUNYUAN"),
 }
 IMAGES = ("sd3", "flux")
-DECODED = {"wan": (9, 32), "ltx_video": (17, 32), "sd3": (1, 16), "flux": (1, 16)}  # (frames, pixels) of a tiny sample
+DECODED = {"wan": (9, 32), "ltx_video": (17, 32), "sd3": (1, 16), "flux": (1, 16), "hunyuan_video": (9, 32)}  # (frames, pixels) of a tiny sample
 PROMPTS = ["a handwritten seven", "the digit 2"]
 
 
@@ -40,7 +41,9 @@ def tiny(family: str, folder: Path, cache: Path) -> list[str]:
     size, length = SAMPLES[family]["input_size"], SAMPLES[family]["text_length"]
     frames = [] if family in IMAGES else [f"CaptionedDigitsDataset.frames = {size[0]}"]
     encoder = {"sd3": ["SD3TextEncoder.t5_length = 6", "SD3TextEncoder.dtype = 'float32'"],
-               "flux": [f"FluxTextEncoder.t5_length = {length}", "FluxTextEncoder.dtype = 'float32'"]}.get(
+               "flux": [f"FluxTextEncoder.t5_length = {length}", "FluxTextEncoder.dtype = 'float32'"],
+               "hunyuan_video": [f"HunyuanVideoTextEncoder.max_length = {length}", "HunyuanVideoTextEncoder.dtype = "
+                                 f"'float32'", f"HunyuanVideoTextEncoder.crop_start = {hunyuan_video_crop()}"]}.get(
         family, [f"TextEncoder.max_length = {length}", "TextEncoder.dtype = 'float32'"])
     return [f"{RECIPES[family][2]} = {str(folder)!r}", f"{family}.input_size = {tuple(size)}",
             f"{family}.text_length = {length}", *encoder, f"TextConditioner.cache_dir = {str(cache)!r}",
