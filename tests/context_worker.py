@@ -52,10 +52,10 @@ CASES: dict[str, dict[str, Any]] = {  # name -> backbone, its options, SPRINT sp
     "U-ViT SPRINT (long skips)": dict(backbone="uvit", options=dict(input_size=8, patch_size=2, num_classes=10, depth=5),
                                       split=(2, 2), mask="structured"),
     # diffusers families: their own blocks, attention through `SpreadSelfAttention` (SD3: `SpreadJointAttention`, Flux:
-    # `JointRotaryAttention`)
+    # `JointRotaryAttention`, HunyuanVideo: `VideoTextAttention`, with the captions' padding left out)
     **{f"{family} SPRINT": dict(backbone=family, options=dict(config=FAMILY_CONFIGS[family], **FAMILY_SAMPLES[family]),
                                 split=(1, 1), mask="structured", family=True)
-       for family in ("wan", "ltx_video", "sd3", "flux")},
+       for family in ("wan", "ltx_video", "sd3", "flux", "hunyuan_video")},
     "wan dense": dict(backbone="wan", options=dict(config=FAMILY_CONFIGS["wan"], **FAMILY_SAMPLES["wan"]), split=None,
                       mask=None, family=True),
 }

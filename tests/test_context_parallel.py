@@ -95,7 +95,8 @@ def assert_same_run(a: Path, b: Path, sharded: bool = True) -> None:
 @pytest.mark.parametrize("case", ["text video SPRINT", "text video dense", "text video SPRINT, activation checkpointing",
                                   "image SPRINT", "image dense, absolute positions",
                                   "factorised video SPRINT, tube mask", "U-ViT SPRINT (long skips)",
-                                  "wan SPRINT", "ltx_video SPRINT", "sd3 SPRINT", "flux SPRINT", "wan dense"])
+                                  "wan SPRINT", "ltx_video SPRINT", "sd3 SPRINT", "flux SPRINT", "hunyuan_video SPRINT",
+                                  "wan dense"])
 def test_spread_forward_and_backward_equal_one_process(runs, case):
     found = checks(runs)["checks"][case]
     assert found["processes_agree"]  # both processes return the whole prediction

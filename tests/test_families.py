@@ -449,6 +449,47 @@ def test_bad_folders_and_inputs_get_one_line_each(folders, tmp_path):
     one_line(err)
 
 
+def test_hunyuan_video_refuses_other_folders_and_disagreeing_options_in_one_line(folders, tmp_path):
+    with pytest.raises(ValueError, match=r"holds a FluxTransformer2DModel .* not the HunyuanVideoTransformer3DModel "
+                                         r"that 'hunyuan_video' adapts; .* use build_model.backbone = 'flux'") as err:
+        BACKBONES.build("hunyuan_video", path=str(folders["flux"]), **SAMPLES["hunyuan_video"])
+    one_line(err)
+    with pytest.raises(ValueError, match=r"holds a HunyuanVideoTransformer3DModel .* use build_model.backbone = "
+                                         r"'hunyuan_video'") as err:
+        BACKBONES.build("wan", path=str(folders["hunyuan_video"]), **SAMPLES["wan"])
+    one_line(err)
+    with pytest.raises(ValueError, match=r"hunyuan_video.guidance is None, but this transformer embeds a distilled "
+                                         r"guidance scale .* hunyuan_video.guidance = 6.0") as err:
+        BACKBONES.build("hunyuan_video", path=str(folders["hunyuan_video"]),
+                        **dict(SAMPLES["hunyuan_video"], guidance=None))
+    one_line(err)
+    undistilled = dict(CONFIGS["hunyuan_video"], guidance_embeds=False)
+    with pytest.raises(ValueError, match=r"hunyuan_video.guidance = 6.0, but this transformer has no guidance "
+                                         r"embedding .* set hunyuan_video.guidance = None") as err:
+        BACKBONES.build("hunyuan_video", config=undistilled, **SAMPLES["hunyuan_video"])
+    one_line(err)
+    BACKBONES.build("hunyuan_video", config=undistilled, **dict(SAMPLES["hunyuan_video"], guidance=None))
+    with pytest.raises(ValueError, match=r"image-to-video one \(image_condition_type 'latent_concat'\)") as err:
+        BACKBONES.build("hunyuan_video", config=dict(CONFIGS["hunyuan_video"], image_condition_type="latent_concat"),
+                        **SAMPLES["hunyuan_video"])
+    one_line(err)
+    with pytest.raises(ValueError, match=r"HunyuanVideoTextEncoder.path .* is a FluxPipeline folder .*not a "
+                                         r"HunyuanVideoPipeline\* pipeline's") as err:
+        HunyuanVideoTextEncoder(str(folders["flux"]))
+    one_line(err)
+    with pytest.raises(ValueError, match=r"TextEncoder.template must hold the caption's place '\{\}' once .* "
+                                         r"crop_start -1") as err:
+        TextEncoder(str(folders["hunyuan_video"]), crop_start=-1)
+    one_line(err)
+    model = backbone("hunyuan_video", folders)
+    x, t, cond = inputs(model)
+    with pytest.raises(ValueError, match=r"pooled caption vector, cond\['pooled'\] of shape \(3, 8\); got none"):
+        model(x, t, {key: value for key, value in cond.items() if key != "pooled"})
+    with pytest.raises(ValueError, match=r"patch \(1, 2, 2\) \(T, H, W\) does not divide the input's \(T, H, W\) "
+                                         r"\(3, 7, 8\)"):
+        model(torch.randn(3, 3, 3, 7, 8), t, cond)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_spread_attention_computes_the_family_processor_on_a_one_process_group(family, folders):
     # Context parallelism swaps each block's self-attention processor for one written around the Ulysses exchange

@@ -1,7 +1,7 @@
 """The families' data path: captioned clips and images encoded by the family's own VAE (a pipeline folder's vae/) into
 latents whose items carry their captions, the captions cached with the encoder a recipe trains with (SD3's pooled
-vector included), the null caption of a pooled family, Flux's VAE through the image codec, and the FLOPs of the joint
-blocks (SD3's MMDiT, Flux's dual- and single-stream blocks)."""
+vector included), the null caption of a pooled family, Flux's VAE through the image codec, HunyuanVideo's through the
+video codec, and the FLOPs of the joint blocks (SD3's MMDiT, Flux's dual- and single-stream blocks)."""
 from __future__ import annotations
 
 import json
@@ -21,7 +21,7 @@ from sprint_mm.configs import parse_gin
 from sprint_mm.data.latents import LatentDataset, VideoLatentDataset
 from sprint_mm.families.text import SD3TextEncoder
 from sprint_mm.flops import block_flops
-from sprint_mm.latents import VAECodec
+from sprint_mm.latents import VAECodec, VideoVAECodec
 from sprint_mm.text import POOLED, EmbeddingCache, TextConditioner
 from tests.families import CONFIGS, FLUX_VAE_FACTORS, SAMPLES, SD3_T5_LENGTH, write_pipeline
 from tests.helpers import dataset_script
@@ -38,7 +38,8 @@ CAPTIONS = {"clips/a.mp4": "a red cat", "clips/b.mp4": "the digit seven", "photo
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
-    return {family: write_pipeline(family, tmp_path_factory.mktemp(family)) for family in ("wan", "sd3", "flux")}
+    return {family: write_pipeline(family, tmp_path_factory.mktemp(family))
+            for family in ("wan", "sd3", "flux", "hunyuan_video")}
 
 
 def caption_index(root, names) -> str:
@@ -136,6 +137,28 @@ def test_the_flux_vae_encodes_and_decodes_as_flux_pipeline_normalises_its_latent
         gin.clear_config()
 
 
+@torch.no_grad()
+def test_the_hunyuan_video_vae_encodes_and_decodes_as_its_pipeline_scales_its_latents(folders):
+    """The video codec of the HunyuanVideo recipe on its folder: 1 + 4k frames to 1 + k latent frames, latents the
+    posterior mean times the config's scaling factor (0.476986, no shift), decoded from latent / scaling_factor as
+    HunyuanVideoPipeline decodes."""
+    import diffusers
+
+    vae = diffusers.AutoencoderKLHunyuanVideo.from_pretrained(folders["hunyuan_video"] / "vae").eval()
+    codec = VideoVAECodec(str(folders["hunyuan_video"]))
+    assert (codec.temporal_downsample, codec.downsample) == (4, 4)  # the tiny VAE's; 8x spatial in the released one
+    assert bool((codec.scale == 0.476986).all()) and not codec.shift.any()
+    clips = torch.rand(2, 3, 9, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latents = codec.encode(clips)
+    assert latents.shape == (2, 3, 3, 4, 4)
+    torch.testing.assert_close(latents, vae.encode(clips).latent_dist.mean * vae.config.scaling_factor, rtol=1e-5,
+                               atol=1e-6)
+    decoded = vae.decode(latents / vae.config.scaling_factor).sample  # both clips in one call; the codec's one by one
+    torch.testing.assert_close(codec.decode(latents), decoded, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"6 frames: AutoencoderKLHunyuanVideo encodes clips of 1 \+ 4k"):
+        codec.encode(clips[:, :, :6])
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_the_joint_blocks_cost_what_the_flop_counter_counts(family):
     model = BACKBONES.build(family, config=CONFIGS[family], **SAMPLES[family])
@@ -162,7 +185,8 @@ def test_the_real_shapes_of_the_gpu_suite_build_the_published_models():
     published = {"wan2.1-t2v-1.3b": (1.3e9, ((81 - 1) // 4 + 1, 480 // 8 // 2, 832 // 8 // 2)),
                  "sd3-medium": (2.0e9, (1, 1024 // 8 // 2, 1024 // 8 // 2)),
                  "ltx-video-2b": (2.0e9, ((121 - 1) // 8 + 1, 512 // 32, 768 // 32)),
-                 "flux.1-dev": (11.9e9, (1, 1024 // 8 // 2, 1024 // 8 // 2))}
+                 "flux.1-dev": (11.9e9, (1, 1024 // 8 // 2, 1024 // 8 // 2)),
+                 "hunyuan-video-13b": (12.8e9, ((129 - 1) // 4 + 1, 720 // 8 // 2, 1280 // 8 // 2))}
     for name, (size, grid) in published.items():
         entry = table[name]
         with torch.device("meta"):
