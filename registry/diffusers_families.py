@@ -1,6 +1,6 @@
 """The diffusers families as backbones: `wan` (Wan 2.x text-to-video), `ltx_video` (LTX-Video), `sd3` (SD3 / 3.5
-MMDiT), `flux` (FLUX.1 dev / schnell), `hunyuan_video` (HunyuanVideo text-to-video), each loaded from a local diffusers folder (`<family>.path`) or built from a
-transformer config; see sprint_mm/families/."""
+MMDiT), `flux` (FLUX.1 dev / schnell), `hunyuan_video` (HunyuanVideo text-to-video), each loaded from a local diffusers
+folder (`<family>.path`) or built from a transformer config; see sprint_mm/families/."""
 from registry import BACKBONES
 from sprint_mm.families.flux import Flux
 from sprint_mm.families.hunyuan_video import HunyuanVideo

@@ -129,11 +129,11 @@ def attend_joint(image: Sequence[torch.Tensor], text: Optional[Sequence[torch.Te
     `text`: q, k, v (B, h', L, d) of the whole text stream (every process holds it) for this process's heads
     (`heads_of`), or None (image tokens alone); `text_first`: the joint sequence is [text; image], else [image; text],
     as the family orders it; `text_keys`: (B, L) bool, the text tokens every query attends to (padding left out; every
-    image token is attended), or None for all of them. Returns the outputs (B, h, n, d) of this process's image tokens and (B, h, L, d) of the text (None
-    without text). Spread, the image tokens trade heads for tokens (Ulysses), attention runs over every image token
-    and the text for this process's heads, the image output trades back, and the text output of all heads is gathered
-    from the group (its adjoint sums each head's gradient over the processes that read it): every process gets the
-    same text back."""
+    image token is attended), or None for all of them. Returns the outputs (B, h, n, d) of this process's image tokens
+    and (B, h, L, d) of the text (None without text). Spread, the image tokens trade heads for tokens (Ulysses),
+    attention runs over every image token and the text for this process's heads, the image output trades back, and the
+    text output of all heads is gathered from the group (its adjoint sums each head's gradient over the processes that
+    read it): every process gets the same text back."""
     spread = group is not None
     if spread:
         image = [heads_to_tokens(z, group) for z in image]

@@ -1,7 +1,7 @@
-"""The diffusers families (wan, ltx_video, sd3, flux, hunyuan_video) against diffusers itself, on tiny random pipelines saved to
-folders: the dense forward equals the diffusers model's forward, SPRINT with an identity fusion equals it too, kept
-tokens run the diffusers blocks at their true positions (the rotary rows of the diffusers model sliced at the kept
-tokens), and the text encoders and time shifts give what the pipelines give."""
+"""The diffusers families (wan, ltx_video, sd3, flux, hunyuan_video) against diffusers itself, on tiny random pipelines
+saved to folders: the dense forward equals the diffusers model's forward, SPRINT with an identity fusion equals it too,
+kept tokens run the diffusers blocks at their true positions (the rotary rows of the diffusers model sliced at the
+kept tokens), and the text encoders and time shifts give what the pipelines give."""
 from __future__ import annotations
 
 import math
@@ -495,8 +495,8 @@ def test_the_spread_attention_computes_the_family_processor_on_a_one_process_gro
     # Context parallelism swaps each block's self-attention processor for one written around the Ulysses exchange
     # (`SpreadSelfAttention`: the family's projections, norms and RoPE; SD3's `SpreadJointAttention`: its joint
     # attention with the text stream; Flux's `JointRotaryAttention` and HunyuanVideo's `VideoTextAttention`, which run
-    # every seam call, with the group or without); over a group of one the exchange is the identity, so the prediction and every gradient must be the
-    # diffusers processor's, with and without SPRINT.
+    # every seam call, with the group or without); over a group of one the exchange is the identity, so the prediction
+    # and every gradient must be the diffusers processor's, with and without SPRINT.
     import torch.distributed as dist
 
     from sprint_mm.families.adapter import SpreadSelfAttention

@@ -159,7 +159,7 @@ def test_the_hunyuan_video_vae_encodes_and_decodes_as_its_pipeline_scales_its_la
         codec.encode(clips[:, :, :6])
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "hunyuan_video"])
 def test_the_joint_blocks_cost_what_the_flop_counter_counts(family):
     model = BACKBONES.build(family, config=CONFIGS[family], **SAMPLES[family])
     x, t = torch.randn(1, *model.sample_shape), torch.rand(1)
@@ -169,9 +169,10 @@ def test_the_joint_blocks_cost_what_the_flop_counter_counts(family):
     embedded = model.embed(x, t, cond)
     # Flux: a dual-stream block costs the same; a single-stream block projects and MLPs every token of both streams
     # as much (q, k, v, a 4 D MLP and a (D + 4 D) -> D output: 12 D^2 a token), with one adaLN of 3 D for both
-    # (6 D^2 instead of two of 6 D: 24 D^2), which the cost model leaves at 18 D^2 too many (< 1e-4 of a FLUX.1 block)
+    # (6 D^2 instead of two of 6 D: 24 D^2), which the cost model leaves at 18 D^2 too many (< 1e-4 of a FLUX.1 block);
+    # HunyuanVideo's blocks are Flux's two kinds over [video; text]
     d = model.hidden_size
-    for index, surplus in ((1, 0), (-1, 18 * d * d)) if family == "flux" else ((1, 0),):
+    for index, surplus in ((1, 0), (-1, 18 * d * d)) if family in ("flux", "hunyuan_video") else ((1, 0),):
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the math kernel's matmuls are counted
             model.blocks[index](embedded.tokens, embedded.c, embedded.positions, embedded.context)

@@ -1,6 +1,6 @@
 """The families' gin recipes end to end through the command lines, each on a tiny random pipeline folder saved by
-diffusers: stage 1 (Wan, SD3, Flux and HunyuanVideo with LoRA, LTX-Video in full; FSDP2 and activation checkpointing as the recipes
-train), stage 2 from its EMA, then PDG samples decoded by the family's own VAE (mp4 for video)."""
+diffusers: stage 1 (Wan, SD3, Flux and HunyuanVideo with LoRA, LTX-Video in full; FSDP2 and activation checkpointing
+as the recipes train), stage 2 from its EMA, then PDG samples decoded by the family's own VAE (mp4 for video)."""
 from __future__ import annotations
 
 import json
@@ -32,7 +32,8 @@ RECIPES = {
     "hunyuan_video": ("gin/video/hunyuan_video_lora_stage1.gin", "gin/video/hunyuan_video_lora_stage2.gin", "HUNYUAN"),
 }
 IMAGES = ("sd3", "flux")
-DECODED = {"wan": (9, 32), "ltx_video": (17, 32), "sd3": (1, 16), "flux": (1, 16), "hunyuan_video": (9, 32)}  # (frames, pixels) of a tiny sample
+# (frames, pixels) of a tiny sample
+DECODED = {"wan": (9, 32), "ltx_video": (17, 32), "sd3": (1, 16), "flux": (1, 16), "hunyuan_video": (9, 32)}
 PROMPTS = ["a handwritten seven", "the digit 2"]
 
 
