@@ -58,15 +58,15 @@ def transformer(family: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def tokenizer(max_length: int, eos: str = "</s>", bos: str | None = None, marks: tuple[str, ...] = ()):
-    """A word-level fast tokenizer over WORDS that ends every caption with `eos` (and starts it with `bos`); `marks`
-    are further special tokens (a prompt template's), each one token wherever it appears."""
+def tokenizer(max_length: int, eos: str = "</s>", bos: str | None = None, extra_specials: tuple[str, ...] = ()):
+    """A word-level fast tokenizer over WORDS that ends every caption with `eos` (and starts it with `bos`);
+    `extra_specials` are further special tokens (a prompt template's marks), each one token wherever it appears."""
     import tokenizers
     import transformers
 
     model = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
     model.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    specials = ["<pad>", eos, "<unk>"] + ([bos] if bos else []) + [mark for mark in marks if mark not in (bos, eos)]
+    specials = ["<pad>", eos, "<unk>"] + ([bos] if bos else []) + [s for s in extra_specials if s not in (bos, eos)]
     model.train_from_iterator([" ".join(WORDS)], tokenizers.trainers.WordLevelTrainer(special_tokens=specials))
     template = f"{bos} $A {eos}" if bos else f"$A {eos}"
     marks = [(mark, model.token_to_id(mark)) for mark in (bos, eos) if mark]
@@ -79,7 +79,7 @@ def tokenizer(max_length: int, eos: str = "</s>", bos: str | None = None, marks:
 def llama_tokenizer():
     """HunyuanVideo's Llama tokenizer in small: words, the prompt template's marks as single tokens, a begin-of-text
     token in front (and an end-of-text token behind)."""
-    return tokenizer(256, eos="<|end_of_text|>", bos=HUNYUAN_MARKS[0], marks=HUNYUAN_MARKS)
+    return tokenizer(256, eos="<|end_of_text|>", bos=HUNYUAN_MARKS[0], extra_specials=HUNYUAN_MARKS)
 
 
 def hunyuan_video_crop() -> int:
@@ -127,8 +127,9 @@ def llama(width: int, vocab: int) -> torch.nn.Module:
 
 
 def vae(family: str) -> torch.nn.Module:
-    """Tiny VAEs: Wan's (4x temporal, 4x spatial here), LTX's (8x, 8x), SD3's and Flux's image AutoencoderKL (2x
-    here; Flux's without the quant convolutions, with its scaling and shift factors)."""
+    """Tiny VAEs: Wan's (4x temporal, 4x spatial here), LTX's (8x, 8x), HunyuanVideo's (4x, 4x; its scaling factor
+    0.476986 by default), SD3's and Flux's image AutoencoderKL (2x here; Flux's without the quant convolutions, with
+    its scaling and shift factors)."""
     import diffusers
 
     torch.manual_seed(3)
@@ -143,7 +144,7 @@ def vae(family: str) -> torch.nn.Module:
     image = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=3,
                  norm_num_groups=4)
-    if family == "hunyuan_video":  # 4x temporal, 4x spatial here (8x in the released VAE)
+    if family == "hunyuan_video":
         return diffusers.AutoencoderKLHunyuanVideo(
             latent_channels=3, block_out_channels=(8, 8, 8), down_block_types=("HunyuanVideoDownBlock3D",) * 3,
             up_block_types=("HunyuanVideoUpBlock3D",) * 3, layers_per_block=1, norm_num_groups=4,
