@@ -16,7 +16,8 @@ nothing of it is in this repository, and the measurement says so and skips when 
 official train.py's (its `FlowMatching.compute_loss`, backward, clipping, its AdamW, its `update_ema`) on the same
 model, SPRINT and dense, eager (and compiled with `--compile`, each side compiling its blocks its own way), with the
 same structured masks (2x2 groups keeping 1: 0.75 drop), no path-dropped rows, timed interleaved. `--profile` adds
-where each step's time goes: torch.profiler's self CPU time of every op, summed by what the op is.
+where each step's time goes: torch.profiler's self CPU time of every op, summed by what the op is. The side by side
+also gives the matrix products' floor (`matmul_floor`): the least time any step of this model can take on this device.
 
 `--sizes` lists latent side:batch pairs (32 = 256 tokens at patch 2). Defaults are SiT-S/2 (hidden 384, 12 blocks,
 6 heads; SPRINT 2/8/2) with 4 latent channels. `--compile` adds both models with every block compiled
@@ -124,12 +125,41 @@ class TrainingStep:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def flop_ratio(dense: nn.Module, sprint: Sprint, x: torch.Tensor) -> float:
-    """Dense forward FLOPs over SPRINT forward FLOPs at the kept-token count of the SPRINT mask."""
+def step_forward_flops(dense: nn.Module, sprint: Sprint, x: torch.Tensor) -> dict[str, float]:
+    """Matrix-product FLOPs of one forward pass over the batch `x`: dense on every token, SPRINT at the kept-token
+    count of its mask."""
     grid = sprint.backbone.token_grid(tuple(x.shape))
     tokens = math.prod(grid)
     kept = TokenMasker("structured", DROP_RATIO)(1, grid, generator=torch.Generator()).num_kept
-    return forward_flops(dense.flop_shape(), tokens) / forward_flops(sprint.flop_shape(), tokens, kept)
+    return {"dense": x.shape[0] * forward_flops(dense.flop_shape(), tokens),
+            "sprint": x.shape[0] * forward_flops(sprint.flop_shape(), tokens, kept)}
+
+
+def flop_ratio(dense: nn.Module, sprint: Sprint, x: torch.Tensor) -> float:
+    """Dense forward FLOPs over SPRINT forward FLOPs at the kept-token count of the SPRINT mask."""
+    flops = step_forward_flops(dense, sprint, x)
+    return flops["dense"] / flops["sprint"]
+
+
+def matmul_rate(rows: int, inner: int, columns: int, device: torch.device, repeats: int = 10) -> float:
+    """The best FLOP/s of torch.mm on a (rows, inner) x (inner, columns) product on `device` (fp32)."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn((rows, inner), generator=generator).to(device)
+    b = torch.randn((inner, columns), generator=generator).to(device)
+    times = time_interleaved({"mm": lambda: torch.mm(a, b)}, repeats, warmup=2, synchronize=synchronizer(device))
+    return 2 * rows * inner * columns / min(times["mm"])
+
+
+def matmul_floor(dense: nn.Module, sprint: Sprint, x: torch.Tensor, device: torch.device) -> dict:
+    """The least time a training step's matrix products can take here: its FLOPs (forward, and twice that for the
+    input and weight gradients) at the best rate torch.mm reaches on the step's largest product, the MLP's first
+    layer over the batch's tokens. Any step of this model, ours or the official code's, takes at least this."""
+    shape = dense.flop_shape()
+    tokens = math.prod(sprint.backbone.token_grid(tuple(x.shape)))
+    rate = matmul_rate(x.shape[0] * tokens, shape.hidden, shape.mlp_hidden, device)
+    flops = {arm: 3 * value for arm, value in step_forward_flops(dense, sprint, x).items()}
+    return {"mm_shape": [x.shape[0] * tokens, shape.hidden, shape.mlp_hidden], "flops_per_second": rate,
+            "step_flops": flops, "seconds": {arm: value / rate for arm, value in flops.items()}}
 
 
 def compiled_copy(model: nn.Module, backend: str = "inductor") -> nn.Module:
@@ -215,9 +245,12 @@ def op_category(name: str) -> str:
 
 
 def step_profile(step: Callable[[], object], steps: int) -> dict[str, float]:
-    """Seconds per step of each op category (self CPU time; on the CPU the ops run one after another)."""
+    """Seconds per step of each op category (self CPU time; on the CPU the ops run one after another). One step runs
+    unprofiled first: a step that follows a smaller one grows the heap, and the first writes to the new pages would
+    count against whichever step is profiled first."""
     from torch.profiler import ProfilerActivity, profile
 
+    step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
@@ -248,7 +281,8 @@ def side_by_side(args: argparse.Namespace, device: torch.device) -> dict:
     medians = median_seconds(times)
     result = {"official": official.root, "triton_stand_in": official.triton_stand_in, "latent": latent,
               "tokens": (latent // 2) ** 2, "batch": batch, "seconds": medians, "times": times,
-              "flop_ratio": flop_ratio(dense, sprint, x), "ratios": {}}
+              "flop_ratio": flop_ratio(dense, sprint, x), "ratios": {},
+              "matmul_floor": matmul_floor(dense, sprint, x, device)}
     for suffix in ("", "_compiled") if args.compile else ("",):
         for arm in ("sprint", "dense"):
             result["ratios"][f"ours_over_official_{arm}{suffix}"] = (medians[f"ours_{arm}{suffix}"]
@@ -279,6 +313,13 @@ def print_side_by_side(result: dict) -> None:
         rows.append([mode, "dense / SPRINT", ratios[f"ours_dense_over_sprint{suffix}"],
                      ratios[f"official_dense_over_sprint{suffix}"], "-"])
     print(markdown_table(["mode", "step", "ours s", "official s", "ours / official"], rows))
+    floor = result["matmul_floor"]
+    rows, columns = floor["mm_shape"][0], floor["mm_shape"][2]
+    print(f"matrix products alone (at {floor['flops_per_second'] / 1e9:.1f} GFLOP/s, torch.mm's best on "
+          f"{rows}x{floor['mm_shape'][1]} @ {floor['mm_shape'][1]}x{columns} here): " + ", ".join(
+              f"{arm} {floor['step_flops'][arm] / 1e9:.1f} GFLOP >= {floor['seconds'][arm]:.3f} s = "
+              f"{floor['seconds'][arm] / seconds[f'official_{arm}']:.3f} of the official eager step"
+              for arm in ("sprint", "dense")))
     if "profile" in result:
         profile = result["profile"]
         names = list(profile)

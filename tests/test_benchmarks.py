@@ -15,7 +15,7 @@ from benchmarks import (
     harness, prompt_accuracy, quality_curves, train_speed, video_demo_variants,
 )
 from sprint_mm.data.moving_digits import digit_side, moving_digit_videos, write_moving_digits
-from sprint_mm.flops import TransformerShape
+from sprint_mm.flops import TransformerShape, forward_flops
 from sprint_mm.sprint import Sprint
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -202,7 +202,17 @@ def test_side_by_side_runs_both_steps_and_profiles_them_or_says_why_not(tmp_path
     for profile in result["profile"].values():
         assert set(profile) == {*(c for c, _ in train_speed.OP_CATEGORIES), train_speed.OTHER}
         assert profile["matrix products (Linear forward and backward)"] > 0
-    assert "| eager | sprint |" in capsys.readouterr().out
+    floor = result["matmul_floor"]
+    dense, sprint = train_speed.build_pair(8, 32, 4, 2, 1, 1)
+    shape = dense.flop_shape()  # 16 tokens per sample, 4 kept by the 2x2 groups; forward + input and weight gradients
+    assert floor["step_flops"]["dense"] == pytest.approx(3 * 2 * forward_flops(shape, 16))
+    assert floor["step_flops"]["sprint"] == pytest.approx(3 * 2 * forward_flops(sprint.flop_shape(), 16, 4))
+    assert floor["mm_shape"] == [32, 32, shape.mlp_hidden]
+    for arm in ("sprint", "dense"):
+        assert floor["seconds"][arm] == pytest.approx(floor["step_flops"][arm] / floor["flops_per_second"])
+        assert floor["seconds"][arm] < seconds[f"ours_{arm}"]
+    out = capsys.readouterr().out
+    assert "| eager | sprint |" in out and "matrix products alone" in out
     assert train_speed.op_category("aten::addmm") == train_speed.op_category("aten::mm")
     assert train_speed.op_category("Optimizer.step#AdamW.step") == "optimizer, clipping and EMA"
     assert train_speed.op_category("aten::_scaled_dot_product_flash_attention_for_cpu").startswith("attention")
