@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_model_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from sprint_mm.checkpoints import clean_key, read_state_dict, save_state_dict
+from sprint_mm.checkpoints import CheckpointMismatch, clean_key, read_state_dict, save_state_dict, upgrade_keys
 from sprint_mm.errors import check_writable_folder
 from sprint_mm.runs import DCP_METADATA, UnreadableCheckpoint, add_to_manifest, find_checkpoint, verify_checkpoint
 
@@ -84,11 +84,41 @@ def save_sharded(folder: Path, model: torch.nn.Module, ema: torch.nn.Module, opt
 
 
 def load_sharded(folder: Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load model, EMA and optimizer from a sharded checkpoint written by any number of processes (collective)."""
+    """Load model, EMA and optimizer from a sharded checkpoint written by any number of processes (collective).
+
+    A checkpoint of an earlier layout (`upgrade_keys`: e.g. a text DiT's condition tensors before condition modules)
+    is read under its own names; a model tensor it lacks under either name is one CheckpointMismatch."""
+    reader = MetadataReader(folder)
+    stored = {key.removeprefix("model.") for key in reader.read_metadata().state_dict_metadata
+              if key.startswith("model.")}
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "ema": ema.state_dict(), "optimizer": optimizer_state}
-    dcp.load(state, storage_reader=MetadataReader(folder))  # in place into this process's shards, resharded
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    then = stored_names(model, stored)
+    missing = sorted(key for key in model_state if then.get(key, key) not in stored)
+    if missing:
+        raise CheckpointMismatch(f"sharded checkpoint {folder} does not fit the model: missing from it "
+                                 f"({len(missing)}): {', '.join(missing[:12])}" + (" ..." if len(missing) > 12 else ""))
+    state = {"model": renamed(model_state, then), "ema": renamed(ema.state_dict(), then),
+             "optimizer": renamed_optimizer_state(optimizer_state, then)}
+    dcp.load(state, storage_reader=reader)  # in place into this process's shards, resharded
+    now = {old: current for current, old in then.items()}
+    set_state_dict(model, optimizer, model_state_dict=renamed(state["model"], now),
+                   optim_state_dict=renamed_optimizer_state(state["optimizer"], now))
+
+
+def stored_names(model: torch.nn.Module, stored: set[str]) -> dict[str, str]:
+    """{the model's key: the checkpoint's} for the keys a checkpoint of an earlier layout holds under another name."""
+    upgraded = upgrade_keys(model, {key: key for key in stored})  # renames keys only: the values name the originals
+    return {current: original for current, original in upgraded.items() if current != original}
+
+
+def renamed(state: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    return {names.get(key, key): value for key, value in state.items()}
+
+
+def renamed_optimizer_state(state: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter names (DCP's) with those names renamed."""
+    groups = [dict(group, params=[names.get(key, key) for key in group["params"]]) for group in state["param_groups"]]
+    return {"state": renamed(state["state"], names), "param_groups": groups}
 
 
 def load_full(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -2,9 +2,13 @@
 checkpoints written before the text condition's tensors moved into its module."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator
+from torch.distributed.checkpoint.state_dict import get_state_dict
 import torch.nn.functional as F
 
 from registry import BACKBONES
@@ -15,6 +19,7 @@ from sprint_mm.conditions import ClassCondition, TextCondition
 from sprint_mm.dit import DiT
 from sprint_mm.sprint import Sprint
 from sprint_mm.checkpointer import Checkpointer, TrainingParts
+from sprint_mm.sharded import load_sharded
 from sprint_mm.optimization import frozen_copy
 from tests.helpers import randomize
 
@@ -170,10 +175,15 @@ def tiny_text_sprint(seed: int, **options) -> Sprint:
     return randomize(Sprint(backbone, encoder_depth=1, decoder_depth=1), seed + 1).eval()
 
 
-def in_earlier_layout(state: dict[str, torch.Tensor], prefix: str = "backbone.") -> dict[str, torch.Tensor]:
+def in_earlier_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` with the condition's keys as text DiTs wrote them before condition modules."""
-    now_to_then = {prefix + now: prefix + then for then, now in EARLIER_TEXT_KEYS.items()}
-    return {now_to_then.get(key, key): tensor for key, tensor in state.items()}
+    return {earlier_name(key): tensor for key, tensor in state.items()}
+
+
+def earlier_name(key: str, prefix: str = "backbone.") -> str:
+    """`key` as text DiTs named it before condition modules."""
+    return next((prefix + then + key[len(prefix + now):] for then, now in EARLIER_TEXT_KEYS.items()
+                 if key.startswith(prefix + now)), key)
 
 
 def outputs(model: Sprint) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,3 +241,45 @@ def test_upgrading_keys_renames_only_the_earlier_layout():
     assert "y_embedder.embedding_table.weight" in sit.state_dict()
     sit_state = sit.state_dict()
     assert upgrade_keys(sit, sit_state) == sit_state
+
+
+def test_a_sharded_text_run_in_the_earlier_layout_resumes_model_ema_and_optimizer(tmp_path):
+    """A sharded (DCP) checkpoint written before condition modules: model, EMA and the optimizer's moments (keyed
+    by parameter name) load under their new names; a tensor the checkpoint lacks is one CheckpointMismatch."""
+    model = tiny_text_sprint(0, pooled_text=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        sum((p * p).sum() for p in model.parameters()).backward()
+        optimizer.step()
+    ema = randomize(frozen_copy(model), 3)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    assert any(key != earlier_name(key) for key in optimizer_state["state"])
+    earlier_optimizer = {
+        "state": {earlier_name(key): value for key, value in optimizer_state["state"].items()},
+        "param_groups": [dict(group, params=[earlier_name(key) for key in group["params"]])
+                         for group in optimizer_state["param_groups"]]}
+    with warnings.catch_warnings():  # DCP without a process group says that it assumes one process: so it is
+        warnings.simplefilter("ignore")
+        dcp.save({"model": in_earlier_layout(model_state), "ema": in_earlier_layout(ema.state_dict()),
+                  "optimizer": earlier_optimizer}, checkpoint_id=tmp_path / "earlier")
+        fresh = tiny_text_sprint(5, pooled_text=True)
+        fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+        fresh_ema = frozen_copy(fresh)
+        load_sharded(tmp_path / "earlier", fresh, fresh_ema, fresh_optimizer)
+        for loaded, saved in ((fresh, model), (fresh_ema, ema)):
+            assert loaded.state_dict().keys() == saved.state_dict().keys()
+            assert all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.state_dict().items())
+        moments = {name: optimizer.state[p] for name, p in model.named_parameters() if optimizer.state[p]}
+        loaded_moments = {name: fresh_optimizer.state[p] for name, p in fresh.named_parameters()
+                          if fresh_optimizer.state[p]}
+        assert loaded_moments.keys() == moments.keys() and "backbone.y_embedder.token_proj.0.weight" in moments
+        for name, state in moments.items():
+            for moment in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(loaded_moments[name][moment], state[moment]), (name, moment)
+
+        lacking = {k: v for k, v in in_earlier_layout(model_state).items() if "text_embedder.0." not in k}
+        dcp.save({"model": lacking, "ema": in_earlier_layout(ema.state_dict()), "optimizer": earlier_optimizer},
+                 checkpoint_id=tmp_path / "lacking")
+        with pytest.raises(CheckpointMismatch, match=r"lacking does not fit the model: missing from it \(2\): "
+                                                     r"backbone\.y_embedder\.token_proj\.0\.bias"):
+            load_sharded(tmp_path / "lacking", fresh, fresh_ema, fresh_optimizer)
