@@ -314,9 +314,9 @@ def print_side_by_side(result: dict) -> None:
                      ratios[f"official_dense_over_sprint{suffix}"], "-"])
     print(markdown_table(["mode", "step", "ours s", "official s", "ours / official"], rows))
     floor = result["matmul_floor"]
-    rows, columns = floor["mm_shape"][0], floor["mm_shape"][2]
+    m, k, n = floor["mm_shape"]
     print(f"matrix products alone (at {floor['flops_per_second'] / 1e9:.1f} GFLOP/s, torch.mm's best on "
-          f"{rows}x{floor['mm_shape'][1]} @ {floor['mm_shape'][1]}x{columns} here): " + ", ".join(
+          f"{m}x{k} @ {k}x{n} here): " + ", ".join(
               f"{arm} {floor['step_flops'][arm] / 1e9:.1f} GFLOP >= {floor['seconds'][arm]:.3f} s = "
               f"{floor['seconds'][arm] / seconds[f'official_{arm}']:.3f} of the official eager step"
               for arm in ("sprint", "dense")))

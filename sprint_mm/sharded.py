@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_model_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from sprint_mm.checkpoints import CheckpointMismatch, clean_key, read_state_dict, save_state_dict, upgrade_keys
+from sprint_mm.checkpoints import checkpoint_mismatch, clean_key, read_state_dict, save_state_dict, upgrade_keys
 from sprint_mm.errors import check_writable_folder
 from sprint_mm.runs import DCP_METADATA, UnreadableCheckpoint, add_to_manifest, find_checkpoint, verify_checkpoint
 
@@ -95,8 +95,7 @@ def load_sharded(folder: Path, model: torch.nn.Module, ema: torch.nn.Module, opt
     then = stored_names(model, stored)
     missing = sorted(key for key in model_state if then.get(key, key) not in stored)
     if missing:
-        raise CheckpointMismatch(f"sharded checkpoint {folder} does not fit the model: missing from it "
-                                 f"({len(missing)}): {', '.join(missing[:12])}" + (" ..." if len(missing) > 12 else ""))
+        raise checkpoint_mismatch(f"sharded checkpoint {folder}", missing)
     state = {"model": renamed(model_state, then), "ema": renamed(ema.state_dict(), then),
              "optimizer": renamed_optimizer_state(optimizer_state, then)}
     dcp.load(state, storage_reader=reader)  # in place into this process's shards, resharded

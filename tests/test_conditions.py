@@ -280,6 +280,6 @@ def test_a_sharded_text_run_in_the_earlier_layout_resumes_model_ema_and_optimize
         lacking = {k: v for k, v in in_earlier_layout(model_state).items() if "text_embedder.0." not in k}
         dcp.save({"model": lacking, "ema": in_earlier_layout(ema.state_dict()), "optimizer": earlier_optimizer},
                  checkpoint_id=tmp_path / "lacking")
-        with pytest.raises(CheckpointMismatch, match=r"lacking does not fit the model: missing from it \(2\): "
-                                                     r"backbone\.y_embedder\.token_proj\.0\.bias"):
+        with pytest.raises(CheckpointMismatch, match=r"lacking does not fit the model:\n  missing from the checkpoint "
+                                                     r"\(2\):\n    backbone\.y_embedder\.token_proj\.0\.bias"):
             load_sharded(tmp_path / "lacking", fresh, fresh_ema, fresh_optimizer)

@@ -27,11 +27,13 @@ from sprint_mm.checkpoints.layouts import (
     without_projector,
     wrapper_keys,
 )
-from sprint_mm.checkpoints.strict import CheckpointMismatch, check_fits, load_strict, mismatch_report, upgrade_keys
+from sprint_mm.checkpoints.strict import (
+    CheckpointMismatch, check_fits, checkpoint_mismatch, load_strict, mismatch_report, upgrade_keys,
+)
 
 __all__ = [
     "WRAPPER_PREFIXES", "atomic_write", "clean_key", "read_state_dict", "save_state_dict",
-    "CheckpointMismatch", "check_fits", "load_strict", "mismatch_report", "upgrade_keys",
+    "CheckpointMismatch", "check_fits", "checkpoint_mismatch", "load_strict", "mismatch_report", "upgrade_keys",
     "DENSE_LAYOUTS", "DENSE_TO_OURS_PREFIXES", "OURS_TO_SPRINT_PREFIXES", "PROJECTOR_PREFIX", "SPRINT_STACKS",
     "SPRINT_TO_OURS_PREFIXES", "STACK_KEY", "check_depth_split", "check_sincos_table", "conv_patch_to_linear",
     "detect_layout", "final_rows_to_channel_major", "from_sit_keys", "from_sprint_keys", "load_dense_into_sprint",

@@ -5,6 +5,8 @@ defines `upgrade_state_dict(state, prefix)`, which renames the old keys under it
 applies every such module's renaming, so checkpoints written before still fit and load strictly."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -47,10 +49,16 @@ def check_fits(module: nn.Module, state: dict[str, torch.Tensor], source: str = 
     """Raise CheckpointMismatch naming what of `state` does not fit `module` (sharded modules compare full shapes)."""
     missing, unexpected, shapes = mismatch_report(module, state)
     if missing or unexpected or shapes:
-        def listing(title: str, items: list[str]) -> str:
-            shown = "\n    ".join(items[:12]) + (f"\n    ... and {len(items) - 12} more" if len(items) > 12 else "")
-            return f"  {title} ({len(items)}):\n    {shown}" if items else ""
+        raise checkpoint_mismatch(source, missing, unexpected, shapes)
 
-        parts = [listing("missing from the checkpoint", missing), listing("unexpected in the checkpoint", unexpected),
-                 listing("shape mismatches", shapes)]
-        raise CheckpointMismatch(f"{source} does not fit the model:\n" + "\n".join(p for p in parts if p))
+
+def checkpoint_mismatch(source: str, missing: Sequence[str], unexpected: Sequence[str] = (), shapes: Sequence[str] = ()
+                        ) -> CheckpointMismatch:
+    """The one error for a checkpoint that does not fit: each non-empty list counted, its first 12 items named."""
+    def listing(title: str, items: Sequence[str]) -> str:
+        shown = "\n    ".join(items[:12]) + (f"\n    ... and {len(items) - 12} more" if len(items) > 12 else "")
+        return f"  {title} ({len(items)}):\n    {shown}" if items else ""
+
+    parts = [listing("missing from the checkpoint", missing), listing("unexpected in the checkpoint", unexpected),
+             listing("shape mismatches", shapes)]
+    return CheckpointMismatch(f"{source} does not fit the model:\n" + "\n".join(p for p in parts if p))
